@@ -1,0 +1,147 @@
+"""``Command``: a remote command as argv words, quoted in exactly one place (``render``).
+
+Rules enforced here, so no builder can break them:
+- every word is a ``str``; a ``Secret`` is refused (secrets travel as stdin content, never as argv,
+  because the host's ``ps`` shows command lines);
+- words are joined with ``shlex.quote`` only in ``render``; shell operators come from a fixed set;
+- shell scripts are constants of the builder module and take their values as positional
+  parameters (``sh -c SCRIPT sh ARG...``), so values are never pasted into shell text.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+from ..secret import Secret
+
+OPERATORS = frozenset({"&&", "||", "|", ";"})
+
+Words = tuple[str, ...]
+Part = Union[Words, str]  # a tuple of argv words, or an operator
+
+
+def _words(argv: Iterable[object]) -> Words:
+    words = []
+    for word in argv:
+        if isinstance(word, Secret):
+            raise TypeError("a Secret cannot be part of a command line; send it as stdin or in the env file")
+        if not isinstance(word, str):
+            raise TypeError(f"command words must be str, got {type(word).__name__}: {word!r}")
+        words.append(word)
+    if not words:
+        raise ValueError("empty command")
+    return tuple(words)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command to run on a host.
+
+    ``readonly`` commands only observe (facts); the dry-run executor runs those for real and prints
+    the others. ``stdin`` is content sent to the command (file bodies, env files); it is never printed.
+    """
+
+    parts: tuple[Part, ...]
+    description: str = ""
+    readonly: bool = False
+    stdin: bytes | None = field(default=None, repr=False)
+
+    def render(self) -> str:
+        out = []
+        for part in self.parts:
+            if isinstance(part, tuple):
+                out.append(shlex.join(part))
+            else:
+                out.append(part)
+        return " ".join(out)
+
+    def display(self) -> str:
+        """What dry-run and logs show: the command line, and the stdin size, never its content."""
+        text = self.render()
+        if self.stdin is not None:
+            text += f"  # stdin: {len(self.stdin)} bytes"
+        return text
+
+    def with_stdin(self, data: bytes) -> "Command":
+        return Command(self.parts, self.description, self.readonly, data)
+
+    def __str__(self) -> str:
+        return self.display()
+
+
+def cmd(*argv: str, description: str = "", readonly: bool = False, stdin: bytes | None = None) -> Command:
+    words = _words(argv)
+    return Command((words,), description or words[0], readonly, stdin)
+
+
+def script(body: str, *args: str, description: str, readonly: bool = False, shell: str = "sh",
+           stdin: bytes | None = None) -> Command:
+    """``sh -c BODY sh ARGS...``: BODY must be a constant; values go in ARGS ($1, $2, ...)."""
+    return cmd(shell, "-c", body, shell, *args, description=description, readonly=readonly, stdin=stdin)
+
+
+def _join(op: str, commands: tuple[Command, ...], description: str | None) -> Command:
+    assert op in OPERATORS
+    parts: list[Part] = []
+    for index, command in enumerate(commands):
+        if index:
+            parts.append(op)
+        parts.extend(command.parts)
+    stdin = commands[0].stdin
+    return Command(
+        tuple(parts),
+        description or " then ".join(c.description for c in commands),
+        all(c.readonly for c in commands),
+        stdin,
+    )
+
+
+def pipe(*commands: Command, description: str | None = None) -> Command:
+    return _join("|", commands, description)
+
+
+def and_then(*commands: Command, description: str | None = None) -> Command:
+    return _join("&&", commands, description)
+
+
+# Runs the inner command, passes its stdout through unchanged and reports the SHA-256 of exactly
+# those bytes on stderr, so the receiver can compare checksums end to end. pipefail keeps the inner
+# command's failure; `wait $!` lets the checksum finish before the script exits (bash >= 5.1).
+_CHECKSUM_STDOUT = r"""set -o pipefail
+eval "$1" | tee >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2)
+rc=$?
+wait $! 2>/dev/null
+exit $rc"""
+
+# The reverse: checksums what arrives on stdin before the inner command consumes it.
+_CHECKSUM_STDIN = r"""set -o pipefail
+tee >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2) | eval "$1"
+rc=$?
+wait $! 2>/dev/null
+exit $rc"""
+
+CHECKSUM_MARKER = "HEALTHDEPLOY-SHA256 "
+
+
+def checksummed_stdout(inner: Command) -> Command:
+    return script(_CHECKSUM_STDOUT, inner.render(), shell="bash", description=inner.description,
+                  readonly=inner.readonly)
+
+
+def checksummed_stdin(inner: Command) -> Command:
+    return script(_CHECKSUM_STDIN, inner.render(), shell="bash", description=inner.description,
+                  readonly=inner.readonly)
+
+
+def parse_checksum(stderr_text: str) -> tuple[str | None, str]:
+    """Split the checksum marker out of stderr: (sha256 or None, the rest of stderr)."""
+    digest = None
+    rest = []
+    for line in stderr_text.splitlines():
+        if line.startswith(CHECKSUM_MARKER):
+            digest = line[len(CHECKSUM_MARKER):].strip()
+        else:
+            rest.append(line)
+    return digest, "\n".join(rest)

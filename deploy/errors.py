@@ -1,0 +1,85 @@
+"""Errors that reach the operator as one clear line and a distinct exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Exit codes scripts can act on. 1 is kept for unexpected failures (tracebacks).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # bad settings or arguments: nothing was touched
+EXIT_PREFLIGHT = 3  # refused by preflight: the host is untouched
+EXIT_LOCKED = 4  # another deploy holds the lock
+EXIT_ROLLED_BACK = 5  # the new release was unhealthy and the old one serves again
+EXIT_HOSTKEY = 6  # unknown or changed SSH host key
+EXIT_UNHEALTHY = 7  # health/checklist found failures
+EXIT_INTEGRITY = 8  # a backup or stream failed its checksum/length check
+
+
+class HealthdeployError(Exception):
+    """An expected failure: printed as ``error: <message>`` (+ hint), never as a traceback."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def lines(self) -> list[str]:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return [text]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the settings, tied to the key it concerns."""
+
+    key: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class SettingsError(HealthdeployError):
+    exit_code = EXIT_USAGE
+
+    def __init__(self, env_name: str, problems: list[Problem]):
+        super().__init__(f"{len(problems)} problem(s) in settings for env '{env_name}'")
+        self.env_name = env_name
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        return [f"error: {p}" for p in self.problems]
+
+
+class UsageError(HealthdeployError):
+    exit_code = EXIT_USAGE
+
+
+class HostKeyError(HealthdeployError):
+    exit_code = EXIT_HOSTKEY
+
+
+class RemoteCommandError(HealthdeployError):
+    """A remote command exited non-zero where success was required."""
+
+    def __init__(self, description: str, exit_status: int, stderr_tail: str):
+        tail = stderr_tail.strip()
+        message = f"{description} failed with exit status {exit_status}"
+        if tail:
+            message += ": " + tail.splitlines()[-1][:300]
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.stderr_tail = tail
+
+
+class IntegrityError(HealthdeployError):
+    exit_code = EXIT_INTEGRITY

@@ -1,0 +1,359 @@
+"""Per-environment settings: ``env/<name>.env`` -> one frozen, typed ``Settings`` object.
+
+Files are read with python-dotenv (``dotenv_values``), never into ``os.environ``. Every problem is
+collected and reported together, each naming its key and a hint, before anything connects anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+from .errors import Problem, SettingsError, UsageError
+from .secret import Secret
+
+PROJECT_ROOT = Path(os.environ.get("HEALTHDEPLOY_HOME") or Path(__file__).resolve().parent.parent)
+
+# Values shipped in the deployment report's examples: refused for production secrets.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "redis123", "admin123", "postgres", "password", "123456", "minioadmin", "minio123",
+        "emqx123", "public", "mongo123", "influx123", "admin", "secret", "changeme", "change-me",
+        "your-secret-key", "your_jwt_secret", "your-jwt-secret", "jwt_secret", "my-super-secret-auth-token",
+        "your_deepseek_api_key", "sk-xxx", "health123", "sandbox",
+    }
+)
+
+APP_SERVICES = ("backend", "ai-service", "frontend-web", "frontend-patient")
+INFRA_SERVICES = ("postgres", "redis", "influxdb", "mongodb", "qdrant", "emqx", "minio")
+ALL_SERVICES = APP_SERVICES + INFRA_SERVICES + ("gateway",)
+
+# Resource limits from the report's resource table (cpus, memory); gateway and unlisted ones are modest.
+DEFAULT_LIMITS = {
+    "backend": ("0.5", "512m"), "ai-service": ("1.0", "1g"), "frontend-web": ("0.1", "64m"),
+    "frontend-patient": ("0.1", "64m"), "postgres": ("0.5", "512m"), "redis": ("0.2", "128m"),
+    "influxdb": ("0.3", "256m"), "mongodb": ("0.5", "512m"), "qdrant": ("0.5", "512m"),
+    "emqx": ("0.5", "512m"), "minio": ("0.5", "512m"), "gateway": ("0.5", "128m"),
+}
+
+
+def _env_key(service: str) -> str:
+    return service.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One documented setting. ``kind``: str, int, float, bool, list, secret, choice, path."""
+
+    name: str
+    kind: str = "str"
+    default: Any = None
+    doc: str = ""
+    choices: tuple[str, ...] = ()
+    required: bool = False
+    # Secrets required (and refused when equal to a report default) in production.
+    production_secret: bool = False
+    # The service that needs the key; when that service is disabled the key is not required.
+    service: str | None = None
+
+    @property
+    def attr(self) -> str:
+        return self.name.lower()
+
+
+SCHEMA: tuple[Key, ...] = (
+    # -- where and how to connect -----------------------------------------------------------------
+    Key("ENV_KIND", "choice", "production", "production | staging | sandbox. Production refuses missing or example secrets.",
+        choices=("production", "staging", "sandbox")),
+    Key("HOSTS", "list", None, "Comma-separated SSH host aliases (resolved through SSH_CONFIG).", required=True),
+    Key("PRIMARY_HOST", "str", "", "Host that runs migrations once per deploy (default: first of HOSTS)."),
+    Key("BATCH_SIZE", "int", 1, "How many hosts a deploy updates at a time."),
+    Key("SSH_CONFIG", "path", "~/.ssh/config", "OpenSSH client config honoured for HostName, Port, User, IdentityFile."),
+    Key("SSH_KNOWN_HOSTS", "path", "~/.ssh/known_hosts", "known_hosts used for strict host key checking."),
+    Key("SSH_CONNECT_TIMEOUT", "int", 10, "Seconds to wait for the SSH connection."),
+    # -- layout on the host -----------------------------------------------------------------------
+    Key("DEPLOY_PATH", "str", "/srv/healthdeploy/{env}", "Base directory on the host; {env}, {host} and {address} are expanded."),
+    Key("COMPOSE_PROJECT", "str", "healthdeploy-{env}", "Compose project name; {env}, {host} and {address} are expanded."),
+    Key("KEEP_RELEASES", "int", 5, "Releases kept on each host (the live one is never removed)."),
+    Key("STACK_VARIANT", "choice", "production", "production builds the real application; sandbox builds the sample app from local images.",
+        choices=("production", "sandbox")),
+    Key("DISABLED_SERVICES", "list", (), "Infrastructure services left out of the stack (e.g. mongodb,qdrant in the sandbox)."),
+    Key("APP_SOURCE", "str", "", "Application source: a local directory streamed up as an archive, or a git URL fetched on the host."),
+    Key("APP_REF", "str", "main", "Git ref to deploy when APP_SOURCE is a git URL."),
+    # -- deploy behaviour -------------------------------------------------------------------------
+    Key("MIN_FREE_DISK_MB", "int", 2048, "Preflight refuses a host with less free disk under DEPLOY_PATH."),
+    Key("HEALTH_TIMEOUT", "int", 120, "Seconds new containers get to become healthy before rollback."),
+    Key("DRAIN_SECONDS", "float", 2.0, "Seconds old containers keep serving in-flight requests after the gateway switch."),
+    Key("MIGRATE_COMMAND", "str", "pnpm prisma migrate deploy", "Run once per deploy in a new backend container before any traffic moves."),
+    # -- gateway and ports ------------------------------------------------------------------------
+    Key("GATEWAY_BIND", "str", "0.0.0.0", "Address the gateway publishes ports 3000, 3001, 5000, 8001 on; {address} = the host's address."),
+    Key("PUBLISH_INFRA", "choice", "loopback", "Publish database/broker ports: none, loopback (127.0.0.1) or all (0.0.0.0, not recommended).",
+        choices=("none", "loopback", "all")),
+    Key("SERVER_NAMES", "list", ("_",), "Host names the gateway answers to (TLS certificates must cover them)."),
+    Key("TLS_CERT_FILE", "path", "", "Local PEM certificate chain; when set with TLS_KEY_FILE the gateway terminates TLS on 443."),
+    Key("TLS_KEY_FILE", "path", "", "Local PEM private key for TLS_CERT_FILE (synced with mode 0600)."),
+    # -- images (pin them; a digest is best) ------------------------------------------------------
+    Key("NODE_IMAGE", "str", "node:18-alpine", "Base image of the NestJS and frontend build stages."),
+    Key("PYTHON_IMAGE", "str", "python:3.11-alpine", "Base image of ai-service."),
+    Key("NGINX_IMAGE", "str", "nginx:1.27-alpine", "Runtime image of the frontends."),
+    Key("GATEWAY_IMAGE", "str", "nginx:1.27-alpine", "Image of the gateway."),
+    Key("POSTGRES_IMAGE", "str", "postgres:15-alpine", "PostgreSQL image."),
+    Key("REDIS_IMAGE", "str", "redis:7-alpine", "Redis image."),
+    Key("INFLUXDB_IMAGE", "str", "influxdb:2.7-alpine", "InfluxDB image."),
+    Key("MONGODB_IMAGE", "str", "mongo:7.0", "MongoDB image."),
+    Key("QDRANT_IMAGE", "str", "qdrant/qdrant:v1.12.4", "Qdrant image."),
+    Key("EMQX_IMAGE", "str", "emqx/emqx:5.8.3", "EMQX image."),
+    Key("MINIO_IMAGE", "str", "minio/minio:RELEASE.2024-12-18T13-15-44Z", "MinIO image."),
+    Key("SAMPLE_APP_IMAGE", "str", "healthdeploy/python:3.11", "Sandbox only: base image of the sample application."),
+    # -- application and infrastructure credentials (appendix B of the report) -----------------
+    Key("DB_USER", "str", "admin", "PostgreSQL user."),
+    Key("DB_NAME", "str", "health_mgmt", "PostgreSQL database."),
+    Key("DB_PASSWORD", "secret", None, "PostgreSQL password.", production_secret=True, service="postgres"),
+    Key("REDIS_PASSWORD", "secret", None, "Redis password.", production_secret=True, service="redis"),
+    Key("INFLUX_VERSION", "choice", "2", "InfluxDB major version: 2 (influx backup with token) or 1 (influxd backup -portable).", choices=("1", "2")),
+    Key("INFLUX_ORG", "str", "health", "InfluxDB 2 organisation."),
+    Key("INFLUX_BUCKET", "str", "health_data", "InfluxDB 2 bucket / InfluxDB 1 database."),
+    Key("INFLUX_USER", "str", "admin", "InfluxDB admin user created at first start."),
+    Key("INFLUX_PASSWORD", "secret", None, "InfluxDB admin password.", production_secret=True, service="influxdb"),
+    Key("INFLUX_TOKEN", "secret", None, "InfluxDB 2 operator token.", production_secret=True, service="influxdb"),
+    Key("MONGO_USER", "str", "admin", "MongoDB root user."),
+    Key("MONGO_PASSWORD", "secret", None, "MongoDB root password.", production_secret=True, service="mongodb"),
+    Key("MONGO_DB", "str", "health_mgmt", "MongoDB database of the application."),
+    Key("MINIO_USER", "str", "healthadmin", "MinIO root user (S3 access key)."),
+    Key("MINIO_PASSWORD", "secret", None, "MinIO root password (S3 secret key).", production_secret=True, service="minio"),
+    Key("MINIO_BUCKETS", "list", ("health-files",), "Buckets the application uses."),
+    Key("EMQX_USERNAME", "str", "health", "MQTT user of the backend."),
+    Key("EMQX_PASSWORD", "secret", None, "MQTT / EMQX dashboard password.", production_secret=True, service="emqx"),
+    Key("JWT_SECRET", "secret", None, "JWT signing secret (at least 32 characters).", production_secret=True),
+    Key("JWT_EXPIRES_IN", "str", "7d", "JWT lifetime."),
+    Key("DEEPSEEK_API_KEY", "secret", None, "DeepSeek API key of ai-service.", production_secret=True),
+    Key("DEEPSEEK_API_BASE", "str", "https://api.deepseek.com", "DeepSeek API base URL."),
+) + tuple(
+    key
+    for service, (cpus, memory) in DEFAULT_LIMITS.items()
+    for key in (
+        Key(f"{_env_key(service)}_CPUS", "float", float(cpus), f"CPU limit of {service}."),
+        Key(f"{_env_key(service)}_MEMORY", "str", memory, f"Memory limit of {service} (e.g. 512m, 1g)."),
+    )
+)
+
+KEYS_BY_NAME = {key.name: key for key in SCHEMA}
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _convert(key: Key, raw: str) -> Any:
+    """Raw text -> typed value; raises ValueError with a hint-like message."""
+    value = raw.strip()
+    if key.kind == "str":
+        return value
+    if key.kind == "secret":
+        return Secret(value)
+    if key.kind == "int":
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    if key.kind == "float":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if key.kind == "bool":
+        if value.lower() not in _BOOL:
+            raise ValueError(f"expected true or false, got {value!r}")
+        return _BOOL[value.lower()]
+    if key.kind == "list":
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if key.kind == "choice":
+        if value not in key.choices:
+            raise ValueError(f"expected one of {', '.join(key.choices)}, got {value!r}")
+        return value
+    if key.kind == "path":
+        return _path(value)
+    raise AssertionError(key.kind)
+
+
+def _path(value: str) -> str:
+    """~ is expanded; a relative path is relative to the project root (so env files are portable)."""
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else PROJECT_ROOT / path)
+
+
+def _default(key: Key) -> Any:
+    if key.default is None:
+        return Secret("") if key.kind == "secret" else None
+    if key.kind == "path" and key.default:
+        return _path(key.default)
+    return key.default
+
+
+_SettingsBase = dataclasses.make_dataclass(
+    "_SettingsBase",
+    [("env_name", str), ("source", str)]
+    + [(key.attr, Any, dataclasses.field(default=None)) for key in SCHEMA],
+    frozen=True,
+)
+
+
+class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
+    """The frozen, typed settings of one environment. Attribute names are the keys in lower case."""
+
+    @property
+    def enabled_services(self) -> tuple[str, ...]:
+        return tuple(s for s in ALL_SERVICES if s not in self.disabled_services)
+
+    @property
+    def enabled_infra(self) -> tuple[str, ...]:
+        return tuple(s for s in INFRA_SERVICES if s not in self.disabled_services)
+
+    @property
+    def primary(self) -> str:
+        return self.primary_host or self.hosts[0]
+
+    @property
+    def secrets(self) -> tuple[Secret, ...]:
+        return tuple(getattr(self, k.attr) for k in SCHEMA if k.kind == "secret" and getattr(self, k.attr))
+
+    def limits(self, service: str) -> tuple[float, str]:
+        prefix = _env_key(service).lower()
+        return getattr(self, f"{prefix}_cpus"), getattr(self, f"{prefix}_memory")
+
+    def expand(self, template: str, host: str = "", address: str = "") -> str:
+        """Expand {env}, {host} and {address} in a per-host setting (DEPLOY_PATH, COMPOSE_PROJECT, ...)."""
+        safe_host = host.replace(".", "-")
+        return template.replace("{env}", self.env_name).replace("{host}", safe_host).replace("{address}", address)
+
+    def __repr__(self) -> str:  # dataclass repr would be long; secrets print *** anyway
+        return f"Settings(env={self.env_name!r}, hosts={self.hosts!r})"
+
+
+def parse_env_text(text: str) -> tuple[dict[str, str | None], list[int]]:
+    """Parse .env text with python-dotenv; return (values, line numbers that failed to parse)."""
+    bad_lines = [b.original.line for b in parse_stream(io.StringIO(text)) if b.error]
+    values = dotenv_values(stream=io.StringIO(text), interpolate=True)
+    return dict(values), bad_lines
+
+
+def build_settings(env_name: str, values: dict[str, str | None], source: str = "<memory>",
+                   bad_lines: list[int] = ()) -> Settings:
+    """Validate raw values against SCHEMA; raise SettingsError listing every problem."""
+    problems: list[Problem] = [
+        Problem(f"{source}:{line}", "cannot parse this line", "use KEY=value, quote values with spaces or #")
+        for line in bad_lines
+    ]
+    typed: dict[str, Any] = {}
+    for name, raw in values.items():
+        key = KEYS_BY_NAME.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, KEYS_BY_NAME, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see env/example.env for the known keys"
+            problems.append(Problem(name, "unknown setting", hint))
+            continue
+        if raw is None:
+            problems.append(Problem(name, "has no value", f"write {name}=<value> or remove the line"))
+            continue
+        try:
+            typed[key.attr] = _convert(key, raw)
+        except ValueError as exc:
+            problems.append(Problem(name, str(exc), key.doc))
+
+    for key in SCHEMA:
+        typed.setdefault(key.attr, _default(key))
+
+    kind = typed["env_kind"]
+    disabled = set(typed["disabled_services"] or ())
+    for service in disabled:
+        if service not in INFRA_SERVICES:
+            problems.append(Problem("DISABLED_SERVICES", f"{service!r} cannot be disabled",
+                                    f"only infrastructure services: {', '.join(INFRA_SERVICES)}"))
+    for key in SCHEMA:
+        value = typed[key.attr]
+        if key.required and not value:
+            problems.append(Problem(key.name, f"required for env '{env_name}'", key.doc))
+        if key.kind == "secret" and key.production_secret and kind == "production":
+            if key.service and key.service in disabled:
+                continue
+            if key.name == "INFLUX_TOKEN" and typed["influx_version"] == "1":
+                continue
+            if not value:
+                problems.append(Problem(key.name, f"required for env '{env_name}'",
+                                        f"set a strong value in env/{env_name}.env"))
+            elif value.reveal().strip().lower() in KNOWN_DEFAULT_SECRETS:
+                problems.append(Problem(key.name, "is an example value from the deployment report",
+                                        "generate one, e.g. `openssl rand -base64 32`"))
+    hosts = typed["hosts"] or ()
+    if typed["primary_host"] and hosts and typed["primary_host"] not in hosts:
+        problems.append(Problem("PRIMARY_HOST", f"{typed['primary_host']!r} is not in HOSTS", "name one of HOSTS"))
+    if bool(typed["tls_cert_file"]) != bool(typed["tls_key_file"]):
+        problems.append(Problem("TLS_CERT_FILE", "TLS needs both TLS_CERT_FILE and TLS_KEY_FILE", "set both or neither"))
+    for key_name in ("TLS_CERT_FILE", "TLS_KEY_FILE"):
+        path = typed[key_name.lower()]
+        if path and not Path(path).is_file():
+            problems.append(Problem(key_name, f"file {path} does not exist", "give the path of a PEM file"))
+    if typed["stack_variant"] == "production" and not typed["app_source"] and kind != "sandbox":
+        problems.append(Problem("APP_SOURCE", f"required for env '{env_name}'",
+                                "a local directory of the application or a git URL"))
+    for name in ("BATCH_SIZE", "KEEP_RELEASES", "HEALTH_TIMEOUT"):
+        if isinstance(typed[name.lower()], int) and typed[name.lower()] < 1:
+            problems.append(Problem(name, "must be at least 1", KEYS_BY_NAME[name].doc))
+    if problems:
+        raise SettingsError(env_name, problems)
+    return Settings(env_name=env_name, source=source, **typed)
+
+
+def env_dir() -> Path:
+    return Path(os.environ.get("HEALTHDEPLOY_ENV_DIR") or PROJECT_ROOT / "env")
+
+
+def available_envs(directory: Path | None = None) -> list[str]:
+    directory = directory or env_dir()
+    return sorted(p.stem for p in directory.glob("*.env") if p.stem != "example")
+
+
+def load_settings(env_name: str, directory: Path | None = None,
+                  overrides: dict[str, str] | None = None) -> Settings:
+    """Read ``env/<env_name>.env`` and validate it. ``overrides`` win over the file (tests, CLI flags)."""
+    directory = directory or env_dir()
+    if not env_name or "/" in env_name or env_name.startswith("."):
+        raise UsageError(f"invalid environment name {env_name!r}", "use the name of a file in env/, e.g. --env prod")
+    path = directory / f"{env_name}.env"
+    if not path.is_file():
+        known = ", ".join(available_envs(directory)) or "none"
+        raise UsageError(f"no settings file {path}", f"known environments: {known}; copy env/example.env to start")
+    values, bad_lines = parse_env_text(path.read_text(encoding="utf-8"))
+    values.update(overrides or {})
+    return build_settings(env_name, values, source=str(path), bad_lines=bad_lines)
+
+
+def find_env_for_host(host: str, directory: Path | None = None) -> str:
+    """The environment whose HOSTS lists ``host`` (for ``fab -H prod deploy`` without --env)."""
+    directory = directory or env_dir()
+    matches = []
+    for name in available_envs(directory):
+        values, _ = parse_env_text((directory / f"{name}.env").read_text(encoding="utf-8"))
+        hosts = [h.strip() for h in (values.get("HOSTS") or "").split(",")]
+        if host in hosts:
+            matches.append(name)
+    if not matches:
+        raise UsageError(f"no environment lists host {host!r} in HOSTS", "pass --env NAME or add the host to env/NAME.env")
+    if len(matches) > 1:
+        raise UsageError(f"host {host!r} is in several environments ({', '.join(matches)})", "pass --env NAME")
+    return matches[0]
+
+
+def describe_schema() -> list[Key]:
+    return list(SCHEMA)
+
+
+Loader = Callable[[str], Settings]

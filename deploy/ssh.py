@@ -1,0 +1,434 @@
+"""The only module that talks SSH: connecting with strict host keys, running ``Command``s, streaming.
+
+Everything runs over raw paramiko channels of a Fabric ``Connection`` (Fabric resolves
+``~/.ssh/config``: HostName, Port, User, IdentityFile, ProxyJump). Invoke's ``run()`` is never used:
+it decodes output as text and keeps all of it, which corrupts binary dumps and grows quadratically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Protocol
+
+import paramiko
+from fabric import Config, Connection
+
+from .commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum
+from .errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError
+from .secret import Secret, redact
+
+# Streaming tuning measured on this kind of machine (see docs/streaming.md): AES-GCM first,
+# a 4 MiB window with 128 KiB packets, and recv() never smaller than the window (paramiko's
+# BufferedPipe copies the rest of its buffer on every read).
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+STREAM_WINDOW = 4 << 20
+STREAM_PACKET = 128 << 10
+STREAM_RECV = 4 << 20
+# paramiko's client rekeys every 512 MiB; when the remote command ends during that rekey the
+# transport can deadlock (paramiko #822) and truncate the stream. Client rekeying is switched off;
+# the server still rekeys on its own limit, which is not affected.
+NO_CLIENT_REKEY = 2**40
+
+STDERR_KEEP = 64 << 10  # bytes of stderr kept per command (the tail, for error messages)
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    bytes: int
+    sha256: str
+    remote_sha256: str | None
+    exit_status: int
+    seconds: float
+    stderr: str
+
+
+class Executor(Protocol):
+    """What the rest of the library needs from a host. ``RemoteHost`` and ``DryRunHost`` provide it."""
+
+    alias: str
+    address: str
+
+    def run(self, command: Command, check: bool = True, timeout: float | None = None,
+            on_line: Callable[[str], None] | None = None) -> Result: ...
+
+    def stream_to_file(self, command: Command, target: BinaryIO,
+                       progress: Callable[[int], None] | None = None) -> StreamResult: ...
+
+    def stream_from_file(self, command: Command, source: BinaryIO,
+                         progress: Callable[[int], None] | None = None) -> StreamResult: ...
+
+
+def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    available = tuple(options.ciphers)
+    preferred = [c for c in PREFERRED_CIPHERS if c in available]
+    options.ciphers = tuple(preferred + [c for c in available if c not in preferred])
+    return transport
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style SHA256 fingerprint (what `ssh-keygen -lf` prints)."""
+    return key.fingerprint  # paramiko >= 3.2: "SHA256:<base64 without padding>"
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Fabric 3 installs AutoAddPolicy, which trusts any key silently; we refuse and explain."""
+
+    def __init__(self, alias: str, known_hosts: str):
+        self.alias = alias
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client, hostname, key):
+        raise HostKeyError(
+            f"host key of {self.alias} ({hostname}) is not in {self.known_hosts}: "
+            f"{key.get_name()} {fingerprint(key)}",
+            f"verify it, then run `fab -H {self.alias} hosts.trust --fingerprint {fingerprint(key)}`",
+        )
+
+
+def fabric_config(ssh_config: str) -> Config:
+    if ssh_config and Path(ssh_config).is_file():
+        return Config(runtime_ssh_path=ssh_config)
+    return Config()
+
+
+def resolve(alias: str, ssh_config: str) -> tuple[str, int, str | None]:
+    """(HostName, Port, User) of an alias, as OpenSSH and Fabric resolve it."""
+    conn = Connection(alias, config=fabric_config(ssh_config))
+    return conn.host, conn.port, conn.user
+
+
+def _host_key_name(hostname: str, port: int) -> str:
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
+def fetch_host_key(alias: str, ssh_config: str, timeout: float = 10) -> tuple[str, paramiko.PKey]:
+    """Read the key a host presents, without authenticating (for ``hosts.trust``)."""
+    hostname, port, _ = resolve(alias, ssh_config)
+    try:
+        sock = socket.create_connection((hostname, port), timeout=timeout)
+    except OSError as exc:
+        raise HealthdeployError(f"cannot reach {alias} ({hostname}:{port}): {exc.strerror or exc}",
+                                "check HostName/Port in your ssh config and that sshd runs") from None
+    transport = _tuned_transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        return _host_key_name(hostname, port), transport.get_remote_server_key()
+    finally:
+        transport.close()
+
+
+def add_known_host(known_hosts: str, name: str, key: paramiko.PKey) -> None:
+    """Append ``name keytype base64`` to known_hosts (created 0600 if missing), replacing an old entry."""
+    path = Path(known_hosts)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    existing = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in existing if not _line_names_host(line, name, key.get_name())]
+    kept.append(f"{name} {key.get_name()} {key.get_base64()}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _line_names_host(line: str, name: str, key_type: str) -> bool:
+    fields = line.split()
+    if len(fields) < 3 or line.startswith("#"):
+        return False
+    return name in fields[0].split(",") and fields[1] == key_type
+
+
+class RemoteHost:
+    """An open SSH connection to one host, running ``Command``s over raw channels."""
+
+    def __init__(self, alias: str, connection: Connection, secrets: tuple[Secret, ...] = ()):
+        self.alias = alias
+        self.connection = connection
+        self.address = connection.host
+        self.secrets = secrets
+
+    # -- connecting ------------------------------------------------------------------------------
+    @classmethod
+    def connect(cls, alias: str, ssh_config: str, known_hosts: str, timeout: int = 10,
+                secrets: tuple[Secret, ...] = ()) -> "RemoteHost":
+        conn = Connection(
+            alias,
+            config=fabric_config(ssh_config),
+            connect_timeout=timeout,
+            connect_kwargs={"transport_factory": _tuned_transport},
+        )
+        client = paramiko.SSHClient()
+        if known_hosts and Path(known_hosts).is_file():
+            client.load_host_keys(known_hosts)
+        client.set_missing_host_key_policy(_RefuseUnknownHost(alias, known_hosts))
+        conn.client = client
+        try:
+            conn.open()
+        except HostKeyError:
+            raise
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                f"host key of {alias} ({conn.host}) CHANGED: expected {fingerprint(exc.expected_key)}, "
+                f"got {fingerprint(exc.key)}; refusing to connect",
+                f"if the host was rebuilt, verify the new key out of band, then run `fab -H {alias} hosts.trust`",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise HealthdeployError(f"authentication to {alias} ({conn.user}@{conn.host}:{conn.port}) failed: {exc}",
+                                    "check User/IdentityFile in your ssh config or your agent") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise HealthdeployError(f"cannot reach {alias} ({conn.host}:{conn.port}): {reason}",
+                                    "check HostName/Port in your ssh config and that sshd runs") from None
+        packetizer = conn.transport.packetizer
+        for attr in ("REKEY_BYTES", "REKEY_PACKETS", "REKEY_BYTES_OVERFLOW_MAX", "REKEY_PACKETS_OVERFLOW_MAX"):
+            setattr(packetizer, attr, NO_CLIENT_REKEY)
+        conn.transport.set_keepalive(15)
+        return cls(alias, conn, secrets)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def cipher(self) -> str:
+        return self.connection.transport.remote_cipher
+
+    # -- running ---------------------------------------------------------------------------------
+    def _open(self, command_line: str, window: int | None = None) -> paramiko.Channel:
+        transport = self.connection.transport
+        if transport is None or not transport.is_active():
+            raise HealthdeployError(f"connection to {self.alias} was lost", "run the task again")
+        if window:
+            channel = transport.open_session(window_size=window, max_packet_size=STREAM_PACKET)
+        else:
+            channel = transport.open_session()
+        channel.exec_command(command_line)
+        return channel
+
+    def run(self, command: Command, check: bool = True, timeout: float | None = None,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        """Run to completion; stdout is kept whole (facts are small), stderr's tail is kept.
+
+        ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress.
+        """
+        channel = self._open(command.render())
+        if command.stdin is not None:
+            channel.sendall(command.stdin)
+        channel.shutdown_write()
+        deadline = time.monotonic() + timeout if timeout else None
+        stdout = bytearray()
+        stderr = bytearray()
+        pending = b""
+        channel.settimeout(0.1)
+        while True:
+            while channel.recv_stderr_ready():
+                chunk = channel.recv_stderr(1 << 16)
+                stderr += chunk
+                if len(stderr) > STDERR_KEEP:
+                    del stderr[: len(stderr) - STDERR_KEEP]
+                if on_line:
+                    pending = self._emit(pending + chunk, on_line)
+            try:
+                chunk = channel.recv(1 << 20)
+            except socket.timeout:
+                chunk = None
+            if chunk:
+                stdout += chunk
+                if on_line:
+                    pending = self._emit(pending + chunk, on_line)
+            elif chunk == b"":
+                if channel.exit_status_ready() and not channel.recv_stderr_ready():
+                    break
+                time.sleep(0.01)  # stdout closed, stderr or exit status still to come
+            if deadline and time.monotonic() > deadline:
+                channel.close()
+                raise HealthdeployError(f"{command.description} on {self.alias} timed out after {timeout:.0f}s",
+                                        "the host may be overloaded; raise the timeout or investigate")
+        if on_line and pending:
+            on_line(redact(pending.decode("utf-8", "replace"), self.secrets))
+        status = channel.recv_exit_status()
+        channel.close()
+        result = Result(status, bytes(stdout), bytes(stderr))
+        if check and not result.ok:
+            raise RemoteCommandError(f"{command.description} on {self.alias}", status,
+                                     redact(result.err or result.text[-2000:], self.secrets))
+        return result
+
+    def _emit(self, data: bytes, on_line: Callable[[str], None]) -> bytes:
+        *lines, rest = data.split(b"\n")
+        for line in lines:
+            on_line(redact(line.decode("utf-8", "replace"), self.secrets))
+        return rest
+
+    def stream_to_file(self, command: Command, target: BinaryIO,
+                       progress: Callable[[int], None] | None = None) -> StreamResult:
+        """Copy the command's stdout byte for byte into ``target`` at constant memory.
+
+        The remote side checksums the same bytes; exit status, byte count and SHA-256 are compared.
+        """
+        started = time.monotonic()
+        channel = self._open(checksummed_stdout(command).render(), window=STREAM_WINDOW)
+        channel.shutdown_write()
+        digest = hashlib.sha256()
+        total = 0
+        stderr = bytearray()
+        channel.settimeout(0.5)
+        last_report = 0.0
+        while True:
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(1 << 16)
+                if len(stderr) > STDERR_KEEP:
+                    del stderr[: len(stderr) - STDERR_KEEP]
+            try:
+                data = channel.recv(STREAM_RECV)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            target.write(data)
+            digest.update(data)
+            total += len(data)
+            if progress and time.monotonic() - last_report > 0.5:
+                last_report = time.monotonic()
+                progress(total)
+        status = channel.recv_exit_status()
+        while channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(1 << 16)
+        channel.close()
+        target.flush()
+        if progress:
+            progress(total)
+        remote_sha, rest = parse_checksum(stderr.decode("utf-8", "replace"))
+        result = StreamResult(total, digest.hexdigest(), remote_sha, status, time.monotonic() - started,
+                              redact(rest, self.secrets))
+        self._check_stream(command, result)
+        return result
+
+    def stream_from_file(self, command: Command, source: BinaryIO,
+                         progress: Callable[[int], None] | None = None) -> StreamResult:
+        """Feed ``source`` to the command's stdin at constant memory, checksummed on both ends."""
+        started = time.monotonic()
+        channel = self._open(checksummed_stdin(command).render(), window=STREAM_WINDOW)
+        digest = hashlib.sha256()
+        total = 0
+        stderr = bytearray()
+        while True:
+            data = source.read(1 << 20)
+            if not data:
+                break
+            channel.sendall(data)
+            digest.update(data)
+            total += len(data)
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(1 << 16)
+                del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+            while channel.recv_ready():  # the command's stdout is not wanted, but must not stall it
+                channel.recv(1 << 20)
+            if progress:
+                progress(total)
+        channel.shutdown_write()
+        while not channel.exit_status_ready() or channel.recv_stderr_ready() or channel.recv_ready():
+            if channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(1 << 16)
+            elif channel.recv_ready():
+                channel.recv(1 << 20)
+            else:
+                time.sleep(0.02)
+        status = channel.recv_exit_status()
+        channel.close()
+        remote_sha, rest = parse_checksum(stderr.decode("utf-8", "replace"))
+        result = StreamResult(total, digest.hexdigest(), remote_sha, status, time.monotonic() - started,
+                              redact(rest, self.secrets))
+        self._check_stream(command, result)
+        return result
+
+    def _check_stream(self, command: Command, result: StreamResult) -> None:
+        where = f"{command.description} on {self.alias}"
+        if result.exit_status != 0:
+            raise RemoteCommandError(where, result.exit_status, result.stderr)
+        if result.remote_sha256 is None:
+            raise IntegrityError(f"{where}: the remote checksum never arrived after {result.bytes} bytes",
+                                 "the stream was cut; run it again")
+        if result.remote_sha256 != result.sha256:
+            raise IntegrityError(f"{where}: checksum mismatch after {result.bytes} bytes "
+                                 f"(local {result.sha256[:12]}, remote {result.remote_sha256[:12]})",
+                                 "the stream was corrupted or truncated; run it again")
+
+
+class DryRunHost:
+    """Plans instead of acting: read-only commands (facts) run for real, the rest are printed."""
+
+    def __init__(self, real: RemoteHost | None, alias: str, printer: Callable[[str], None] = print):
+        self.real = real
+        self.alias = alias
+        self.address = real.address if real else alias
+        self.printer = printer
+        self.planned: list[Command] = []
+
+    def run(self, command: Command, check: bool = True, timeout: float | None = None,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        if command.readonly and self.real is not None:
+            return self.real.run(command, check=check, timeout=timeout)
+        self.planned.append(command)
+        self.printer(f"[{self.alias}] would run: {command.display()}")
+        return Result(0, b"", b"")
+
+    def stream_to_file(self, command, target, progress=None) -> StreamResult:
+        self.planned.append(command)
+        self.printer(f"[{self.alias}] would stream: {command.display()}")
+        return StreamResult(0, hashlib.sha256().hexdigest(), None, 0, 0.0, "")
+
+    def stream_from_file(self, command, source, progress=None) -> StreamResult:
+        self.planned.append(command)
+        self.printer(f"[{self.alias}] would send to: {command.display()}")
+        return StreamResult(0, hashlib.sha256().hexdigest(), None, 0, 0.0, "")
+
+    def close(self) -> None:
+        if self.real is not None:
+            self.real.close()
+
+
+def progress_printer(label: str, stream=None) -> Callable[[int], None] | None:
+    """Bytes and rate on a terminal; nothing when output is not a terminal (scripts, CI)."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return None
+    started = time.monotonic()
+
+    def report(total: int) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        stream.write(f"\r{label}: {total / 1e6:,.1f} MB at {total / 1e6 / elapsed:,.1f} MB/s   ")
+        stream.flush()
+
+    return report

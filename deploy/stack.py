@@ -1,0 +1,281 @@
+"""Render the stack healthdeploy ships (compose file, Dockerfiles, nginx configs, env files) from settings.
+
+Pure: settings and a target in, ``{relative path: bytes}`` out. Templates live in ``deploy/stack/``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+
+from .settings import APP_SERVICES, Settings
+
+TEMPLATES = Path(__file__).parent / "stack"
+GATEWAY_DIR = "/etc/healthdeploy-gateway"  # where the gateway container sees shared/gateway
+GATEWAY_PORTS = (3000, 3001, 5000, 8001)  # the application's host ports from the deployment report
+
+# Port each application listens on inside its container, and the gateway upstream name.
+APP_PORTS = {"backend": 5000, "ai-service": 8001, "frontend-web": 80, "frontend-patient": 80}
+UPSTREAM_NAMES = {s: s.replace("-", "_") for s in APP_SERVICES}
+# Roll order: what others depend on goes first.
+ROLL_ORDER = ("backend", "ai-service", "frontend-web", "frontend-patient")
+INFRA_PORTS = {"postgres": (5432,), "redis": (6379,), "influxdb": (8086,), "mongodb": (27017,),
+               "qdrant": (6333,), "emqx": (1883, 18083), "minio": (9000, 9001)}
+# What the sandbox runs under each infrastructure service's name, and what it cannot run.
+SANDBOX_SUBSTITUTES = {
+    "postgres": "PostgreSQL 15 (Debian)", "redis": "Redis 7 (Debian)", "influxdb": "InfluxDB 1.6 (Debian), not 2.x",
+    "emqx": "Mosquitto (MQTT broker), not EMQX", "minio": "SeaweedFS S3 API, not MinIO",
+    "gateway": "nginx 1.22 (Debian)",
+}
+SANDBOX_GAPS = {"mongodb": "no offline MongoDB server exists here", "qdrant": "no offline Qdrant server exists here"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host of an environment, with its per-host settings expanded."""
+
+    alias: str
+    address: str
+    deploy_path: str
+    project: str
+    gateway_bind: str
+
+    @classmethod
+    def of(cls, settings: Settings, alias: str, address: str) -> "Target":
+        return cls(
+            alias=alias,
+            address=address,
+            deploy_path=settings.expand(settings.deploy_path, alias, address).rstrip("/"),
+            project=settings.expand(settings.compose_project, alias, address),
+            gateway_bind=settings.expand(settings.gateway_bind, alias, address),
+        )
+
+    @property
+    def shared(self) -> str:
+        return f"{self.deploy_path}/shared"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.deploy_path}/releases"
+
+    @property
+    def current(self) -> str:
+        return f"{self.deploy_path}/current"
+
+    def release_dir(self, release_id: str) -> str:
+        return f"{self.releases}/{release_id}"
+
+    @property
+    def gateway_dir(self) -> str:
+        return f"{self.shared}/gateway"
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def _images(settings: Settings) -> dict[str, str]:
+    return {
+        "gateway": settings.gateway_image, "postgres": settings.postgres_image, "redis": settings.redis_image,
+        "influxdb": settings.influxdb_image, "mongodb": settings.mongodb_image, "qdrant": settings.qdrant_image,
+        "emqx": settings.emqx_image, "minio": settings.minio_image, "sample_app": settings.sample_app_image,
+    }
+
+
+def _depends(service: str, infra: tuple[str, ...]) -> tuple[str, ...]:
+    if service == "backend":
+        return tuple(s for s in ("postgres", "redis", "influxdb", "mongodb", "qdrant", "emqx", "minio") if s in infra)
+    if service == "ai-service":
+        return tuple(s for s in ("qdrant",) if s in infra)
+    return ("backend",)
+
+
+def _ports_block(settings: Settings):
+    def ports(service: str, *container_ports: int) -> str:
+        if settings.publish_infra == "none":
+            return ""
+        bind = "127.0.0.1" if settings.publish_infra == "loopback" else "0.0.0.0"
+        lines = ["    ports:"] + [f'      - "{bind}:{p}:{p}"' for p in container_ports]
+        return "\n".join(lines)
+    return ports
+
+
+def image_prefix(settings: Settings, target: Target) -> str:
+    return f"healthdeploy/{target.project}"
+
+
+def render_compose(settings: Settings, target: Target) -> str:
+    sandbox = settings.stack_variant == "sandbox"
+    infra = settings.enabled_infra
+    apps = [
+        {"name": s, "port_is_80": APP_PORTS[s] == 80, "depends": _depends(s, infra)}
+        for s in APP_SERVICES
+    ]
+    template = _environment().get_template("compose.yaml.j2")
+    return template.render(
+        env=settings.env_name, variant=settings.stack_variant, project=target.project, sandbox=sandbox,
+        images=_images(settings), image_prefix=image_prefix(settings, target), apps=apps, infra=infra,
+        deploy_path=target.deploy_path, gateway_dir=GATEWAY_DIR, gateway_bind=target.gateway_bind,
+        gateway_ports=GATEWAY_PORTS + ((80, 443) if settings.tls_cert_file else ()),
+        limits={s: settings.limits(s) for s in (*APP_SERVICES, *infra, "gateway")},
+        influx_version=settings.influx_version, release_path_var=".",
+        health_interval="1s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
+        log_max_size="10m", log_max_file="5", ports=_ports_block(settings),
+    )
+
+
+def render_gateway_conf(settings: Settings) -> str:
+    tls = bool(settings.tls_cert_file)
+    sites = [
+        {"port": 3000, "upstream": "frontend_web", "api": True, "tls": False},
+        {"port": 3001, "upstream": "frontend_patient", "api": True, "tls": False},
+        {"port": 5000, "upstream": "backend", "api": False, "tls": False},
+        {"port": 8001, "upstream": "ai_service", "api": False, "tls": False},
+    ]
+    if tls:
+        sites.append({"port": 443, "upstream": "frontend_web", "api": True, "tls": True})
+    return _environment().get_template("gateway/nginx.conf.j2").render(
+        env=settings.env_name, gateway_dir=GATEWAY_DIR, sites=sites, tls=tls,
+        server_names=" ".join(settings.server_names),
+    )
+
+
+def render_upstream(service: str, addresses: list[str], release: str, now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return _environment().get_template("gateway/upstream.conf.j2").render(
+        service=service, name=UPSTREAM_NAMES[service], addresses=addresses, port=APP_PORTS[service],
+        release=release, written_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def render_build_files(settings: Settings) -> dict[str, str]:
+    """Production Dockerfiles, .dockerignore and frontend nginx configs, keyed by ``<service>/<file>``."""
+    env = _environment()
+    common = {"node_image": settings.node_image, "python_image": settings.python_image,
+              "nginx_image": settings.nginx_image, "health_interval": "10s"}
+    files = {
+        "backend/Dockerfile": env.get_template("app/backend/Dockerfile.j2").render(**common),
+        "backend/.dockerignore": (TEMPLATES / "app/backend/.dockerignore").read_text(),
+        "ai-service/Dockerfile": env.get_template("app/ai-service/Dockerfile.j2").render(**common),
+        "ai-service/.dockerignore": (TEMPLATES / "app/ai-service/.dockerignore").read_text(),
+    }
+    for service, script, dist in (("frontend-web", "build", "dist"), ("frontend-patient", "build:h5", "dist/build/h5")):
+        files[f"{service}/Dockerfile"] = env.get_template("app/frontend/Dockerfile.j2").render(
+            service=service, build_script=script, dist_dir=dist, **common)
+        files[f"{service}/.dockerignore"] = (TEMPLATES / "app/frontend/.dockerignore").read_text()
+        files[f"{service}/nginx.conf"] = env.get_template("app/frontend/nginx.conf.j2").render(service=service)
+    return files
+
+
+def render_release_files(settings: Settings, target: Target) -> dict[str, bytes]:
+    """Everything of a release that is not secret and not application source."""
+    files = {"compose.yaml": render_compose(settings, target), "gateway/nginx.conf": render_gateway_conf(settings)}
+    if settings.stack_variant == "production":
+        files.update({f"build/{path}": text for path, text in render_build_files(settings).items()})
+    return {path: text.encode() for path, text in sorted(files.items())}
+
+
+# -- env files (secret) ----------------------------------------------------------------------------
+def _url_password(secret) -> str:
+    return quote(secret.reveal(), safe="")
+
+
+def service_environment(settings: Settings) -> dict[str, dict[str, str]]:
+    """Per-service container environment. Each service gets only what it needs."""
+    s = settings
+    sandbox = s.stack_variant == "sandbox"
+    infra = set(s.enabled_infra)
+    influx_url = "http://influxdb:8086"
+    backend = {
+        "NODE_ENV": "production", "PORT": "5000",
+        "DATABASE_URL": f"postgresql://{quote(s.db_user, safe='')}:{_url_password(s.db_password)}@postgres:5432/{s.db_name}?schema=public",
+        "REDIS_HOST": "redis", "REDIS_PORT": "6379", "REDIS_PASSWORD": s.redis_password.reveal(),
+        "INFLUX_URL": influx_url, "INFLUX_TOKEN": s.influx_token.reveal(), "INFLUX_ORG": s.influx_org,
+        "INFLUX_BUCKET": s.influx_bucket,
+        "MQTT_BROKER_URL": "mqtt://emqx:1883", "MQTT_USERNAME": s.emqx_username, "MQTT_PASSWORD": s.emqx_password.reveal(),
+        "MINIO_ENDPOINT": "minio", "MINIO_PORT": "9000", "MINIO_ACCESS_KEY": s.minio_user,
+        "MINIO_SECRET_KEY": s.minio_password.reveal(), "MINIO_BUCKETS": ",".join(s.minio_buckets),
+        "AI_SERVICE_URL": "http://ai-service:8001",
+        "JWT_SECRET": s.jwt_secret.reveal(), "JWT_EXPIRES_IN": s.jwt_expires_in,
+    }
+    if "mongodb" in infra:
+        backend["MONGO_URI"] = (f"mongodb://{quote(s.mongo_user, safe='')}:{_url_password(s.mongo_password)}"
+                                f"@mongodb:27017/{s.mongo_db}?authSource=admin")
+    ai = {
+        "PORT": "8001", "QDRANT_HOST": "qdrant", "QDRANT_PORT": "6333",
+        "DEEPSEEK_API_KEY": s.deepseek_api_key.reveal(), "DEEPSEEK_API_BASE": s.deepseek_api_base,
+        "BACKEND_URL": "http://backend:5000", "JWT_SECRET": s.jwt_secret.reveal(),
+    }
+    if sandbox:
+        # The sample app's migration reads DATABASE_URL; give ai-service none of the backend's secrets.
+        backend["MIGRATE_HINT"] = "python3 /app/app.py migrate"
+    frontend = {"PORT": "80"}
+    envs = {"backend": backend, "ai-service": ai, "frontend-web": dict(frontend), "frontend-patient": dict(frontend)}
+    envs["postgres"] = {"POSTGRES_USER": s.db_user, "POSTGRES_PASSWORD": s.db_password.reveal(), "POSTGRES_DB": s.db_name}
+    envs["redis"] = {"REDIS_PASSWORD": s.redis_password.reveal()}
+    if s.influx_version == "1":
+        envs["influxdb"] = {"INFLUX_DB": s.influx_bucket, "INFLUXDB_HTTP_AUTH_ENABLED": "false"}
+    else:
+        envs["influxdb"] = {
+            "DOCKER_INFLUXDB_INIT_MODE": "setup", "DOCKER_INFLUXDB_INIT_USERNAME": s.influx_user,
+            "DOCKER_INFLUXDB_INIT_PASSWORD": s.influx_password.reveal(), "DOCKER_INFLUXDB_INIT_ORG": s.influx_org,
+            "DOCKER_INFLUXDB_INIT_BUCKET": s.influx_bucket, "DOCKER_INFLUXDB_INIT_ADMIN_TOKEN": s.influx_token.reveal(),
+        }
+    envs["mongodb"] = {"MONGO_INITDB_ROOT_USERNAME": s.mongo_user, "MONGO_INITDB_ROOT_PASSWORD": s.mongo_password.reveal(),
+                       "MONGO_INITDB_DATABASE": s.mongo_db}
+    if sandbox:
+        envs["emqx"] = {"MQTT_USERNAME": s.emqx_username, "MQTT_PASSWORD": s.emqx_password.reveal()}
+    else:
+        envs["emqx"] = {"EMQX_DASHBOARD__DEFAULT_PASSWORD": s.emqx_password.reveal(),
+                        "EMQX_AUTHENTICATION__1__MECHANISM": "password_based",
+                        "EMQX_AUTHENTICATION__1__BACKEND": "built_in_database"}
+    envs["minio"] = {"MINIO_ROOT_USER": s.minio_user, "MINIO_ROOT_PASSWORD": s.minio_password.reveal()}
+    return {name: env for name, env in envs.items() if name in APP_SERVICES or name in infra}
+
+
+def format_env_file(values: dict[str, str]) -> str:
+    """KEY='value' lines for Compose's env_file (single quotes: no interpolation of $ in passwords)."""
+    lines = ["# Written by healthdeploy. Secret: mode 0600, never committed."]
+    for key, value in values.items():
+        if "\n" in value or "'" in value:
+            raise ValueError(f"{key}: newlines and single quotes are not allowed in values")
+        lines.append(f"{key}='{value}'")
+    return "\n".join(lines) + "\n"
+
+
+def render_env_files(settings: Settings) -> dict[str, bytes]:
+    return {f"env/{name}.env": format_env_file(values).encode()
+            for name, values in service_environment(settings).items()}
+
+
+def content_hash(files: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
+    return digest.hexdigest()
+
+
+def sandbox_report(settings: Settings) -> list[str]:
+    """Human lines naming every substitute and every gap of the sandbox variant."""
+    if settings.stack_variant != "sandbox":
+        return []
+    lines = ["sandbox stack: the application services run the sample app (deploy/sandbox_app)"]
+    for service, what in SANDBOX_SUBSTITUTES.items():
+        if service in settings.enabled_services:
+            lines.append(f"sandbox stack: {service} is {what}")
+    for service, why in SANDBOX_GAPS.items():
+        if service not in settings.enabled_services:
+            lines.append(f"sandbox stack: {service} is switched off ({why})")
+    return lines
