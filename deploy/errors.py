@@ -75,7 +75,8 @@ class RemoteCommandError(HealthdeployError):
         tail = stderr_tail.strip()
         message = f"{description} failed with exit status {exit_status}"
         if tail:
-            message += ": " + tail.splitlines()[-1][:300]
+            lines = [line.strip() for line in tail.splitlines() if line.strip()]
+            message += ": " + " | ".join(lines[-3:])[:600]
         super().__init__(message)
         self.exit_status = exit_status
         self.stderr_tail = tail

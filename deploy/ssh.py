@@ -432,3 +432,51 @@ def progress_printer(label: str, stream=None) -> Callable[[int], None] | None:
         stream.flush()
 
     return report
+
+
+class HeldCommand:
+    """A command kept running for as long as we hold something (the deploy lock's holder process)."""
+
+    def __init__(self, channel: paramiko.Channel | None, first_line: str, rest: str):
+        self.channel = channel
+        self.first_line = first_line
+        self.rest = rest
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+
+def _hold(host: RemoteHost, command: Command, timeout: float = 30) -> HeldCommand:
+    """Start ``command`` and read its first line; if it ends, return everything it printed."""
+    channel = host._open(command.render())
+    channel.settimeout(timeout)
+    data = b""
+    while b"\n" not in data:
+        chunk = channel.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    first, _, rest = data.partition(b"\n")
+    if first.strip() != b"acquired":
+        while True:  # the command ended: collect the rest of its output
+            chunk = channel.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        channel.close()
+        return HeldCommand(None, first.decode().strip(), rest.decode("utf-8", "replace"))
+    channel.settimeout(None)
+    return HeldCommand(channel, "acquired", "")
+
+
+RemoteHost.hold = _hold  # type: ignore[attr-defined]
+
+
+def _dry_hold(self: DryRunHost, command: Command, timeout: float = 30) -> HeldCommand:
+    self.printer(f"[{self.alias}] would take the deploy lock")
+    return HeldCommand(None, "acquired", "")
+
+
+DryRunHost.hold = _dry_hold  # type: ignore[attr-defined]

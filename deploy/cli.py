@@ -1,0 +1,243 @@
+"""The operations behind the fab/inv tasks: resolve env and hosts, connect, run, print, exit code.
+
+Tasks stay thin: they call one function here. ``Runtime`` carries the outside world (console,
+connector) so tests can swap it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from invoke.exceptions import Exit
+
+from . import payload as pl
+from .console import Console
+from .errors import EXIT_OK, HealthdeployError, UsageError
+from .release import DeployStopped, HostDeploy, HostOutcome, run_on_hosts
+from .settings import Settings, find_env_for_host, load_settings
+from .ssh import DryRunHost, RemoteHost, add_known_host, fetch_host_key, fingerprint, resolve
+from .stack import Target
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    console: Console = field(default_factory=Console)
+    connector: Callable[[Settings, str], RemoteHost] | None = None
+
+    def connect(self, alias: str) -> RemoteHost:
+        if self.connector:
+            return self.connector(self.settings, alias)
+        s = self.settings
+        return RemoteHost.connect(alias, s.ssh_config, s.ssh_known_hosts, s.ssh_connect_timeout, secrets=s.secrets)
+
+    def target(self, alias: str) -> Target:
+        address, _, _ = resolve(alias, self.settings.ssh_config)
+        return Target.of(self.settings, alias, address)
+
+
+def entry(func):
+    """Turn expected errors into one clear message per problem and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            code = func(*args, **kwargs)
+        except HealthdeployError as exc:
+            for line in exc.lines():
+                print(line, file=sys.stderr)
+            raise Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise Exit(code=130) from None
+        if code:
+            raise Exit(code=code)
+        return None
+
+    return wrapper
+
+
+def settings_for(env: str | None, hosts: list[str]) -> Settings:
+    if not env:
+        if not hosts:
+            raise UsageError("no environment given", "pass --env NAME (or -H HOST of a known environment)")
+        names = {find_env_for_host(h) for h in hosts}
+        if len(names) > 1:
+            raise UsageError(f"hosts belong to several environments ({', '.join(sorted(names))})", "pass --env NAME")
+        env = names.pop()
+    return load_settings(env)
+
+
+def choose_hosts(settings: Settings, cli_hosts: list[str]) -> list[str]:
+    hosts = cli_hosts or list(settings.hosts)
+    unknown = [h for h in hosts if h not in settings.hosts]
+    if unknown:
+        raise UsageError(f"host(s) {', '.join(unknown)} are not in HOSTS of env '{settings.env_name}'",
+                         f"add them to {settings.source} or pick from {', '.join(settings.hosts)}")
+    # The primary host goes first: it migrates before any other host switches.
+    return sorted(hosts, key=lambda h: h != settings.primary)
+
+
+def summary(console: Console, outcomes: list[HostOutcome], as_json: bool) -> None:
+    if as_json:
+        console.json({"hosts": [o.__dict__ for o in outcomes]})
+        return
+    console.table(["host", "result", "release", "previous", "services", "migrated", "sent", "seconds", "message"],
+                  [[o.host, o.result, o.release, o.previous, ",".join(o.services) or "-", "yes" if o.migrated else "no",
+                    f"{o.uploaded_files} files/{o.uploaded_bytes} B", o.seconds, o.message] for o in outcomes])
+
+
+def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_lock: bool = False,
+           as_json: bool = False) -> int:
+    s = runtime.settings
+    hosts = choose_hosts(s, cli_hosts)
+    source = pl.collect_source(s.app_source) if s.app_source else {}
+    release = pl.new_release_id(pl.manifest_of(source))
+    migrate_on = hosts[0]
+    runtime.console.info(f"deploy {s.env_name} release {release} to {', '.join(hosts)}"
+                         + (" (dry run: nothing will change)" if dry_run else ""))
+
+    def work(alias: str, outcome: HostOutcome) -> None:
+        real = runtime.connect(alias)
+        host = DryRunHost(real, alias, runtime.console.info) if dry_run else real
+        try:
+            target = Target.of(s, alias, real.address)
+            files = pl.build_payload(s, target, source)
+            job = HostDeploy(s, target, host, runtime.console, dry_run=dry_run)
+            if dry_run:
+                plan(job, outcome, files)
+            else:
+                job.deploy(outcome, files, release, migrate=(alias == migrate_on), break_lock=break_lock)
+        finally:
+            host.close()
+
+    try:
+        outcomes = run_on_hosts(hosts, s.batch_size, work)
+    except DeployStopped as stopped:
+        summary(runtime.console, stopped.outcomes, as_json)
+        raise
+    summary(runtime.console, outcomes, as_json)
+    return EXIT_OK
+
+
+def plan(job: HostDeploy, outcome: HostOutcome, files: dict[str, bytes]) -> None:
+    """Dry run: facts are read for real; the changes are listed, nothing is written."""
+    from .facts import parse_hashes, parse_lock
+    from .commands import files as fs
+
+    facts = job.preflight()
+    live = {}
+    if facts.current:
+        live = parse_hashes(job.host.run(fs.read_file(f"{job.t.release_dir(facts.current)}/{pl.MANIFEST}")).text)
+    change = pl.diff(pl.manifest_of(files), live)
+    lock = parse_lock(job.host.run(fs.lock_status(job.lock_dir)).text)
+    job.say(f"lock: {lock.describe()}")
+    for path in change.changed:
+        job.say(f"would send {path} ({'changed' if path in live else 'new'})")
+    for path in change.removed:
+        job.say(f"would remove {path}")
+    touched = sorted(change.services_touched()) if facts.current else ["all application services"]
+    job.say(f"would rebuild: {', '.join(touched) or 'nothing (Docker cache)'}; services roll only when their image "
+            "or env file changed")
+    outcome.result = "planned" if not change.empty else "unchanged"
+    outcome.previous = facts.current
+
+
+def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock: bool = False,
+             as_json: bool = False) -> int:
+    s = runtime.settings
+    hosts = choose_hosts(s, cli_hosts)
+
+    def work(alias: str, outcome: HostOutcome) -> None:
+        host = runtime.connect(alias)
+        try:
+            HostDeploy(s, Target.of(s, alias, host.address), host, runtime.console).rollback(outcome, to, break_lock)
+        finally:
+            host.close()
+
+    try:
+        outcomes = run_on_hosts(hosts, s.batch_size, work)
+    except DeployStopped as stopped:
+        summary(runtime.console, stopped.outcomes, as_json)
+        raise
+    summary(runtime.console, outcomes, as_json)
+    return EXIT_OK
+
+
+def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    rows = []
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        with runtime.connect(alias) as host:
+            job = HostDeploy(runtime.settings, Target.of(runtime.settings, alias, host.address), host, runtime.console)
+            facts = job.facts()
+            for release in facts.releases:
+                rows.append({"host": alias, "release": release, "live": release == facts.current})
+    if as_json:
+        runtime.console.json({"releases": rows})
+    else:
+        runtime.console.table(["host", "release", "live"], [[r["host"], r["release"], "*" if r["live"] else ""] for r in rows])
+    return EXIT_OK
+
+
+def audit(runtime: Runtime, cli_hosts: list[str], lines: int = 20, as_json: bool = False) -> int:
+    import json as _json
+    from .commands import files as fs
+
+    entries = []
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        with runtime.connect(alias) as host:
+            target = Target.of(runtime.settings, alias, host.address)
+            text = host.run(fs.read_file(f"{target.shared}/audit.log")).text
+            for line in text.splitlines()[-lines:]:
+                try:
+                    entries.append(_json.loads(line))
+                except ValueError:
+                    continue
+    if as_json:
+        runtime.console.json({"entries": entries})
+    else:
+        runtime.console.table(["ts", "host", "event", "release", "result", "who", "seconds"],
+                              [[e.get("ts"), e.get("host"), e.get("event"), e.get("release", ""), e.get("result", ""),
+                                e.get("who"), e.get("duration_s", "")] for e in entries])
+    return EXIT_OK
+
+
+def lock_status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    from .commands import files as fs
+    from .facts import parse_lock
+
+    rows = []
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        with runtime.connect(alias) as host:
+            target = Target.of(runtime.settings, alias, host.address)
+            state = parse_lock(host.run(fs.lock_status(f"{target.deploy_path}/.lock")).text)
+            rows.append({"host": alias, "state": state.state, **state.info})
+    if as_json:
+        runtime.console.json({"locks": rows})
+    else:
+        runtime.console.table(["host", "state", "who", "since", "release"],
+                              [[r["host"], r["state"], r.get("who", ""), r.get("since", ""), r.get("release", "")] for r in rows])
+    return EXIT_OK
+
+
+def trust_host(settings: Settings, alias: str, expected: str | None, yes: bool, console: Console) -> int:
+    name, key = fetch_host_key(alias, settings.ssh_config)
+    shown = f"{key.get_name()} {fingerprint(key)}"
+    console.result(f"{alias} ({name}) presents {shown}")
+    if expected:
+        if expected.strip() != fingerprint(key):
+            raise HealthdeployError(f"fingerprint of {alias} is {fingerprint(key)}, not {expected}",
+                                    "do not trust this host until you know why")
+    elif not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("not trusting a host key without confirmation",
+                             "pass --fingerprint SHA256:... (compare out of band) or --yes")
+        answer = input(f"Trust {shown} for {alias}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("not trusted", "nothing was written")
+    add_known_host(settings.ssh_known_hosts, name, key)
+    console.result(f"trusted: {name} added to {settings.ssh_known_hosts}")
+    return EXIT_OK

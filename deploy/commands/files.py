@@ -1,0 +1,113 @@
+"""Remote file-system command builders: release directories, atomic writes, manifests, the lock."""
+
+from __future__ import annotations
+
+from .base import Command, cmd, script
+
+
+def mkdirs(*paths: str, mode: str = "0755") -> Command:
+    return cmd("mkdir", "-p", "-m", mode, *paths, description="create directories")
+
+
+def write_file(path: str, content: bytes, mode: str = "0644") -> Command:
+    """Atomic write: a temporary file in the same directory, then rename (never a half-written file)."""
+    return script(
+        'set -e; umask 077; mkdir -p "$(dirname "$1")"; tmp=$(mktemp "$1.XXXXXX"); '
+        'cat > "$tmp"; chmod "$2" "$tmp"; mv -f "$tmp" "$1"',
+        path, mode, description=f"write {path}", stdin=content,
+    )
+
+
+def append_line(path: str, line: bytes) -> Command:
+    return script('umask 077; cat >> "$1"', path, description="append to audit log", stdin=line)
+
+
+def extract_tar(directory: str) -> Command:
+    """Unpack the tar arriving on stdin into ``directory`` (which must exist)."""
+    return cmd("tar", "-x", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files")
+
+
+def read_file(path: str) -> Command:
+    return script('cat "$1" 2>/dev/null || true', path, description=f"read {path}", readonly=True)
+
+
+def file_hashes(directory: str, names: tuple[str, ...] = ()) -> Command:
+    """``sha256  relative/path`` for each file under ``directory`` (or just ``names``); nothing if absent."""
+    return script(
+        'cd "$1" 2>/dev/null || exit 0; shift; '
+        'if [ $# -gt 0 ]; then for f in "$@"; do [ -f "$f" ] && sha256sum "$f"; done; exit 0; fi; '
+        'find . -type f -print0 | xargs -0 -r sha256sum | sed "s| \\./| |"',
+        directory, *names, description="hash files", readonly=True,
+    )
+
+
+def copy_release(source: str, target: str) -> Command:
+    """Start a release from the previous one (host-local copy; only changed files cross the network)."""
+    return script('set -e; mkdir -p "$2"; if [ -d "$1" ]; then cp -a "$1/." "$2/"; fi', source, target,
+                  description="copy previous release")
+
+
+def remove_paths(directory: str, names: tuple[str, ...]) -> Command:
+    return script('cd "$1" && shift && rm -f -- "$@"', directory, *names, description="remove stale files")
+
+
+def switch_symlink(link: str, target: str) -> Command:
+    """Atomically point ``link`` at ``target`` (rename over the old link)."""
+    return script('set -e; ln -sfn "$2" "$1.new"; mv -Tf "$1.new" "$1"', link, target,
+                  description="switch current release")
+
+
+def remove_tree(path: str) -> Command:
+    return cmd("rm", "-rf", "--one-file-system", "--", path, description=f"remove {path}")
+
+
+HOST_FACTS = r"""
+base="$1"
+p="$base"; while [ ! -d "$p" ]; do p=$(dirname "$p"); done
+echo "docker=$(docker version --format '{{.Server.Version}}' 2>/dev/null)"
+echo "compose=$(docker compose version --short 2>/dev/null)"
+echo "free_mb=$(df -Pm "$p" | awk 'NR==2 {print $4}')"
+echo "current=$(basename "$(readlink "$base/current" 2>/dev/null)" 2>/dev/null)"
+echo "releases=$(ls -1 "$base/releases" 2>/dev/null | tr '\n' ' ')"
+echo "bash=$(command -v bash)"
+echo "user=$(id -un)"
+"""
+
+
+def host_facts(deploy_path: str) -> Command:
+    return script(HOST_FACTS, deploy_path, description="read host facts", readonly=True)
+
+
+# -- the deploy lock ---------------------------------------------------------------------------------
+# mkdir is atomic: exactly one deploy creates the directory. The holder is a process on the host that
+# lives as long as the deploy's SSH channel (it exits when its stdin closes), so a lock whose holder
+# is gone is provably stale, whatever happened to the operator's machine.
+LOCK_ACQUIRE = r"""
+mkdir "$1" 2>/dev/null || { echo "held"; cat "$1/info.json" 2>/dev/null; exit 0; }
+echo "$$" > "$1/holder.pid"
+echo acquired
+exec cat > /dev/null
+"""
+
+LOCK_STATUS = r"""
+[ -d "$1" ] || { echo free; exit 0; }
+pid=$(cat "$1/holder.pid" 2>/dev/null)
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo held; else echo stale; fi
+cat "$1/info.json" 2>/dev/null
+"""
+
+
+def lock_hold(lock_dir: str) -> Command:
+    return script(LOCK_ACQUIRE, lock_dir, description="take the deploy lock")
+
+
+def lock_info_write(lock_dir: str, info: bytes) -> Command:
+    return write_file(f"{lock_dir}/info.json", info, "0644")
+
+
+def lock_status(lock_dir: str) -> Command:
+    return script(LOCK_STATUS, lock_dir, description="read the deploy lock", readonly=True)
+
+
+def lock_release(lock_dir: str) -> Command:
+    return cmd("rm", "-rf", "--", lock_dir, description="release the deploy lock")

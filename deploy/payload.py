@@ -1,0 +1,111 @@
+"""What a release consists of: rendered stack files plus the application source, as ``{path: bytes}``.
+
+Pure apart from reading the local source directory. Change detection compares per-file SHA-256
+with the MANIFEST of the live release, so only changed files are sent.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .settings import PROJECT_ROOT, Settings
+from .stack import Target, render_build_files, render_release_files
+
+MANIFEST = "MANIFEST"
+RELEASE_ENV = "release.env"  # RELEASE_ID for compose interpolation; excluded from change detection
+EXCLUDED_NAMES = {".git", "node_modules", "__pycache__", ".venv", "venv", ".pytest_cache", ".mypy_cache",
+                  "dist", "unpackage", ".env", ".DS_Store"}
+
+
+def collect_source(source: str) -> dict[str, bytes]:
+    """Files of a local application directory, keyed ``src/<relative path>``."""
+    root = Path(source)
+    if not root.is_absolute():
+        root = PROJECT_ROOT / root
+    if not root.is_dir():
+        raise UsageError(f"APP_SOURCE {source} is not a directory", "point APP_SOURCE at the application checkout")
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_NAMES)
+        for name in sorted(filenames):
+            if name in EXCLUDED_NAMES or name.endswith(".pyc"):
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            files["src/" + path.relative_to(root).as_posix()] = path.read_bytes()
+    return files
+
+
+def build_payload(settings: Settings, target: Target, source_files: dict[str, bytes]) -> dict[str, bytes]:
+    files = dict(render_release_files(settings, target))
+    files.update(source_files)
+    if settings.stack_variant == "production":
+        # The rendered Dockerfile, .dockerignore and nginx.conf replace the checkout's own.
+        for path, text in render_build_files(settings).items():
+            files[f"src/{path}"] = text.encode()
+    return files
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_of(files: dict[str, bytes]) -> dict[str, str]:
+    return {path: sha256(data) for path, data in files.items() if path not in (MANIFEST, RELEASE_ENV)}
+
+
+def format_manifest(manifest: dict[str, str]) -> bytes:
+    return "".join(f"{digest}  {path}\n" for path, digest in sorted(manifest.items())).encode()
+
+
+@dataclass(frozen=True)
+class PayloadDiff:
+    changed: tuple[str, ...]  # new or different
+    removed: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.changed and not self.removed
+
+    def services_touched(self) -> set[str]:
+        touched = set()
+        for path in self.changed + self.removed:
+            parts = path.split("/")
+            if parts[0] == "src" and len(parts) > 2:
+                touched.add(parts[1])
+        return touched
+
+
+def diff(new: dict[str, str], live: dict[str, str]) -> PayloadDiff:
+    changed = tuple(sorted(p for p, digest in new.items() if live.get(p) != digest))
+    removed = tuple(sorted(p for p in live if p not in new))
+    return PayloadDiff(changed, removed)
+
+
+def tar_of(files: dict[str, bytes], paths: tuple[str, ...] | list[str], mode: int = 0o644) -> bytes:
+    """A deterministic tar of the given files (mtime fixed: content is what matters)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(paths):
+            data = files[path]
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def new_release_id(source_manifest: dict[str, str], now: _dt.datetime | None = None) -> str:
+    """``<UTC time>-<source revision>``: sortable, and says which source it carries."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    digest = hashlib.sha256("".join(f"{p}{d}" for p, d in sorted(source_manifest.items())).encode()).hexdigest()
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{digest[:8]}"

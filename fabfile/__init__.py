@@ -1,0 +1,78 @@
+"""Remote tasks: `fab -H prod deploy`, `fab -H web1,web2 deploy`, `fab --env prod rollback`, ...
+
+Thin on purpose: each task resolves env and hosts, then calls one function of deploy.cli.
+Without -H a task acts on the environment's HOSTS; without --env the environment is found from -H.
+"""
+
+from invoke import Collection, task
+
+from deploy import cli
+from deploy.console import Console
+from deploy.fabric_executor import cli_hosts
+
+
+def _runtime(c, env, quiet=False):
+    hosts = cli_hosts(c)
+    settings = cli.settings_for(env, hosts)
+    return cli.Runtime(settings, Console(quiet=quiet)), hosts
+
+
+@task(help={"env": "environment name (env/NAME.env); found from -H when omitted",
+            "dry-run": "show the plan (files, rebuilds, commands); change nothing",
+            "break-lock": "remove a stale lock whose holder is gone",
+            "json": "print the summary as JSON"})
+@cli.entry
+def deploy(c, env=None, dry_run=False, break_lock=False, json=False):
+    """Deploy the stack with zero-downtime rolls; roll back by itself when the new release is unhealthy."""
+    runtime, hosts = _runtime(c, env, quiet=False)
+    return cli.deploy(runtime, hosts, dry_run=dry_run, break_lock=break_lock, as_json=json)
+
+
+@task(help={"env": "environment name", "to": "release id (default: the one before the live one)",
+            "break-lock": "remove a stale lock", "json": "print the summary as JSON"})
+@cli.entry
+def rollback(c, env=None, to=None, break_lock=False, json=False):
+    """Return to the previous (or a named) release without rebuilding."""
+    runtime, hosts = _runtime(c, env)
+    return cli.rollback(runtime, hosts, to=to, break_lock=break_lock, as_json=json)
+
+
+@task(help={"env": "environment name", "json": "print JSON"})
+@cli.entry
+def releases(c, env=None, json=False):
+    """List the releases kept on each host; * marks the live one."""
+    runtime, hosts = _runtime(c, env)
+    return cli.releases(runtime, hosts, as_json=json)
+
+
+@task(help={"env": "environment name", "lines": "entries per host", "json": "print JSON"})
+@cli.entry
+def audit(c, env=None, lines=20, json=False):
+    """Show the recent audit entries (deploys, rollbacks, locks, restores) of each host."""
+    runtime, hosts = _runtime(c, env)
+    return cli.audit(runtime, hosts, lines=int(lines), as_json=json)
+
+
+@task(name="status", help={"env": "environment name", "json": "print JSON"})
+@cli.entry
+def lock_status(c, env=None, json=False):
+    """Who holds the deploy lock on each host (free, held, or stale)."""
+    runtime, hosts = _runtime(c, env)
+    return cli.lock_status(runtime, hosts, as_json=json)
+
+
+@task(help={"env": "environment name", "fingerprint": "expected SHA256:... fingerprint (checked before trusting)",
+            "yes": "trust without asking (only after checking the fingerprint out of band)"})
+@cli.entry
+def trust(c, env=None, fingerprint=None, yes=False):
+    """Show a host's SSH key fingerprint and add it to known_hosts (strict checking refuses unknown keys)."""
+    hosts = cli_hosts(c)
+    if len(hosts) != 1:
+        raise cli.UsageError("hosts.trust takes exactly one host", "fab -H HOST hosts.trust")
+    settings = cli.settings_for(env, hosts)
+    return cli.trust_host(settings, hosts[0], fingerprint, yes, Console())
+
+
+ns = Collection(deploy, rollback, releases, audit)
+ns.add_collection(Collection("lock", lock_status))
+ns.add_collection(Collection("hosts", trust))

@@ -1,0 +1,78 @@
+"""Local tasks: `inv sandbox.up`, `inv images.build`, `inv demo`, `inv test`, `inv bench`.
+
+Thin on purpose: the work lives in deploy/ (sandbox.py, images.py, cli.py).
+"""
+
+import os
+import sys
+
+from invoke import Collection, task
+
+from deploy import cli
+from deploy import sandbox as sandbox_lib
+
+
+@task(help={"hosts": "comma-separated sandbox host names: sandbox, sandbox2, ... (127.0.0.2, .3, ...)"})
+@cli.entry
+def up(c, hosts="sandbox"):
+    """Start sandbox SSH hosts on loopback (installs Docker, sshd and Compose v2 when missing)."""
+    started = sandbox_lib.up([h.strip() for h in hosts.split(",") if h.strip()])
+    for host in started:
+        print(f"{host.name}: ssh -F .sandbox/ssh_config {host.name}  ({host.address}:{host.port})")
+
+
+@task
+@cli.entry
+def down(c):
+    """Stop the sandbox SSH hosts (containers and images stay)."""
+    print("stopped: " + (", ".join(sandbox_lib.down()) or "nothing"))
+
+
+@task
+@cli.entry
+def install(c):
+    """Install Docker, OpenSSH server, debootstrap and Compose v2 if missing; start dockerd."""
+    sandbox_lib.install_tools()
+    sandbox_lib.ensure_dockerd()
+
+
+@task(help={"force": "rebuild even when the images exist"})
+@cli.entry
+def build(c, force=False):
+    """Build the offline images (debootstrap base, PostgreSQL, Redis, nginx, ...) with no registry."""
+    from deploy import images
+
+    sandbox_lib.install_tools()
+    sandbox_lib.ensure_dockerd()
+    images.build_all(force=force)
+
+
+@task
+@cli.entry
+def demo(c):
+    """Main job: sandbox host + images, then deploy the demo stack over SSH and show it healthy."""
+    from deploy import images
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    sandbox_lib.up(["sandbox"])
+    images.build_all()
+    runtime = cli.Runtime(load_settings("sandbox"), Console())
+    cli.deploy(runtime, ["sandbox"])
+    return cli.show_endpoints(runtime, ["sandbox"])
+
+
+@task(help={"k": "only tests matching this expression", "unit": "unit tests only (no sshd, no Docker)"})
+def test(c, k=None, unit=False):
+    """Run the tests (unit + integration against the sandbox)."""
+    args = [sys.executable, "-m", "pytest", "-q"]
+    if unit:
+        args += ["-m", "not integration"]
+    if k:
+        args += ["-k", k]
+    os.execv(sys.executable, args)
+
+
+ns = Collection(demo, test)
+ns.add_collection(Collection("sandbox", up, down, install))
+ns.add_collection(Collection("images", build))

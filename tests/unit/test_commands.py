@@ -1,0 +1,71 @@
+"""Command builders: argv in, one quoted command line out; secrets refused; scripts take values as $1..."""
+
+import pytest
+
+from deploy.commands import and_then, cmd, pipe
+from deploy.commands import docker as dk
+from deploy.commands import files as fs
+from deploy.commands.base import checksummed_stdout, parse_checksum, script
+from deploy.secret import Secret, redact
+
+
+def test_quoting_happens_once_in_render():
+    c = cmd("docker", "exec", "pg", "psql", "-c", "select 'x'; drop table y")
+    assert c.render() == "docker exec pg psql -c 'select '\"'\"'x'\"'\"'; drop table y'"
+    assert pipe(cmd("a", "b c"), cmd("gzip")).render() == "a 'b c' | gzip"
+    assert and_then(cmd("true"), cmd("echo", "$HOME")).render() == "true && echo '$HOME'"
+
+
+def test_secret_never_enters_a_command_line():
+    with pytest.raises(TypeError, match="Secret cannot be part of a command line"):
+        cmd("redis-cli", "-a", Secret("hunter2"))
+    assert str(Secret("hunter2")) == "***" and f"{Secret('hunter2')}" == "***" and "hunter2" not in repr(Secret("hunter2"))
+
+
+def test_non_string_words_refused():
+    with pytest.raises(TypeError):
+        cmd("sleep", 3)
+
+
+def test_stdin_is_not_displayed():
+    c = fs.write_file("/srv/x/shared/env/backend.env", b"JWT_SECRET='topsecret'\n", "0600")
+    assert "topsecret" not in c.display() and "topsecret" not in c.render()
+    assert c.display().endswith("# stdin: 23 bytes")
+    assert c.render().startswith("sh -c ")
+    assert c.render().endswith(" sh /srv/x/shared/env/backend.env 0600")
+
+
+def test_compose_scale_up_command():
+    c = dk.compose_scale_up("hd-prod", "/srv/r/1/compose.yaml", "/srv/r/1/release.env", "backend", 2)
+    assert c.render() == ("docker compose --project-name hd-prod --file /srv/r/1/compose.yaml --env-file "
+                          "/srv/r/1/release.env up --detach --no-deps --no-recreate --scale backend=2 backend")
+    assert not c.readonly
+
+
+def test_migration_command_is_one_word_for_sh():
+    c = dk.compose_run("p", "f", "e", "backend", "pnpm prisma migrate deploy", "migrate")
+    assert c.render().endswith("run --rm --no-deps -T backend sh -c 'pnpm prisma migrate deploy'")
+
+
+def test_facts_are_readonly_and_actions_are_not():
+    assert fs.host_facts("/srv/x").readonly and dk.project_containers("p").readonly
+    assert dk.http_probe("gw", "http://10.0.0.2:5000/health").readonly
+    assert not dk.nginx_reload("gw", "/etc/nginx.conf").readonly
+    assert not fs.switch_symlink("/srv/current", "releases/1").readonly
+
+
+def test_checksum_wrapper_and_parser():
+    wrapped = checksummed_stdout(cmd("pg_dump", "-Fc", "db"))
+    assert wrapped.render().startswith("bash -c 'set -o pipefail")
+    assert wrapped.render().endswith(" bash 'pg_dump -Fc db'")
+    digest, rest = parse_checksum("warning: x\nHEALTHDEPLOY-SHA256 abc123\n")
+    assert digest == "abc123" and rest == "warning: x"
+
+
+def test_script_values_are_positional():
+    c = script('echo "$1"', "a'b; rm -rf /", description="t")
+    assert c.render() == "sh -c 'echo \"$1\"' sh 'a'\"'\"'b; rm -rf /'"
+
+
+def test_redact():
+    assert redact("url postgresql://u:s3cr3tpw@h/db", [Secret("s3cr3tpw")]) == "url postgresql://u:***@h/db"
