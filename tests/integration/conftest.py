@@ -18,6 +18,11 @@ from deploy import images, sandbox
 from deploy.settings import PROJECT_ROOT
 
 SANDBOX_ENV = (PROJECT_ROOT / "env" / "sandbox.env").read_text()
+# Tests use their own sandbox hosts (127.0.0.6-8), so the README's demo on `sandbox` (127.0.0.2)
+# can stay up while they run.
+TEST_HOSTS = ("sandbox5", "sandbox6", "sandbox7")
+MAIN = TEST_HOSTS[0]
+MAIN_ADDRESS = "127.0.0.6"
 
 
 def _remove_leftovers() -> None:
@@ -43,7 +48,7 @@ def sandbox_hosts():
     sandbox.ensure_dockerd()
     images.build_all()
     _remove_leftovers()
-    hosts = sandbox.up(["sandbox", "sandbox2", "sandbox3"], install=False)
+    hosts = sandbox.up(list(TEST_HOSTS), install=False)
     yield hosts
 
 
@@ -57,7 +62,7 @@ class Env:
     def project_prefix(self) -> str:
         return f"hd-t{self.name}"
 
-    def write(self, hosts: str = "sandbox", **overrides: str) -> None:
+    def write(self, hosts: str = MAIN, **overrides: str) -> None:
         values = {
             "HOSTS": hosts,
             "DEPLOY_PATH": "/var/lib/healthdeploy-test/{host}/{env}",
@@ -77,18 +82,38 @@ class Env:
         env = {**os.environ, "HEALTHDEPLOY_ENV_DIR": str(self.directory), **(extra_env or {})}
         return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=PROJECT_ROOT)
 
-    def fab(self, *args: str, hosts: str = "sandbox", **kw) -> subprocess.CompletedProcess:
+    def fab(self, *args: str, hosts: str = MAIN, **kw) -> subprocess.CompletedProcess:
         return self.run("fab", "-H", hosts, *args, **kw)
 
     def set_build(self, service: str, build_id: str) -> None:
         (self.app / service / "build_id").write_text(build_id + "\n")
 
-    def deploy_root(self, host: str = "sandbox") -> Path:
+    def deploy_root(self, host: str = MAIN) -> Path:
         return Path(f"/var/lib/healthdeploy-test/{host}/{self.name}")
 
-    def remove(self) -> None:
-        subprocess.run(f"docker ps -aq --filter label=com.docker.compose.project={self.project_prefix}-sandbox "
-                       f"--filter label=com.docker.compose.project | true", shell=True)
+
+def _cleanup(env: "Env") -> None:
+    for host in TEST_HOSTS:
+        project = f"hd-t{env.name}-{host}"
+        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+                             capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
+        subprocess.run(["docker", "network", "rm", f"{project}_default"], capture_output=True)
+        vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={project}_"],
+                              capture_output=True, text=True).stdout.split()
+        if vols:
+            subprocess.run(["docker", "volume", "rm", *vols], capture_output=True)
+        shutil.rmtree(f"/var/lib/healthdeploy-test/{host}/{env.name}", ignore_errors=True)
+
+
+def new_env(factory, name: str) -> "Env":
+    directory = factory.mktemp("env")
+    app = directory / "app"
+    shutil.copytree(PROJECT_ROOT / "deploy" / "sandbox_app", app, ignore=shutil.ignore_patterns("__pycache__"))
+    env = Env(directory, name, app)
+    env.write()
+    return env
 
 
 @pytest.fixture
@@ -96,27 +121,13 @@ def make_env(sandbox_hosts, tmp_path_factory):
     created = []
 
     def make(name: str) -> Env:
-        directory = tmp_path_factory.mktemp("env")
-        app = directory / "app"
-        shutil.copytree(PROJECT_ROOT / "deploy" / "sandbox_app", app)
-        env = Env(directory, name, app)
-        env.write()
+        env = new_env(tmp_path_factory, name)
         created.append(env)
         return env
 
     yield make
     for env in created:
-        for host in ("sandbox", "sandbox2", "sandbox3"):
-            project = f"hd-t{env.name}-{host}"
-            ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-                                 capture_output=True, text=True).stdout.split()
-            if ids:
-                subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-            subprocess.run(["docker", "network", "rm", f"{project}_default"], capture_output=True)
-            vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={project}_"],
-                                  capture_output=True, text=True).stdout.split()
-            if vols:
-                subprocess.run(["docker", "volume", "rm", *vols], capture_output=True)
+        _cleanup(env)
 
 
 def get_json(url: str, timeout: float = 5) -> dict:

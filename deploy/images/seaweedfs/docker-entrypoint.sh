@@ -44,7 +44,8 @@ unset MINIO_ROOT_PASSWORD
 # non-S3 ports are published; only 9000 is part of the contract.
 admin_pw="$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
 
-exec $run weed mini \
+# -logtostderr: glog would otherwise also write ever-growing files into /tmp.
+exec $run weed -logtostderr mini \
   -dir=/data -ip=127.0.0.1 -ip.bind=0.0.0.0 \
   -master.telemetry=false \
   -s3.port=9000 -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
