@@ -241,3 +241,25 @@ def trust_host(settings: Settings, alias: str, expected: str | None, yes: bool, 
     add_known_host(settings.ssh_known_hosts, name, key)
     console.result(f"trusted: {name} added to {settings.ssh_known_hosts}")
     return EXIT_OK
+
+
+def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
+    """After the demo deploy: each application endpoint through the gateway, probed from here."""
+    import json as _json
+    import urllib.request
+
+    rows = []
+    failed = False
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        address = runtime.target(alias).gateway_bind
+        for port, service in ((3000, "frontend-web"), (3001, "frontend-patient"), (5000, "backend"), (8001, "ai-service")):
+            url = f"http://{address}:{port}/health"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body = _json.loads(response.read() or b"{}")
+                    rows.append([alias, service, url, response.status, body.get("build", "")])
+            except Exception as exc:  # report every endpoint, then fail
+                failed = True
+                rows.append([alias, service, url, f"error: {exc}", ""])
+    runtime.console.table(["host", "service", "url", "status", "build"], rows)
+    return 7 if failed else EXIT_OK

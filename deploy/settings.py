@@ -292,6 +292,11 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
             elif value.reveal().strip().lower() in KNOWN_DEFAULT_SECRETS:
                 problems.append(Problem(key.name, "is an example value from the deployment report",
                                         "generate one, e.g. `openssl rand -base64 32`"))
+    for key in SCHEMA:
+        value = typed[key.attr]
+        if key.kind == "secret" and value and any(ch in value.reveal() for ch in "'\n\"\\"):
+            problems.append(Problem(key.name, "contains a quote, backslash or newline",
+                                    "use letters, digits and -_.+/=!@#%^&*:, (env files and config files quote values)"))
     hosts = typed["hosts"] or ()
     if typed["primary_host"] and hosts and typed["primary_host"] not in hosts:
         problems.append(Problem("PRIMARY_HOST", f"{typed['primary_host']!r} is not in HOSTS", "name one of HOSTS"))

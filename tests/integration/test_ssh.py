@@ -1,0 +1,118 @@
+"""Foundation over real SSH: strict host keys, ~/.ssh/config aliases, verified binary streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+
+import paramiko
+import pytest
+
+from conftest import MAIN, MAIN_ADDRESS
+from deploy.commands import cmd
+from deploy.errors import HostKeyError, IntegrityError, RemoteCommandError
+from deploy.settings import PROJECT_ROOT
+from deploy.ssh import RemoteHost
+
+SSH_CONFIG = str(PROJECT_ROOT / ".sandbox/ssh_config")
+KNOWN_HOSTS = str(PROJECT_ROOT / ".sandbox/known_hosts")
+
+
+def test_a_real_fab_task_runs_over_ssh_and_starts_a_container(make_env):
+    """`fab -H sandbox5 deploy` reaches sshd, runs Docker there and starts containers (the gateway among them)."""
+    env = make_env("ssh")
+    proc = env.fab("deploy")
+    assert proc.returncode == 0, proc.stderr
+    names = subprocess.run(["docker", "ps", "--filter", "label=com.docker.compose.project=hd-tssh-" + MAIN,
+                            "--format", "{{.Names}}"], capture_output=True, text=True).stdout.split()
+    assert f"hd-tssh-{MAIN}-gateway-1" in names and f"hd-tssh-{MAIN}-backend-1" in names
+
+
+def test_unknown_host_key_is_refused_then_trusted_by_fingerprint(make_env, tmp_path):
+    env = make_env("hk")
+    known = tmp_path / "known_hosts"
+    env.write(SSH_KNOWN_HOSTS=str(known))
+    proc = env.fab("releases")
+    assert proc.returncode == 6, proc.stderr
+    assert f"error: host key of {MAIN} ([{MAIN_ADDRESS}]:2222) is not in {known}" in proc.stderr
+    fingerprint = proc.stderr.split("SHA256:")[1].split()[0]
+    wrong = env.fab("hosts.trust", "--fingerprint", "SHA256:AAAAwrongwrongwrong")
+    assert wrong.returncode == 1 and "not SHA256:AAAAwrongwrongwrong" in wrong.stderr
+    assert not known.exists()
+    trusted = env.fab("hosts.trust", "--fingerprint", f"SHA256:{fingerprint}")
+    assert trusted.returncode == 0, trusted.stderr
+    assert f"[{MAIN_ADDRESS}]:2222 ssh-ed25519" in known.read_text()
+    assert env.fab("releases").returncode == 0
+
+
+def test_changed_host_key_is_refused(make_env, tmp_path):
+    env = make_env("hkc")
+    other = paramiko.Ed25519Key.from_private_key_file(str(PROJECT_ROOT / ".sandbox/id_ed25519"))  # any other key
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{MAIN_ADDRESS}]:2222 ssh-ed25519 {other.get_base64()}\n")
+    env.write(SSH_KNOWN_HOSTS=str(known))
+    proc = env.fab("releases")
+    assert proc.returncode == 6, proc.stderr
+    assert f"host key of {MAIN} ({MAIN_ADDRESS}) CHANGED" in proc.stderr and "refusing to connect" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fab_honours_an_alias_in_home_ssh_config(make_env, tmp_path):
+    """`fab -H prodlike ...` with HostName/Port/User/IdentityFile only in ~/.ssh/config; env found from the host."""
+    env = make_env("alias")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host prodlike\n  HostName {MAIN_ADDRESS}\n  Port 2222\n  User root\n"
+        f"  IdentityFile {PROJECT_ROOT / '.sandbox/id_ed25519'}\n  IdentitiesOnly yes\n")
+    (home / ".ssh" / "known_hosts").write_text(
+        next(line for line in open(KNOWN_HOSTS) if line.startswith(f"[{MAIN_ADDRESS}]")))
+    env.write(hosts="prodlike", SSH_CONFIG="~/.ssh/config", SSH_KNOWN_HOSTS="~/.ssh/known_hosts")
+    proc = env.run("fab", "-H", "prodlike", "lock.status", "--json", extra_env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert '"host": "prodlike"' in proc.stdout and '"state": "free"' in proc.stdout
+
+
+def test_unreachable_host_is_one_clear_line(make_env):
+    env = make_env("down")
+    env.write(hosts="sandbox9")  # in ssh_config? no: resolves to itself, nothing listens
+    proc = env.fab("releases", hosts="sandbox9")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: cannot reach sandbox9")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def remote(sandbox_hosts):
+    host = RemoteHost.connect(MAIN, SSH_CONFIG, KNOWN_HOSTS)
+    yield host
+    host.close()
+
+
+def test_streaming_is_binary_safe_and_checksummed(remote, tmp_path):
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(24 << 20) + bytes(range(256)) * 1000)
+    target = tmp_path / "copy.bin"
+    with open(target, "wb") as out:
+        result = remote.stream_to_file(cmd("cat", str(blob)), out)
+    assert target.read_bytes() == blob.read_bytes()
+    assert result.sha256 == result.remote_sha256 == hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert result.bytes == blob.stat().st_size
+    assert remote.cipher.startswith("aes128-gcm")
+    back = tmp_path / "back.bin"
+    with open(blob, "rb") as source:
+        up = remote.stream_from_file(cmd("sh", "-c", 'cat > "$0"', str(back)), source)
+    assert up.sha256 == up.remote_sha256 and back.read_bytes() == blob.read_bytes()
+
+
+def test_a_stream_that_fails_halfway_is_an_error(remote, tmp_path):
+    with pytest.raises(RemoteCommandError, match="exit status 3"):
+        remote.stream_to_file(cmd("sh", "-c", "head -c 100000 /dev/urandom; echo boom >&2; exit 3"), io.BytesIO())
+
+
+def test_a_missing_remote_checksum_is_an_integrity_error(remote):
+    # The wrapper's checksum line never comes when the whole process group is killed mid-stream.
+    with pytest.raises((IntegrityError, RemoteCommandError)):
+        remote.stream_to_file(cmd("sh", "-c", "head -c 100000 /dev/zero; kill -9 0"), io.BytesIO())
