@@ -372,7 +372,6 @@ class HostDeploy:
             self.host.run(fs.write_file(f"{rdir}/{pl.RELEASE_ENV}", release_env.encode()))
             self.host.run(fs.write_file(f"{rdir}/{pl.MANIFEST}", pl.format_manifest(manifest)))
             self.say(f"sent {outcome.uploaded_files} file(s), {outcome.uploaded_bytes} bytes")
-            self.sync_shared(outcome)
             project, compose_file, env_file = self.compose_args(release)
             self.host.run(dk.compose_config_check(project, compose_file, env_file))
             self.host.run(fs.mkdirs(f"{rdir}/gateway/upstreams"))
@@ -389,6 +388,8 @@ class HostDeploy:
             except RemoteCommandError as exc:
                 raise HealthdeployError(f"{self.t.alias}: image build failed; the live release keeps serving",
                                         "\n".join(build_log[-15:]) or exc.message) from None
+            # Only now, with the release validated and built, do the new env files replace the live ones.
+            self.sync_shared(outcome)
             containers = self.containers()
             refs = tuple(f"{image_prefix(self.s, self.t)}/{s}:{release}" for s in APP_SERVICES)
             new_ids = parse_image_ids(self.host.run(dk.image_ids(refs)).text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MAIN, MAIN_ADDRESS, _cleanup, get_json, new_env
+from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, get_json, new_env
 from load import Load
 
 HOST = MAIN_ADDRESS  # the gateway binds to the host's address (GATEWAY_BIND={address})

@@ -10,7 +10,7 @@ import subprocess
 import paramiko
 import pytest
 
-from conftest import MAIN, MAIN_ADDRESS
+from sandbox_env import MAIN, MAIN_ADDRESS
 from deploy.commands import cmd
 from deploy.errors import HostKeyError, IntegrityError, RemoteCommandError
 from deploy.settings import PROJECT_ROOT
