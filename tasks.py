@@ -73,6 +73,23 @@ def test(c, k=None, unit=False):
     os.execv(sys.executable, args)
 
 
-ns = Collection(demo, test)
+@task(help={"env": "environment name (env/NAME.env)", "json": "print JSON (schema: docs/checklist.md)",
+            "junit": "also write JUnit XML to this file", "file": "checklist file (default env/[NAME.]checklist.toml)"})
+@cli.entry
+def checklist(c, env, json=False, junit=None, file=None):
+    """Compute every release-checklist item, print pass/warn/fail; exit 7 on any failure. Changes nothing."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    return cli.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
+
+
+@task(help={"which": "deploy (more to come: streaming, backup)"})
+def bench(c, which="deploy"):
+    """Benchmarks side by side with their baselines; prints a Markdown table (bench/results/)."""
+    os.execv(sys.executable, [sys.executable, f"bench/{which}_bench.py"])
+
+
+ns = Collection(demo, test, bench, checklist)
 ns.add_collection(Collection("sandbox", up, down, install))
 ns.add_collection(Collection("images", build))

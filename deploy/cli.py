@@ -263,3 +263,150 @@ def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
                 rows.append([alias, service, url, f"error: {exc}", ""])
     runtime.console.table(["host", "service", "url", "status", "build"], rows)
     return 7 if failed else EXIT_OK
+
+
+def _with_deadline(func, seconds: float):
+    """Run ``func`` in a daemon thread; a hung host cannot hang the command (or its exit)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = func()
+        except BaseException as exc:  # reported by the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:.0f}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def host_health(runtime: Runtime, alias: str):
+    from . import health as hl
+    from .commands import docker as dk
+    from .commands import probe
+    from .facts import parse_containers
+
+    result = hl.HostHealth(alias)
+    with runtime.connect(alias) as host:
+        s = runtime.settings
+        target = Target.of(s, alias, host.address)
+        containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
+                      if not c.oneoff]
+        releases = sorted({c.image_ref.rsplit(":", 1)[-1] for c in containers if c.service == "backend" and c.state == "running"})
+        result.release = ",".join(releases)
+        result.checks += hl.container_checks(alias, s, containers)
+        gateway = next((c for c in containers if c.service == "gateway" and c.state == "running"), None)
+        targets = hl.probe_targets(s, containers)
+        output = host.run(probe.probes_in(gateway.name, targets), check=False).text if gateway else None
+        result.checks += hl.probe_checks(alias, targets, output)
+        listeners = host.run(probe.listening_sockets(), check=False)
+        if listeners.ok:
+            result.checks += hl.port_checks(alias, s, target.gateway_bind, hl.parse_listeners(listeners.text))
+        else:
+            result.checks.append(hl.Check(alias, "ports", "fail", "cannot list sockets (is iproute2's ss installed?)"))
+    return result
+
+
+def health(runtime: Runtime, cli_hosts: list[str], as_json: bool = False, timeout: float = 60) -> int:
+    """Every check on every host, in parallel, each host bounded by ``timeout``; exit 0 only if all pass."""
+    import threading
+
+    from . import health as hl
+
+    hosts = choose_hosts(runtime.settings, cli_hosts)
+    results: dict[str, hl.HostHealth] = {}
+
+    def one(alias: str) -> None:
+        try:
+            results[alias] = _with_deadline(lambda: host_health(runtime, alias), timeout)
+        except HealthdeployError as exc:
+            results[alias] = hl.HostHealth(alias, error=exc.message)
+        except Exception as exc:  # a hung or broken host is a result, not a crash
+            results[alias] = hl.HostHealth(alias, error=f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=one, args=(alias,), daemon=True) for alias in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 5)
+    ordered = [results.get(a) or hl.HostHealth(a, error="no result") for a in hosts]
+    if as_json:
+        runtime.console.json(hl.to_json(ordered, runtime.settings.env_name))
+    else:
+        rows = []
+        for r in ordered:
+            if r.error:
+                rows.append([r.host, "host", "FAIL", r.error])
+            rows += [[c.host, c.name, c.status.upper(), c.detail] for c in r.checks]
+        runtime.console.table(["host", "check", "status", "detail"], rows)
+        verdict = "healthy" if all(r.healthy for r in ordered) else "UNHEALTHY"
+        runtime.console.result(f"{runtime.settings.env_name}: {verdict}")
+    return EXIT_OK if all(r.healthy for r in ordered) else 7
+
+
+def gather_checklist_facts(runtime: Runtime, items, now=None):
+    """Connect to each host once (only when a remote check is listed) and collect every fact."""
+    import datetime as _dt
+    import json as _json
+
+    from . import checklist as cl
+    from .commands import docker as dk
+    from .commands import files as fs
+    from .facts import HostFacts, parse_containers
+    from .settings import PROJECT_ROOT
+
+    s = runtime.settings
+    facts = cl.Facts(settings=s, now=now or _dt.datetime.now(_dt.timezone.utc),
+                     backups_dir=PROJECT_ROOT / "backups")
+    if not any(item.kind in cl.REMOTE_KINDS for item in items):
+        return facts
+    for alias in s.hosts:
+        try:
+            def collect(alias=alias):
+                with runtime.connect(alias) as host:
+                    target = Target.of(s, alias, host.address)
+                    hf = HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text)
+                    raw = host.run(dk.project_containers(target.project)).text
+                    containers = [c for c in parse_containers(raw, target.project) if not c.oneoff]
+                    logs = {item["Name"].lstrip("/"): (item.get("HostConfig") or {}).get("LogConfig") or {}
+                            for item in _json.loads(raw or "[]")}
+                    return hf, containers, logs
+            hf, containers, logs = _with_deadline(collect, 60)
+            facts.hosts[alias], facts.containers[alias], facts.log_configs[alias] = hf, containers, logs
+            if any(item.kind == "services_healthy" for item in items):
+                facts.healthy[alias] = _with_deadline(lambda alias=alias: host_health(runtime, alias), 60).healthy
+        except HealthdeployError as exc:
+            facts.host_errors[alias] = exc.message
+        except Exception as exc:  # a broken host is a failed check, not a crash
+            facts.host_errors[alias] = f"{type(exc).__name__}: {exc}"
+    return facts
+
+
+def checklist(runtime: Runtime, as_json: bool = False, junit: str | None = None, file: str | None = None) -> int:
+    from pathlib import Path
+
+    from . import checklist as cl
+    from .settings import env_dir
+
+    path = Path(file) if file else cl.checklist_path(env_dir(), runtime.settings.env_name)
+    items = cl.load_items(path)
+    outcomes = cl.evaluate(gather_checklist_facts(runtime, items), items)
+    env = runtime.settings.env_name
+    if junit:
+        Path(junit).write_bytes(cl.to_junit(env, outcomes))
+    if as_json:
+        runtime.console.json(cl.to_json(env, outcomes))
+    else:
+        runtime.console.table(["check", "status", "reason", "hint"],
+                              [[o.name, o.status.upper(), o.reason, o.hint if o.status != "pass" else ""] for o in outcomes])
+        counts = cl.to_json(env, outcomes)["counts"]
+        runtime.console.result(f"{env}: {counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed "
+                               f"({path.name})")
+    return EXIT_OK if all(o.status != "fail" for o in outcomes) else 7

@@ -73,6 +73,15 @@ def trust(c, env=None, fingerprint=None, yes=False):
     return cli.trust_host(settings, hosts[0], fingerprint, yes, Console())
 
 
-ns = Collection(deploy, rollback, releases, audit)
+@task(help={"env": "environment name", "json": "print JSON (schema: docs/health.md)",
+            "timeout": "seconds each host gets before it counts as failed"})
+@cli.entry
+def health(c, env=None, json=False, timeout=60):
+    """Containers, health checks, HTTP/TCP probes and published ports on every host; exit 7 when unhealthy."""
+    runtime, hosts = _runtime(c, env)
+    return cli.health(runtime, hosts, as_json=json, timeout=float(timeout))
+
+
+ns = Collection(deploy, rollback, releases, audit, health)
 ns.add_collection(Collection("lock", lock_status))
 ns.add_collection(Collection("hosts", trust))

@@ -1,0 +1,165 @@
+"""Health of a deployed stack: facts in, one verdict per check out (pure), then a table or JSON.
+
+Checks per host: every service's container state, Docker health and restart count, its image and
+release; each application's /health directly (gateway -> container) and through the gateway; each
+infrastructure port inside the compose network; the host's listening sockets against what the
+environment publishes, including that no database or broker port listens on a public interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+
+from .facts import Container
+from .settings import APP_SERVICES, Settings
+from .stack import APP_PORTS, GATEWAY_PORTS, INFRA_PORTS
+
+SCHEMA_VERSION = 1
+RESTART_WARN = 3
+GATEWAY_PORT_OF = {"frontend-web": 3000, "frontend-patient": 3001, "backend": 5000, "ai-service": 8001}
+
+
+@dataclass
+class Check:
+    host: str
+    name: str  # e.g. "backend.container", "backend.http.direct", "postgres.tcp", "port.5432"
+    status: str  # pass | warn | fail
+    detail: str
+    service: str = ""
+
+
+@dataclass
+class HostHealth:
+    host: str
+    release: str = ""
+    checks: list[Check] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.error and all(c.status != "fail" for c in self.checks)
+
+
+def container_checks(host: str, settings: Settings, containers: list[Container]) -> list[Check]:
+    checks = []
+    for service in settings.enabled_services:
+        mine = [c for c in containers if c.service == service]
+        running = [c for c in mine if c.state == "running"]
+        name = f"{service}.container"
+        if not mine:
+            checks.append(Check(host, name, "fail", "no container", service))
+            continue
+        if not running:
+            checks.append(Check(host, name, "fail", f"{mine[-1].name} is {mine[-1].state}", service))
+            continue
+        for c in running:
+            image = c.image_ref
+            if c.health == "unhealthy":
+                checks.append(Check(host, name, "fail", f"{c.name} is unhealthy ({image})", service))
+            elif c.health == "starting":
+                checks.append(Check(host, name, "warn", f"{c.name} is still starting ({image})", service))
+            elif c.restart_count >= RESTART_WARN:
+                checks.append(Check(host, name, "warn", f"{c.name} restarted {c.restart_count} times ({image})", service))
+            else:
+                checks.append(Check(host, name, "pass", f"{c.name} running, {c.health or 'no health check'} ({image})",
+                                    service))
+    return checks
+
+
+def probe_targets(settings: Settings, containers: list[Container]) -> list[tuple[str, str, str]]:
+    targets = []
+    for service in APP_SERVICES:
+        for c in containers:
+            if c.service == service and c.state == "running" and c.ip:
+                targets.append(("http", f"{service}.http.direct", f"http://{c.ip}:{APP_PORTS[service]}/health"))
+        targets.append(("http", f"{service}.http.gateway", f"http://127.0.0.1:{GATEWAY_PORT_OF[service]}/health"))
+    for service in settings.enabled_infra:
+        for port in INFRA_PORTS[service][:1]:
+            targets.append(("tcp", f"{service}.tcp", f"{service}:{port}"))
+    return targets
+
+
+def probe_checks(host: str, targets: list[tuple[str, str, str]], output: str | None) -> list[Check]:
+    results = {}
+    for line in (output or "").splitlines():
+        verdict, _, name = line.partition(" ")
+        results.setdefault(name, []).append(verdict)
+    checks = []
+    seen = set()
+    for kind, name, target in targets:
+        if name in seen:
+            continue
+        seen.add(name)
+        service = name.split(".")[0]
+        verdicts = results.get(name, [])
+        if output is None:
+            checks.append(Check(host, name, "fail", "not probed: the gateway is not running", service))
+        elif verdicts and all(v == "ok" for v in verdicts):
+            checks.append(Check(host, name, "pass", f"{target} answers", service))
+        else:
+            what = "does not answer /health" if kind == "http" else "port not reachable"
+            checks.append(Check(host, name, "fail", f"{target} {what}", service))
+    return checks
+
+
+def parse_listeners(text: str) -> list[tuple[str, int]]:
+    """(address, port) of each TCP listener, from `ss -Hltn`."""
+    listeners = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[0] != "LISTEN":
+            continue
+        address, _, port = fields[3].rpartition(":")
+        address = address.strip("[]").split("%")[0]
+        if port.isdigit():
+            listeners.append((address, int(port)))
+    return listeners
+
+
+def _public(address: str) -> bool:
+    if address in ("*", "0.0.0.0", "::", ""):
+        return True
+    try:
+        return not ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True
+
+
+def port_checks(host: str, settings: Settings, gateway_bind: str, listeners: list[tuple[str, int]]) -> list[Check]:
+    checks = []
+    for port in GATEWAY_PORTS:
+        bound = [a for a, p in listeners if p == port]
+        ok = any(a == gateway_bind or a in ("0.0.0.0", "*", "::") for a in bound) or (
+            gateway_bind in ("0.0.0.0", "*") and bound)
+        checks.append(Check(host, f"port.{port}", "pass" if ok else "fail",
+                            f"gateway port {port} listens on {gateway_bind}" if ok else
+                            f"gateway port {port} is not listening on {gateway_bind}", "gateway"))
+    for service in settings.enabled_infra:
+        for port in INFRA_PORTS[service]:
+            bound = [a for a, p in listeners if p == port]
+            public = [a for a in bound if _public(a)]
+            if public:
+                status = "warn" if settings.publish_infra == "all" else "fail"
+                checks.append(Check(host, f"port.{port}", status,
+                                    f"{service} port {port} listens on a public interface ({', '.join(public)}); "
+                                    f"PUBLISH_INFRA={settings.publish_infra}", service))
+            elif bound and settings.publish_infra == "none":
+                checks.append(Check(host, f"port.{port}", "warn",
+                                    f"{service} port {port} listens on {', '.join(bound)} though PUBLISH_INFRA=none",
+                                    service))
+            else:
+                checks.append(Check(host, f"port.{port}", "pass",
+                                    f"{service} port {port} not public" + (f" ({', '.join(bound)})" if bound else ""),
+                                    service))
+    return checks
+
+
+def to_json(results: list[HostHealth], env: str) -> dict:
+    return {
+        "schema": SCHEMA_VERSION,
+        "env": env,
+        "healthy": all(r.healthy for r in results),
+        "hosts": [{"host": r.host, "healthy": r.healthy, "release": r.release, "error": r.error,
+                   "checks": [asdict(c) for c in r.checks]} for r in results],
+    }
