@@ -307,8 +307,9 @@ def host_health(runtime: Runtime, alias: str):
         output = host.run(probe.probes_in(gateway.name, targets), check=False).text if gateway else None
         result.checks += hl.probe_checks(alias, targets, output)
         listeners = host.run(probe.listening_sockets(), check=False)
+        published = host.run(probe.probes_on_host(hl.published_targets(target.gateway_bind)), check=False).text
         if listeners.ok:
-            result.checks += hl.port_checks(alias, s, target.gateway_bind, hl.parse_listeners(listeners.text))
+            result.checks += hl.port_checks(alias, s, target.gateway_bind, hl.parse_listeners(listeners.text), published)
         else:
             result.checks.append(hl.Check(alias, "ports", "fail", "cannot list sockets (is iproute2's ss installed?)"))
     return result

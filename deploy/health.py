@@ -126,15 +126,29 @@ def _public(address: str) -> bool:
         return True
 
 
-def port_checks(host: str, settings: Settings, gateway_bind: str, listeners: list[tuple[str, int]]) -> list[Check]:
+def published_targets(gateway_bind: str) -> list[tuple[str, str, str]]:
+    """HTTP through each port the gateway publishes, from the host itself (docker-proxy accepts
+    connections even when nothing listens behind it, so a socket list alone proves nothing)."""
+    address = "127.0.0.1" if gateway_bind in ("0.0.0.0", "*", "") else gateway_bind
+    return [("http", f"port.{port}", f"http://{address}:{port}/health") for port in GATEWAY_PORTS]
+
+
+def port_checks(host: str, settings: Settings, gateway_bind: str, listeners: list[tuple[str, int]],
+                published_output: str | None = None) -> list[Check]:
     checks = []
+    answered = {line.split(" ", 1)[1] for line in (published_output or "").splitlines() if line.startswith("ok ")}
     for port in GATEWAY_PORTS:
         bound = [a for a, p in listeners if p == port]
-        ok = any(a == gateway_bind or a in ("0.0.0.0", "*", "::") for a in bound) or (
+        socket_ok = any(a == gateway_bind or a in ("0.0.0.0", "*", "::") for a in bound) or (
             gateway_bind in ("0.0.0.0", "*") and bound)
-        checks.append(Check(host, f"port.{port}", "pass" if ok else "fail",
-                            f"gateway port {port} listens on {gateway_bind}" if ok else
-                            f"gateway port {port} is not listening on {gateway_bind}", "gateway"))
+        if not socket_ok:
+            checks.append(Check(host, f"port.{port}", "fail", f"gateway port {port} is not listening on {gateway_bind}",
+                                "gateway"))
+        elif published_output is not None and f"port.{port}" not in answered:
+            checks.append(Check(host, f"port.{port}", "fail", f"gateway port {port} is published on {gateway_bind} but "
+                                "nothing answers /health behind it", "gateway"))
+        else:
+            checks.append(Check(host, f"port.{port}", "pass", f"gateway port {port} answers on {gateway_bind}", "gateway"))
     for service in settings.enabled_infra:
         for port in INFRA_PORTS[service]:
             bound = [a for a, p in listeners if p == port]

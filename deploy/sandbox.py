@@ -11,6 +11,7 @@ may run Docker). State lives in ``.sandbox/`` of the project (git-ignored):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,6 +183,25 @@ def _ensure_client_key(state_dir: Path) -> None:
     (state_dir / "authorized_keys").write_text((state_dir / "id_ed25519.pub").read_text())
 
 
+def _foreign_sandbox_sshd(host: SandboxHost, state_dir: Path) -> list[int]:
+    """sshd processes serving this sandbox name from another checkout's .sandbox (e.g. a CI clone)."""
+    ours = str(state_dir / "hosts" / host.name / "sshd_config")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # sshd rewrites its title ("sshd: /usr/sbin/sshd -f CONFIG [listener] ..."), so match the text.
+        text = " ".join(a.decode(errors="replace") for a in args if a)
+        match = re.search(r"sshd -f (\S+/\.sandbox/hosts/" + re.escape(host.name) + r"/sshd_config)", text)
+        if match and match.group(1) != ours:
+            pids.append(int(proc.name))
+    return pids
+
+
 def start_host(host: SandboxHost, state_dir: Path = STATE_DIR) -> None:
     d = state_dir / "hosts" / host.name
     d.mkdir(parents=True, exist_ok=True)
@@ -194,6 +214,15 @@ def start_host(host: SandboxHost, state_dir: Path = STATE_DIR) -> None:
         return
     if pid:
         os.kill(pid, signal.SIGTERM)
+    for stale in _foreign_sandbox_sshd(host, state_dir):
+        _say(f"stopping {host.name}'s sshd of another checkout (pid {stale})")
+        os.kill(stale, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _listening(host.address, host.port):
+        if time.monotonic() > deadline:
+            raise HealthdeployError(f"another process listens on {host.address}:{host.port}",
+                                    f"stop it, or pick another sandbox name than {host.name}")
+        time.sleep(0.1)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     run_local([sshd, "-t", "-f", str(d / "sshd_config")])
     run_local([sshd, "-f", str(d / "sshd_config")])

@@ -78,8 +78,9 @@ def exec_in(container: str, *argv: str, description: str, readonly: bool = False
     return cmd("docker", "exec", container, *argv, description=description, readonly=readonly)
 
 
+# curl, or wget: GNU wget retries 20 times unless told (-t 1); busybox wget has no -t.
 HTTP_GET = ('curl -fsS --max-time "$2" -o /dev/null "$1" 2>/dev/null || '
-            'wget -q -T "$2" -O /dev/null "$1"')
+            '{ t=""; wget --version 2>/dev/null | grep -q GNU && t="-t 1"; wget -q $t -T "$2" -O /dev/null "$1"; }')
 
 
 def http_probe(container: str, url: str, timeout: int = 3) -> Command:

@@ -8,7 +8,9 @@ from .base import Command, cmd
 # so a whole host is probed in one round trip. Works with busybox (alpine) and Debian userlands.
 PROBE_SCRIPT = r"""
 timeout_s="$1"; shift
-http_get() { curl -fsS --max-time "$timeout_s" -o /dev/null "$1" 2>/dev/null || wget -q -T "$timeout_s" -O /dev/null "$1" 2>/dev/null; }
+# GNU wget retries 20 times by default; busybox wget has no -t (and does not retry).
+tries=""; wget --version 2>/dev/null | grep -q GNU && tries="-t 1"
+http_get() { curl -fsS --max-time "$timeout_s" -o /dev/null "$1" 2>/dev/null || wget -q $tries -T "$timeout_s" -O /dev/null "$1" 2>/dev/null; }
 tcp_open() {
   if command -v bash >/dev/null 2>&1; then timeout "$timeout_s" bash -c ":> /dev/tcp/$1/$2" 2>/dev/null && return 0; fi
   if command -v nc >/dev/null 2>&1; then nc -z -w "$timeout_s" "$1" "$2" 2>/dev/null && return 0; fi
@@ -33,6 +35,15 @@ def probes_in(container: str, targets: list[tuple[str, str, str]], timeout: int 
         words += [kind, name, target]
     return cmd("docker", "exec", container, "sh", "-c", PROBE_SCRIPT, "sh", str(timeout), *words,
                description="probe services from the gateway", readonly=True)
+
+
+def probes_on_host(targets: list[tuple[str, str, str]], timeout: int = 3) -> Command:
+    """The same probes run on the host itself (through the ports it publishes)."""
+    words: list[str] = []
+    for kind, name, target in targets:
+        words += [kind, name, target]
+    return cmd("sh", "-c", PROBE_SCRIPT, "sh", str(timeout), *words,
+               description="probe published ports", readonly=True)
 
 
 def listening_sockets() -> Command:
