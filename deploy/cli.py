@@ -94,9 +94,16 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
            as_json: bool = False) -> int:
     s = runtime.settings
     hosts = choose_hosts(s, cli_hosts)
-    source = pl.collect_source(s.app_source) if s.app_source else {}
-    release = pl.new_release_id(pl.manifest_of(source))
     migrate_on = hosts[0]
+    if s.app_source and pl.is_git(s.app_source):
+        # Resolve the ref once, on the primary host, so every host deploys the same commit.
+        with runtime.connect(migrate_on) as primary:
+            commit = HostDeploy(s, Target.of(s, migrate_on, primary.address), primary, runtime.console).fetch_git(None)
+        source = pl.git_source_files(s.app_source, commit)
+        runtime.console.info(f"source: {s.app_source} {s.app_ref} = {commit}")
+    else:
+        source = pl.collect_source(s.app_source) if s.app_source else {}
+    release = pl.new_release_id(pl.manifest_of(source))
     runtime.console.info(f"deploy {s.env_name} release {release} to {', '.join(hosts)}"
                          + (" (dry run: nothing will change)" if dry_run else ""))
 
@@ -411,3 +418,89 @@ def checklist(runtime: Runtime, as_json: bool = False, junit: str | None = None,
         runtime.console.result(f"{env}: {counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed "
                                f"({path.name})")
     return EXIT_OK if all(o.status != "fail" for o in outcomes) else 7
+
+
+def _age(started: str) -> str:
+    import datetime as _dt
+
+    try:
+        when = _dt.datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00")
+    except ValueError:
+        return "-"
+    seconds = int((_dt.datetime.now(_dt.timezone.utc) - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    """Release, uptime and health of every service on every host, in one screen."""
+    from .commands import docker as dk
+    from .commands import files as fs
+    from .facts import HostFacts, parse_containers
+
+    s = runtime.settings
+    rows, data = [], []
+    for alias in choose_hosts(s, cli_hosts):
+        with runtime.connect(alias) as host:
+            target = Target.of(s, alias, host.address)
+            facts = HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text)
+            containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
+                          if not c.oneoff]
+            for c in containers:
+                entry = {"host": alias, "release": facts.current, "service": c.service, "container": c.name,
+                         "state": c.state, "health": c.health, "uptime": _age(c.started) if c.state == "running" else "-",
+                         "restarts": c.restart_count, "image": c.image_ref}
+                data.append(entry)
+                rows.append([alias, facts.current or "-", c.service, c.state, c.health or "-", entry["uptime"],
+                             c.restart_count, c.image_ref.rsplit("/", 1)[-1]])
+    if as_json:
+        runtime.console.json({"services": data})
+    else:
+        runtime.console.table(["host", "release", "service", "state", "health", "uptime", "restarts", "image"], rows)
+    return EXIT_OK
+
+
+def _service_containers(runtime: Runtime, host, service: str) -> list:
+    from .commands import docker as dk
+    from .facts import parse_containers
+    from .settings import ALL_SERVICES
+
+    if service not in ALL_SERVICES:
+        raise UsageError(f"unknown service {service!r}", f"one of {', '.join(ALL_SERVICES)}")
+    target = Target.of(runtime.settings, host.alias, host.address)
+    found = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
+             if c.service == service and c.state == "running" and not c.oneoff]
+    if not found:
+        raise HealthdeployError(f"{host.alias}: no running {service} container", "see `fab status`")
+    return found
+
+
+def logs(runtime: Runtime, cli_hosts: list[str], service: str, tail: int = 100, follow: bool = False) -> int:
+    from .commands import cmd
+
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        with runtime.connect(alias) as host:
+            for container in _service_containers(runtime, host, service):
+                argv = ["docker", "logs", "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
+                host.run(cmd(*argv, container.name, description=f"logs of {container.name}", readonly=True),
+                         on_line=lambda line, a=alias, n=container.name: runtime.console.result(f"[{a} {n}] {line}"))
+    return EXIT_OK
+
+
+def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, command: str) -> int:
+    """Run ``command`` (a shell string) in the service's first running container on each host."""
+    from .commands import cmd
+
+    if not command.strip():
+        raise UsageError("no command given", "fab -H HOST exec SERVICE -- COMMAND")
+    worst = 0
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        with runtime.connect(alias) as host:
+            container = _service_containers(runtime, host, service)[0]
+            result = host.run(cmd("docker", "exec", container.name, "sh", "-c", command,
+                                  description=f"exec in {container.name}"), check=False,
+                              on_line=lambda line, a=alias: runtime.console.result(f"[{a}] {line}"))
+            worst = worst or result.exit_status
+    return worst

@@ -14,7 +14,11 @@ class FleetExecutor(Executor):
         if apply_hosts:  # the top-level call; Fabric recurses for pre/post tasks with apply_hosts=False
             host_str = self.core[0].args.hosts.value
             hosts = [h.strip() for h in host_str.split(",") if h.strip()] if host_str else []
-            self.config.load_overrides({"healthdeploy": {"hosts": hosts}}, merge=True)
+            # `fab -H x exec backend -- cmd`: the words after -- belong to our exec task, not to
+            # Fabric's anonymous per-host command.
+            remainder = self.core.remainder
+            self.core.remainder = ""
+            self.config.load_overrides({"healthdeploy": {"hosts": hosts, "remainder": remainder}}, merge=True)
         return super().expand_calls(calls, apply_hosts=False)
 
 
@@ -23,3 +27,10 @@ def cli_hosts(context) -> list[str]:
         return list(context.config.healthdeploy.hosts)
     except AttributeError:
         return []
+
+
+def remainder(context) -> str:
+    try:
+        return context.config.healthdeploy.remainder or ""
+    except AttributeError:
+        return ""

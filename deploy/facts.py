@@ -50,6 +50,7 @@ class Container:
     restart_count: int
     oneoff: bool
     env_digest: str = ""
+    started: str = ""
 
     @property
     def short_id(self) -> str:
@@ -78,6 +79,7 @@ def parse_containers(text: str, project: str) -> list[Container]:
             restart_count=int(item.get("RestartCount") or 0),
             oneoff=labels.get("com.docker.compose.oneoff") == "True",
             env_digest=labels.get("healthdeploy.env-digest", ""),
+            started=state.get("StartedAt", ""),
         ))
     return sorted(containers, key=lambda c: (c.service, c.created))
 

@@ -24,6 +24,18 @@ EXCLUDED_NAMES = {".git", "node_modules", "__pycache__", ".venv", "venv", ".pyte
                   "dist", "unpackage", ".env", ".DS_Store"}
 
 
+GIT_PREFIXES = ("git@", "ssh://", "https://", "http://", "git://", "file://")
+SOURCE_FILE = "SOURCE"  # for a git source: "git <url> <commit>"; the tree itself is exported on the host
+
+
+def is_git(source: str) -> bool:
+    return source.startswith(GIT_PREFIXES) or source.endswith(".git")
+
+
+def git_source_files(url: str, commit: str) -> dict[str, bytes]:
+    return {SOURCE_FILE: f"git {url} {commit}\n".encode()}
+
+
 def collect_source(source: str) -> dict[str, bytes]:
     """Files of a local application directory, keyed ``src/<relative path>``."""
     root = Path(source)

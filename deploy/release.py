@@ -206,6 +206,14 @@ class HostDeploy:
             self.sync_files(f"{shared}/gateway/tls", tls, 0o600, outcome, live_tls)
         return bool(change.changed)
 
+    def git_mirror(self) -> str:
+        return f"{self.t.shared}/git/{pl.sha256(self.s.app_source.encode())[:16]}.git"
+
+    def fetch_git(self, commit: str | None) -> str:
+        """Fetch the repository on the host; return the commit of APP_REF (or check ``commit`` is there)."""
+        out = self.host.run(fs.git_fetch(self.s.app_source, self.git_mirror(), commit or self.s.app_ref), timeout=900)
+        return out.text.strip().splitlines()[-1]
+
     def env_digests(self) -> dict[str, str]:
         envs = render_env_files(self.s)
         return {s: pl.sha256(envs[f"env/{s}.env"])[:16] for s in APP_SERVICES}
@@ -365,7 +373,16 @@ class HostDeploy:
             self.host.run(fs.mkdirs(rdir))
         cleanup_release = True
         try:
-            change = self.sync_files(rdir, files, 0o644, outcome, live_manifest if facts.current else {})
+            live = live_manifest if facts.current else {}
+            if pl.SOURCE_FILE in files and pl.diff({pl.SOURCE_FILE: pl.sha256(files[pl.SOURCE_FILE])},
+                                                   {k: v for k, v in live.items() if k == pl.SOURCE_FILE}).changed:
+                commit = files[pl.SOURCE_FILE].decode().split()[-1]
+                self.fetch_git(commit)
+                self.host.run(fs.git_export(self.git_mirror(), commit, f"{rdir}/src"), timeout=900)
+                self.say(f"exported {self.s.app_source} at {commit[:12]} into the release")
+                # The export replaced src/: rendered build files under src/ must be sent again.
+                live = {k: v for k, v in live.items() if not k.startswith("src/")}
+            change = self.sync_files(rdir, files, 0o644, outcome, live)
             self.say(f"release {release}: {len(change.changed)} file(s) changed, {len(change.removed)} removed")
             release_env = f"RELEASE_ID={release}\n" + "".join(
                 f"ENV_DIGEST_{s.upper().replace('-', '_')}={d}\n" for s, d in env_digests.items())

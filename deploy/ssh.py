@@ -251,26 +251,43 @@ class RemoteHost:
         stderr = bytearray()
         pending = b""
         channel.settimeout(0.1)
+        stdout_open = True
         while True:
+            got_stderr = False
             while channel.recv_stderr_ready():
                 chunk = channel.recv_stderr(1 << 16)
+                if not chunk:
+                    break
+                got_stderr = True
                 stderr += chunk
                 if len(stderr) > STDERR_KEEP:
                     del stderr[: len(stderr) - STDERR_KEEP]
                 if on_line:
                     pending = self._emit(pending + chunk, on_line)
-            try:
-                chunk = channel.recv(1 << 20)
-            except socket.timeout:
-                chunk = None
-            if chunk:
-                stdout += chunk
-                if on_line:
-                    pending = self._emit(pending + chunk, on_line)
-            elif chunk == b"":
-                if channel.exit_status_ready() and not channel.recv_stderr_ready():
+            if stdout_open:
+                try:
+                    chunk = channel.recv(1 << 20)
+                except socket.timeout:
+                    chunk = None
+                if chunk:
+                    stdout += chunk
+                    if on_line:
+                        pending = self._emit(pending + chunk, on_line)
+                elif chunk == b"":
+                    stdout_open = False
+            else:
+                # stdout is done; stderr ends with its own EOF (it may outlive the exit status).
+                try:
+                    chunk = channel.recv_stderr(1 << 16)
+                except socket.timeout:
+                    chunk = None
+                if chunk == b"" and not got_stderr:
                     break
-                time.sleep(0.01)  # stdout closed, stderr or exit status still to come
+                if chunk:
+                    stderr += chunk
+                    del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+                    if on_line:
+                        pending = self._emit(pending + chunk, on_line)
             if deadline and time.monotonic() > deadline:
                 channel.close()
                 raise HealthdeployError(f"{command.description} on {self.alias} timed out after {timeout:.0f}s",
@@ -322,9 +339,8 @@ class RemoteHost:
             if progress and time.monotonic() - last_report > 0.5:
                 last_report = time.monotonic()
                 progress(total)
+        stderr += self._drain_stderr(channel)
         status = channel.recv_exit_status()
-        while channel.recv_stderr_ready():
-            stderr += channel.recv_stderr(1 << 16)
         channel.close()
         target.flush()
         if progress:
@@ -358,13 +374,7 @@ class RemoteHost:
             if progress:
                 progress(total)
         channel.shutdown_write()
-        while not channel.exit_status_ready() or channel.recv_stderr_ready() or channel.recv_ready():
-            if channel.recv_stderr_ready():
-                stderr += channel.recv_stderr(1 << 16)
-            elif channel.recv_ready():
-                channel.recv(1 << 20)
-            else:
-                time.sleep(0.02)
+        stderr += self._drain_stderr(channel, discard_stdout=True)
         status = channel.recv_exit_status()
         channel.close()
         remote_sha, rest = parse_checksum(stderr.decode("utf-8", "replace"))
@@ -372,6 +382,24 @@ class RemoteHost:
                               redact(rest, self.secrets))
         self._check_stream(command, result)
         return result
+
+    @staticmethod
+    def _drain_stderr(channel: paramiko.Channel, discard_stdout: bool = False) -> bytes:
+        """Read stderr until its EOF. The exit status can arrive before the last stderr bytes
+        (a process that outlives the command still holds stderr), so exit status alone is not the end."""
+        out = bytearray()
+        channel.settimeout(0.2)
+        while True:
+            if discard_stdout:
+                while channel.recv_ready():
+                    channel.recv(1 << 20)
+            try:
+                chunk = channel.recv_stderr(1 << 16)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return bytes(out[-STDERR_KEEP:])
+            out += chunk
 
     def _check_stream(self, command: Command, result: StreamResult) -> None:
         where = f"{command.description} on {self.alias}"

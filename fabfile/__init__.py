@@ -8,7 +8,7 @@ from invoke import Collection, task
 
 from deploy import cli
 from deploy.console import Console
-from deploy.fabric_executor import cli_hosts
+from deploy.fabric_executor import cli_hosts, remainder
 
 
 def _runtime(c, env, quiet=False):
@@ -82,6 +82,30 @@ def health(c, env=None, json=False, timeout=60):
     return cli.health(runtime, hosts, as_json=json, timeout=float(timeout))
 
 
-ns = Collection(deploy, rollback, releases, audit, health)
+@task(help={"env": "environment name", "json": "print JSON"})
+@cli.entry
+def status(c, env=None, json=False):
+    """Release, uptime and health of every service on every host, in one screen."""
+    runtime, hosts = _runtime(c, env)
+    return cli.status(runtime, hosts, as_json=json)
+
+
+@task(help={"env": "environment name", "tail": "lines from the end", "follow": "keep following"})
+@cli.entry
+def logs(c, service, env=None, tail=100, follow=False):
+    """Logs of a service on each host: `fab -H prod logs backend --follow`."""
+    runtime, hosts = _runtime(c, env)
+    return cli.logs(runtime, hosts, service, tail=int(tail), follow=follow)
+
+
+@task(name="exec", help={"env": "environment name"})
+@cli.entry
+def exec_(c, service, env=None):
+    """Run a command in a service: `fab -H prod exec backend -- node -v` (exit code passed on)."""
+    runtime, hosts = _runtime(c, env)
+    return cli.exec_in_service(runtime, hosts, service, remainder(c))
+
+
+ns = Collection(deploy, rollback, releases, audit, health, status, logs, exec_)
 ns.add_collection(Collection("lock", lock_status))
 ns.add_collection(Collection("hosts", trust))

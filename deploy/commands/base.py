@@ -107,18 +107,23 @@ def and_then(*commands: Command, description: str | None = None) -> Command:
 
 
 # Runs the inner command, passes its stdout through unchanged and reports the SHA-256 of exactly
-# those bytes on stderr, so the receiver can compare checksums end to end. pipefail keeps the inner
-# command's failure; `wait $!` lets the checksum finish before the script exits (bash >= 5.1).
+# those bytes on stderr, so the receiver can compare checksums end to end. The checksum process is
+# started by the main shell (exec 3> >(...)), so closing fd 3 ends it and `wait $!` waits for its
+# line before the script exits; pipefail keeps the inner command's failure.
 _CHECKSUM_STDOUT = r"""set -o pipefail
-eval "$1" | tee >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2)
+exec 3> >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2)
+eval "$1" | tee /dev/fd/3
 rc=$?
+exec 3>&-
 wait $! 2>/dev/null
 exit $rc"""
 
 # The reverse: checksums what arrives on stdin before the inner command consumes it.
 _CHECKSUM_STDIN = r"""set -o pipefail
-tee >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2) | eval "$1"
+exec 3> >(sha256sum | sed 's/^\([0-9a-f]*\).*/HEALTHDEPLOY-SHA256 \1/' >&2)
+tee /dev/fd/3 | eval "$1"
 rc=$?
+exec 3>&-
 wait $! 2>/dev/null
 exit $rc"""
 

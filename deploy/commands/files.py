@@ -111,3 +111,29 @@ def lock_status(lock_dir: str) -> Command:
 
 def lock_release(lock_dir: str) -> Command:
     return cmd("rm", "-rf", "--", lock_dir, description="release the deploy lock")
+
+
+# -- application source from git, fetched on the host -------------------------------------------------
+# A bare mirror per repository under shared/git; each release gets `git archive` of one commit.
+GIT_FETCH = r"""
+set -e
+command -v git >/dev/null || { echo "git is not installed on this host" >&2; exit 3; }
+if [ -d "$2" ]; then git -C "$2" remote update --prune >/dev/null 2>&1 || git -C "$2" fetch --prune origin '+refs/*:refs/*' >/dev/null
+else mkdir -p "$(dirname "$2")"; git clone --quiet --mirror "$1" "$2"; fi
+git -C "$2" rev-parse --verify --quiet "$3^{commit}" || { echo "ref $3 not found in $1" >&2; exit 4; }
+"""
+
+GIT_EXPORT = r"""
+set -e
+rm -rf "$3"; mkdir -p "$3"
+git -C "$1" archive --format=tar "$2" | tar -x -C "$3" --no-same-owner
+"""
+
+
+def git_fetch(url: str, mirror: str, ref: str) -> Command:
+    """Fetch ``url`` into the host's mirror and print the commit ``ref`` names."""
+    return script(GIT_FETCH, url, mirror, ref, description="fetch application source")
+
+
+def git_export(mirror: str, commit: str, directory: str) -> Command:
+    return script(GIT_EXPORT, mirror, commit, directory, description="export application source")
