@@ -84,6 +84,53 @@ def checklist(c, env, json=False, junit=None, file=None):
     return cli.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
 
 
+@task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
+                          "services": "comma-separated: postgres,influxdb,mongodb,redis (default: the databases)",
+                          "json": "print the manifest as JSON"})
+@cli.entry
+def backup(c, env, host=None, services=None, json=False):
+    """Pull a verified backup set of the databases to backups/<env>/<UTC time>/ (streamed, checksummed)."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
+    return cli.run_backup(cli.Runtime(load_settings(env), Console()), host, wanted, as_json=json)
+
+
+@task(name="list", help={"env": "environment name", "json": "print JSON"})
+@cli.entry
+def backup_list(c, env, json=False):
+    """List the backup sets of an environment (newest last) and whether a restore drill verified them."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    return cli.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
+
+
+@task(name="verify", help={"env": "environment name", "from": "set name (or latest)", "json": "print JSON"})
+@cli.entry
+def backup_verify(c, env, from_="latest", json=False):
+    """Restore drill: restore a set into throwaway containers and compare with its manifest (verify.json)."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    return cli.run_verify(cli.Runtime(load_settings(env), Console()), from_, as_json=json)
+
+
+@task(help={"env": "environment name", "from": "backup set name, path, or latest", "host": "default: PRIMARY_HOST",
+            "services": "comma-separated subset (postgres,influxdb,mongodb)", "yes": "do not ask (production)",
+            "no-safety-backup": "skip the backup of the current data taken first", "break-lock": "remove a stale lock"})
+@cli.entry
+def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False):
+    """Restore a backup set (checksums first; safety backup; writers stopped; health checked; audited)."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
+    return cli.run_restore(cli.Runtime(load_settings(env), Console()), from_, host, wanted, yes=yes,
+                           safety_backup=not no_safety_backup, break_lock=break_lock)
+
+
 @task(help={"which": "deploy (more to come: streaming, backup)"})
 def bench(c, which="deploy"):
     """Benchmarks side by side with their baselines; prints a Markdown table (bench/results/)."""
@@ -93,3 +140,5 @@ def bench(c, which="deploy"):
 ns = Collection(demo, test, bench, checklist)
 ns.add_collection(Collection("sandbox", up, down, install))
 ns.add_collection(Collection("images", build))
+ns.add_collection(Collection("backup", backup, backup_list, backup_verify))
+ns.add_task(restore)

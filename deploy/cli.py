@@ -132,14 +132,13 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
 
 def plan(job: HostDeploy, outcome: HostOutcome, files: dict[str, bytes]) -> None:
     """Dry run: facts are read for real; the changes are listed, nothing is written."""
-    from .facts import parse_hashes, parse_lock
+    from .facts import parse_lock
     from .commands import files as fs
 
     facts = job.preflight()
-    live = {}
-    if facts.current:
-        live = parse_hashes(job.host.run(fs.read_file(f"{job.t.release_dir(facts.current)}/{pl.MANIFEST}")).text)
-    change = pl.diff(pl.manifest_of(files), live)
+    manifest = pl.manifest_of(files)
+    live = job.live_files(facts.current, manifest) if facts.current else {}
+    change = pl.diff(manifest, live)
     lock = parse_lock(job.host.run(fs.lock_status(job.lock_dir)).text)
     job.say(f"lock: {lock.describe()}")
     for path in change.changed:
@@ -504,3 +503,114 @@ def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, comman
                               on_line=lambda line, a=alias: runtime.console.result(f"[{a}] {line}"))
             worst = worst or result.exit_status
     return worst
+
+
+def run_backup(runtime: Runtime, host_alias: str | None, services: tuple[str, ...] | None,
+               as_json: bool = False) -> int:
+    from . import backup as bk
+    from .settings import PROJECT_ROOT
+
+    s = runtime.settings
+    alias = host_alias or s.primary
+    if alias not in s.hosts:
+        raise UsageError(f"host {alias} is not in HOSTS of env '{s.env_name}'", f"pick from {', '.join(s.hosts)}")
+    with runtime.connect(alias) as host:
+        path = bk.backup(s, host, runtime.console, PROJECT_ROOT / "backups", services)
+        event = {"event": "backup", "set": path.name, "result": "ok"}
+        HostDeploy(s, Target.of(s, alias, host.address), host, runtime.console).audit(event)
+    manifest = _read_json(path / "manifest.json")
+    if as_json:
+        runtime.console.json({"set": str(path), "manifest": manifest})
+    else:
+        runtime.console.table(["file", "service", "bytes", "sha256", "seconds"],
+                              [[a["file"], a["service"], a["bytes"], a["sha256"][:16], a["seconds"]]
+                               for a in manifest["artifacts"]])
+        runtime.console.result(f"backup set {path}")
+    return EXIT_OK
+
+
+def _read_json(path):
+    import json as _json
+
+    return _json.loads(path.read_text())
+
+
+def list_backups(runtime: Runtime, as_json: bool = False) -> int:
+    from . import backup as bk
+    from .settings import PROJECT_ROOT
+
+    sets = bk.list_sets(PROJECT_ROOT / "backups", runtime.settings.env_name)
+    if as_json:
+        runtime.console.json({"sets": sets})
+    else:
+        runtime.console.table(["set", "finished", "host", "release", "services", "bytes", "verified"],
+                              [[x["set"], x["finished"], x["host"], x["release"], ",".join(x["services"]), x["bytes"],
+                                x["verified"] or "-"] for x in sets])
+    return EXIT_OK
+
+
+def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, services: tuple[str, ...] | None,
+                yes: bool = False, safety_backup: bool = True, break_lock: bool = False) -> int:
+    """Check the set, confirm, lock, take a safety backup, stop writers, restore, restart, check health, audit."""
+    import time as _time
+
+    from . import backup as bk
+    from .settings import PROJECT_ROOT
+
+    s = runtime.settings
+    root = PROJECT_ROOT / "backups"
+    path = bk.resolve_set(root, s.env_name, set_name)
+    manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
+    alias = host_alias or s.primary
+    if alias not in s.hosts:
+        raise UsageError(f"host {alias} is not in HOSTS of env '{s.env_name}'", f"pick from {', '.join(s.hosts)}")
+    if s.env_kind == "production" and not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"restoring {path.name} over production data of '{s.env_name}' needs confirmation",
+                             "rerun with --yes")
+        answer = input(f"Restore {path.name} over the live data of {s.env_name} on {alias}? Type the env name: ")
+        if answer.strip() != s.env_name:
+            raise UsageError("not confirmed", "nothing was changed")
+    started = _time.monotonic()
+    with runtime.connect(alias) as host:
+        job = HostDeploy(s, Target.of(s, alias, host.address), host, runtime.console)
+        held = job.take_lock(f"restore:{path.name}", break_lock)
+        try:
+            safety = None
+            if safety_backup:
+                runtime.console.phase(alias, "safety backup of the current data first")
+                safety = bk.backup(s, host, runtime.console, root,
+                                   tuple(x for x in (services or bk.DEFAULT_ENGINES) if x in s.enabled_infra))
+            restored = bk.restore(s, host, runtime.console, path, manifest, services, job=job)
+            job.audit({"event": "restore", "set": path.name, "services": restored, "result": "ok",
+                       "safety_backup": safety.name if safety else None,
+                       "duration_s": round(_time.monotonic() - started, 1)})
+        except HealthdeployError as exc:
+            job.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
+                       "duration_s": round(_time.monotonic() - started, 1)})
+            raise
+        finally:
+            job.drop_lock(held)
+    runtime.console.result(f"restored {', '.join(restored)} from {path.name} on {alias}"
+                           + (f"; safety backup {safety.name}" if safety else ""))
+    # The application must be healthy again with the restored data.
+    return health(runtime, [alias])
+
+
+def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
+    from . import backup as bk
+    from .settings import PROJECT_ROOT
+
+    s = runtime.settings
+    path = bk.resolve_set(PROJECT_ROOT / "backups", s.env_name, set_name)
+    manifest = bk.check_set(path)
+    with runtime.connect(s.primary) as host:
+        report = bk.verify(s, host, runtime.console, path, manifest)
+    if as_json:
+        runtime.console.json(report)
+    else:
+        for check in report["checks"]:
+            runtime.console.result(f"{check['service']}: {check['result']}"
+                                   + "".join(f"\n  {m}" for m in check["mismatches"]))
+        runtime.console.result(f"{path.name}: {report['result']} (verify.json written)")
+    return EXIT_OK if report["result"] == "ok" else 8

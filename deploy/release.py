@@ -25,7 +25,7 @@ from .console import Console
 from .errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError)
 from .facts import Container, HostFacts, parse_containers, parse_hashes, parse_image_ids, parse_lock
 from .settings import APP_SERVICES, Settings
-from .stack import (APP_PORTS, GATEWAY_DIR, ROLL_ORDER, Target, image_prefix, render_env_files, render_upstream,
+from .stack import (APP_PORTS, GATEWAY_DIR, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
                     sandbox_report)
 
 MIN_DOCKER = (20, 10)
@@ -228,6 +228,55 @@ class HostDeploy:
         self.host.run(dk.nginx_test(gateway.name, conf))
         self.host.run(dk.nginx_reload(gateway.name, conf))
 
+    def live_files(self, current: str, manifest: dict[str, str]) -> dict[str, str]:
+        """SHA-256 of the files actually in the live release (not its MANIFEST: a file edited on the host
+        is drift, and the next deploy must replace it)."""
+        hashes = parse_hashes(self.host.run(fs.file_hashes(self.t.release_dir(current))).text)
+        git_tree = pl.SOURCE_FILE in manifest
+        return {path: digest for path, digest in hashes.items()
+                if path not in (pl.MANIFEST, pl.RELEASE_ENV)
+                and not (git_tree and path.startswith("src/") and path not in manifest)}
+
+    def repair_upstreams(self, containers: list[Container], release: str) -> bool:
+        """If an upstream file names other addresses than the running containers have (a container
+        restarted outside healthdeploy came back with a new IP), rewrite it and reload the gateway."""
+        import re
+
+        text = self.host.run(fs.script('cat "$1"/*.conf 2>/dev/null || true', f"{self.t.gateway_dir}/upstreams",
+                                       description="read upstream files", readonly=True)).text
+        listed: dict[str, set[str]] = {}
+        for block in re.finditer(r"upstream (\w+) \{(.*?)\}", text, re.S):
+            listed[block.group(1)] = set(re.findall(r"server ([0-9.]+):\d+ max_fails", block.group(2)))
+        wrong = [s for s in APP_SERVICES
+                 if listed.get(UPSTREAM_NAMES[s], set()) !=
+                 {c.ip for c in containers if c.service == s and c.state == "running" and c.ip}]
+        if not wrong:
+            return False
+        self.say(f"gateway upstreams out of date for {', '.join(wrong)}: repairing")
+        self.refresh_gateway(release)
+        return True
+
+    def refresh_gateway(self, release: str) -> None:
+        """Point every upstream at the running containers' current addresses (a restarted container can
+        come back with another IP), then reload the gateway."""
+        containers = self.containers()
+        gateway = self.gateway(containers)
+        for service in APP_SERVICES:
+            live = [c.ip for c in containers if c.service == service and c.state == "running" and c.ip]
+            self.write_upstream(service, live, release)
+        if gateway:
+            self.reload_gateway(gateway)
+
+    def wait_running_healthy(self, ids: set[str]) -> None:
+        deadline = time.monotonic() + self.s.health_timeout
+        while time.monotonic() < deadline:
+            current = [c for c in self.containers() if c.id in ids]
+            if current and all(c.state == "running" and c.health in ("healthy", "") for c in current):
+                return
+            time.sleep(0.5)
+        raise HealthdeployError(f"{self.t.alias}: containers not healthy after {self.s.health_timeout}s",
+                                "`fab health` and `fab logs SERVICE` show why")
+
     def ensure_upstream_files(self, containers: list[Container], release: str) -> None:
         existing = parse_hashes(self.host.run(fs.file_hashes(f"{self.t.gateway_dir}/upstreams")).text)
         for service in APP_SERVICES:
@@ -323,10 +372,8 @@ class HostDeploy:
                break_lock: bool) -> None:
         facts = self.preflight()
         outcome.previous = facts.current
-        live_manifest = {}
-        if facts.current:
-            live_manifest = parse_hashes(self.host.run(fs.read_file(f"{self.t.release_dir(facts.current)}/{pl.MANIFEST}")).text)
         manifest = pl.manifest_of(files)
+        live_manifest = self.live_files(facts.current, manifest) if facts.current else {}
         change = pl.diff(manifest, live_manifest)
         env_digests = self.env_digests()
         if change.empty and facts.current:
@@ -336,6 +383,8 @@ class HostDeploy:
                                 for c in containers)]
             if not stale:
                 outcome.result, outcome.release = "unchanged", facts.current
+                if self.repair_upstreams(containers, facts.current):
+                    outcome.message = "gateway upstreams repaired"
                 self.say(f"nothing to do: release {facts.current} is live with the same files and settings")
                 return
         held = self.take_lock(release, break_lock)

@@ -1,0 +1,185 @@
+"""Backup command builders: each engine's own consistent logical dump, run inside its container,
+writing the artifact to stdout (the executor streams and checksums it). Credentials are read from the
+container's own environment inside the container, never put on a command line."""
+
+from __future__ import annotations
+
+from .base import Command, cmd
+
+
+def _in(container: str, script_body: str, *args: str, description: str, readonly: bool = True) -> Command:
+    return cmd("docker", "exec", "-i", container, "sh", "-c", script_body, "sh", *args,
+               description=description, readonly=readonly)
+
+
+# PostgreSQL: the custom format (compressed, restorable table by table) through the local socket
+# (trust inside the container), as the application's user.
+# The row count of every table is taken in the very snapshot pg_dump dumps (exported by a session
+# held open meanwhile), and reported on stderr, so the manifest records exactly what the dump holds.
+ROW_COUNT_SQL = (
+    "SELECT format('SELECT %L || '' '' || count(*) FROM %I.%I', schemaname || '.' || relname, schemaname, relname) "
+    "FROM pg_stat_user_tables ORDER BY 1 \\gexec"
+)
+
+POSTGRES_DUMP = r"""set -e
+coproc PSQL { psql -X -q -t -A -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB"; }
+echo "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot();" >&"${PSQL[1]}"
+read -r snapshot <&"${PSQL[0]}"
+pg_dump -Fc --snapshot="$snapshot" -U "$POSTGRES_USER" -d "$POSTGRES_DB"
+printf '%s\n' "$1" "SELECT 'HEALTHDEPLOY-END';" "COMMIT;" >&"${PSQL[1]}"
+while read -r line <&"${PSQL[0]}"; do
+  [ "$line" = HEALTHDEPLOY-END ] && break
+  echo "HEALTHDEPLOY-ROWS $line" >&2
+done
+exec {PSQL[1]}>&-
+wait
+"""
+
+ROW_COUNTS = r"""printf '%s\n' "$1" | psql -X -q -t -A -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "${2:-$POSTGRES_DB}" | sed 's/^/HEALTHDEPLOY-ROWS /'"""
+
+
+def postgres_dump(container: str) -> Command:
+    return cmd("docker", "exec", "-i", container, "bash", "-c", POSTGRES_DUMP, "bash", ROW_COUNT_SQL,
+               description="pg_dump", readonly=True)
+
+
+def postgres_row_counts(container: str, database: str = "") -> Command:
+    return _in(container, ROW_COUNTS, ROW_COUNT_SQL, database,
+               description="count rows per table")
+
+
+def postgres_globals(container: str) -> Command:
+    return _in(container, 'exec pg_dumpall --globals-only -U "$POSTGRES_USER"', description="pg_dumpall --globals-only")
+
+
+def postgres_version(container: str) -> Command:
+    return _in(container, "postgres --version 2>/dev/null || pg_dump --version", description="postgres version")
+
+
+# InfluxDB 1.x: a portable backup of the database into a temporary directory, streamed as a tar.
+INFLUX1_BACKUP = r"""set -e
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+influxd backup -portable -host 127.0.0.1:8088 -database "$1" "$d" >&2
+tar -C "$d" -c .
+"""
+
+# InfluxDB 2.x: `influx backup` with the operator token from the container's environment.
+INFLUX2_BACKUP = r"""set -e
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+influx backup "$d" --token "$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" >&2
+tar -C "$d" -c .
+"""
+
+
+def influx_backup(container: str, version: str, database: str) -> Command:
+    if version == "1":
+        return _in(container, INFLUX1_BACKUP, database, description="influxd backup -portable")
+    return _in(container, INFLUX2_BACKUP, description="influx backup")
+
+
+def influx_version(container: str) -> Command:
+    return _in(container, "influxd version 2>/dev/null || influx version", description="influx version")
+
+
+# MongoDB: one gzip'd archive of every database; the password goes through a 0600 config file.
+MONGO_DUMP = r"""set -e
+umask 077
+c=$(mktemp)
+trap 'rm -f "$c"' EXIT
+printf 'password: "%s"\n' "$MONGO_INITDB_ROOT_PASSWORD" > "$c"
+exec mongodump --quiet --archive --gzip --config "$c" -u "$MONGO_INITDB_ROOT_USERNAME" --authenticationDatabase admin
+"""
+
+
+def mongo_dump(container: str) -> Command:
+    return _in(container, MONGO_DUMP, description="mongodump --archive --gzip")
+
+
+# Redis (optional extra): the RDB snapshot, fetched by redis-cli over the replication protocol.
+REDIS_RDB = r"""set -e
+f=$(mktemp)
+trap 'rm -f "$f"' EXIT
+REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --rdb "$f" >&2
+cat "$f"
+"""
+
+
+def redis_rdb(container: str) -> Command:
+    return _in(container, REDIS_RDB, description="redis-cli --rdb")
+
+
+def redis_version(container: str) -> Command:
+    return _in(container, "redis-server --version", description="redis version")
+
+
+def parse_rows(stderr_text: str) -> dict[str, int]:
+    rows = {}
+    for line in stderr_text.splitlines():
+        if line.startswith("HEALTHDEPLOY-ROWS "):
+            name, _, count = line[len("HEALTHDEPLOY-ROWS "):].rpartition(" ")
+            if count.isdigit():
+                rows[name] = int(count)
+    return rows
+
+
+# -- restore (each reads its artifact on stdin) -------------------------------------------------------
+# Roles first (an existing role's CREATE fails harmlessly); then the application user's password is
+# set back to the current one, so restoring old globals cannot lock the application out.
+POSTGRES_RESTORE_GLOBALS = r"""set -e
+psql -X -q -U "$POSTGRES_USER" -d postgres 2>&1 >/dev/null | grep -v 'already exists' >&2 || true
+printf '%s\n' "ALTER ROLE :\"u\" PASSWORD :'pw';" | psql -X -q -v ON_ERROR_STOP=1 -v u="$POSTGRES_USER" -v pw="$POSTGRES_PASSWORD" -U "$POSTGRES_USER" -d postgres
+"""
+
+POSTGRES_RESTORE = r"""exec pg_restore --clean --if-exists --single-transaction --exit-on-error -U "$POSTGRES_USER" -d "${1:-$POSTGRES_DB}" """
+
+
+def postgres_restore_globals(container: str) -> Command:
+    return _in(container, POSTGRES_RESTORE_GLOBALS, description="restore roles", readonly=False)
+
+
+def postgres_restore(container: str, database: str = "") -> Command:
+    return _in(container, POSTGRES_RESTORE, database, description="pg_restore --clean --if-exists", readonly=False)
+
+
+# InfluxDB 1.x cannot restore over an existing database: restore into a temporary one, recreate the
+# target empty, copy every measurement across (SELECT ... INTO, tags kept by GROUP BY *), drop the temporary.
+INFLUX1_RESTORE = r"""set -e
+d=$(mktemp -d)
+tmpdb="healthdeploy_restore_$$"
+q() { curl -fsS -XPOST http://127.0.0.1:8086/query ${2:+--data-urlencode "db=$2"} --data-urlencode "q=$1" >/dev/null; }
+trap 'rm -rf "$d"; q "DROP DATABASE \"$tmpdb\"" || true' EXIT
+tar -x -C "$d"
+influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$tmpdb" "$d" >&2
+q "DROP DATABASE \"$1\""
+q "CREATE DATABASE \"$1\""
+q "SELECT * INTO \"$1\"..:MEASUREMENT FROM /.*/ GROUP BY *" "$tmpdb"
+"""
+
+INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
+
+
+def influx_restore(container: str, version: str, database: str) -> Command:
+    if version != "1":
+        return _in(container, 'set -e; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; tar -x -C "$d"; '
+                   'influx restore "$d" --full --token "$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" >&2',
+                   description="influx restore --full", readonly=False)
+    return _in(container, INFLUX1_RESTORE, database, description="influxd restore -portable", readonly=False)
+
+
+def influx_points(container: str, database: str) -> Command:
+    return _in(container, INFLUX1_POINTS, database, description="count influx points")
+
+
+MONGO_RESTORE = r"""set -e
+umask 077
+c=$(mktemp)
+trap 'rm -f "$c"' EXIT
+printf 'password: "%s"\n' "$MONGO_INITDB_ROOT_PASSWORD" > "$c"
+exec mongorestore --quiet --archive --gzip --drop --config "$c" -u "$MONGO_INITDB_ROOT_USERNAME" --authenticationDatabase admin
+"""
+
+
+def mongo_restore(container: str) -> Command:
+    return _in(container, MONGO_RESTORE, description="mongorestore --drop", readonly=False)
