@@ -131,13 +131,23 @@ def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup
                            safety_backup=not no_safety_backup, break_lock=break_lock)
 
 
+@task(name="release", help={"env": "environment name", "checklist": "checklist file (default env/[NAME.]checklist.toml)"})
+@cli.entry
+def release_(c, env, checklist=None):
+    """Scripted release: checklist, backup + drill, deploy, health, checklist again; stops at the first failure."""
+    from deploy.console import Console
+    from deploy.settings import load_settings
+
+    return cli.release(cli.Runtime(load_settings(env), Console()), checklist_file=checklist)
+
+
 @task(help={"which": "deploy (more to come: streaming, backup)"})
 def bench(c, which="deploy"):
     """Benchmarks side by side with their baselines; prints a Markdown table (bench/results/)."""
     os.execv(sys.executable, [sys.executable, f"bench/{which}_bench.py"])
 
 
-ns = Collection(demo, test, bench, checklist)
+ns = Collection(demo, test, bench, checklist, release_)
 ns.add_collection(Collection("sandbox", up, down, install))
 ns.add_collection(Collection("images", build))
 ns.add_collection(Collection("backup", backup, backup_list, backup_verify))

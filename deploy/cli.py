@@ -614,3 +614,55 @@ def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
                                    + "".join(f"\n  {m}" for m in check["mismatches"]))
         runtime.console.result(f"{path.name}: {report['result']} (verify.json written)")
     return EXIT_OK if report["result"] == "ok" else 8
+
+
+def release(runtime: Runtime, checklist_file: str | None = None) -> int:
+    """The scripted release: checklist, backup (+ restore drill), deploy, health, checklist again.
+
+    Stops at the first failed step; every run leaves one audit entry on the primary host.
+    """
+    import time as _time
+
+    s = runtime.settings
+    quiet = Runtime(s, Console(out=sys.stderr), runtime.connector)  # step tables go to stderr
+    steps = [
+        ("checklist", lambda: checklist(quiet, file=checklist_file)),
+        ("backup", lambda: _backup_and_drill(quiet)),
+        ("deploy", lambda: deploy(quiet, [])),
+        ("health", lambda: health(quiet, [])),
+        ("checklist-after", lambda: checklist(quiet, file=checklist_file)),
+    ]
+    done = []
+    failed = None
+    for name, step in steps:
+        started = _time.monotonic()
+        runtime.console.info(f"== release step: {name}")
+        try:
+            code = step() or 0
+            error = "" if code == 0 else f"exit status {code}"
+        except HealthdeployError as exc:
+            code, error = exc.exit_code, exc.message.splitlines()[0]
+        done.append({"step": name, "result": "ok" if code == 0 else "failed", "exit": code, "error": error,
+                     "seconds": round(_time.monotonic() - started, 1)})
+        if code:
+            failed = name
+            break
+    with runtime.connect(s.primary) as host:
+        HostDeploy(s, Target.of(s, s.primary, host.address), host, runtime.console).audit(
+            {"event": "release", "result": "failed" if failed else "ok", "failed_step": failed, "steps": done})
+    runtime.console.table(["step", "result", "exit", "seconds", "error"],
+                          [[d["step"], d["result"], d["exit"], d["seconds"], d["error"]] for d in done]
+                          + [[n, "skipped", "", "", ""] for n, _ in steps[len(done):]])
+    return done[-1]["exit"] if failed else EXIT_OK
+
+
+def _backup_and_drill(runtime: Runtime) -> int:
+    from . import backup as bk
+    from .settings import PROJECT_ROOT
+
+    s = runtime.settings
+    with runtime.connect(s.primary) as host:
+        path = bk.backup(s, host, runtime.console, PROJECT_ROOT / "backups")
+        report = bk.verify(s, host, runtime.console, path, bk.check_set(path))
+    runtime.console.info(f"backup set {path.name}: restore drill {report['result']}")
+    return EXIT_OK if report["result"] == "ok" else 8
