@@ -63,7 +63,7 @@ def sets(env) -> list[Path]:
 
 
 def test_backup_destroy_restore_is_identical(env):
-    psql("INSERT INTO patients(name) SELECT 'patient ' || g FROM generate_series(1, 5000) g")
+    psql("INSERT INTO patients(mrn, full_name) SELECT 'MRN' || g, 'patient ' || g FROM generate_series(1, 5000) g")
     psql("CREATE TABLE readings (id serial PRIMARY KEY, patient int, sys int, note text)")
     psql("INSERT INTO readings(patient, sys, note) SELECT g % 97, 100 + g % 60, repeat('x', g % 50) FROM generate_series(1, 20000) g")
     psql("DO $$ BEGIN CREATE ROLE report_reader LOGIN PASSWORD 'rr-pass-123'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
@@ -134,6 +134,7 @@ def test_a_set_with_one_flipped_byte_is_refused_and_live_data_untouched(env):
             proc = inv(env, *args)
             assert proc.returncode == 8, proc.stderr
             assert f"{dump}: SHA-256 differs from the manifest (corrupt)" in proc.stderr
+        shutil.copy2(good / "postgres.dump", dump)
         truncated = bad / "influxdb.tar"
         truncated.write_bytes(truncated.read_bytes()[:-100])
         proc = inv(env, "restore", "--env", "bk", "--from", bad.name, "--yes")
