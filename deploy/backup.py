@@ -223,14 +223,24 @@ def restore(settings: Settings, host, console: Console, path: Path, manifest: di
             elif service == "mongodb":
                 _send(host, bk.mongo_restore(container), path / "mongodb.archive.gz")
             console.phase(host.alias, f"{service} restored from {path.name}")
-    finally:
-        if writers:
-            host.run(dk.start_containers(writers))
-            if job is not None:
-                job.wait_running_healthy(set(writers))
-                job.refresh_gateway(facts_release(host, settings))
-            console.phase(host.alias, "application writers started again and back in the gateway")
+    except BaseException:
+        if writers:  # bring the application back, but report the restore's own error, not this
+            try:
+                _restart_writers(host, settings, console, writers, job)
+            except HealthdeployError as exc:
+                console.warn(f"{host.alias}: restarting the application after the failed restore: {exc.message}")
+        raise
+    if writers:
+        _restart_writers(host, settings, console, writers, job)
     return list(wanted)
+
+
+def _restart_writers(host, settings: Settings, console: Console, writers: tuple[str, ...], job) -> None:
+    host.run(dk.start_containers(writers))
+    if job is not None:
+        job.wait_running_healthy(set(writers))
+        job.refresh_gateway(facts_release(host, settings))  # a restarted container may have a new address
+    console.phase(host.alias, "application writers started again and back in the gateway")
 
 
 def facts_release(host, settings: Settings) -> str:

@@ -97,10 +97,11 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
     migrate_on = hosts[0]
     if s.app_source and pl.is_git(s.app_source):
         # Resolve the ref once, on the primary host, so every host deploys the same commit.
+        # (`git ls-remote` only reads: a dry run or a preflight refusal leaves the host as it was.)
         with runtime.connect(migrate_on) as primary:
-            commit = HostDeploy(s, Target.of(s, migrate_on, primary.address), primary, runtime.console).fetch_git(None)
+            commit = HostDeploy(s, Target.of(s, migrate_on, primary.address), primary, runtime.console).resolve_git()
         source = pl.git_source_files(s.app_source, commit)
-        runtime.console.info(f"source: {s.app_source} {s.app_ref} = {commit}")
+        runtime.console.info(f"source: {pl.display_url(s.app_source)} {s.app_ref} = {commit}")
     else:
         source = pl.collect_source(s.app_source) if s.app_source else {}
     release = pl.new_release_id(pl.manifest_of(source))
@@ -561,6 +562,9 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     root = PROJECT_ROOT / "backups"
     path = bk.resolve_set(root, s.env_name, set_name)
     manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
+    if manifest.get("env") != s.env_name:
+        raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
+                         "restore a set of this environment")
     alias = host_alias or s.primary
     if alias not in s.hosts:
         raise UsageError(f"host {alias} is not in HOSTS of env '{s.env_name}'", f"pick from {', '.join(s.hosts)}")

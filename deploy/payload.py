@@ -32,8 +32,21 @@ def is_git(source: str) -> bool:
     return source.startswith(GIT_PREFIXES) or source.endswith(".git")
 
 
+def display_url(url: str) -> str:
+    """The URL without credentials (a token in https://user:token@host/... must not be printed or stored)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
 def git_source_files(url: str, commit: str) -> dict[str, bytes]:
-    return {SOURCE_FILE: f"git {url} {commit}\n".encode()}
+    return {SOURCE_FILE: f"git {display_url(url)} {commit}\n".encode()}
 
 
 def collect_source(source: str) -> dict[str, bytes]:

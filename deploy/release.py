@@ -22,14 +22,16 @@ from . import payload as pl
 from .commands import docker as dk
 from .commands import files as fs
 from .console import Console
-from .errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError)
+from .errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError,
+                     UsageError)
+from .secret import redact
 from .facts import Container, HostFacts, parse_containers, parse_hashes, parse_image_ids, parse_lock
 from .settings import APP_SERVICES, Settings
 from .stack import (APP_PORTS, GATEWAY_DIR, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
                     sandbox_report)
 
 MIN_DOCKER = (20, 10)
-MIN_COMPOSE = (2, 20)
+MIN_COMPOSE = (2, 24)  # env_file entries with `required:`
 GATEWAY_SITE_PORT = {"backend": 5000, "ai-service": 8001, "frontend-web": 3000, "frontend-patient": 3001}
 
 
@@ -147,7 +149,8 @@ class HostDeploy:
                 raise LockHeld(f"{self.t.alias}: deploy lock is stale ({status.describe()})",
                                "its holder is gone; rerun with --break-lock to remove it")
             self.say(f"breaking stale lock ({status.describe()})")
-            self.host.run(fs.lock_release(self.lock_dir))
+            if self.host.run(fs.lock_break(self.lock_dir)).text.strip() != "broken":
+                raise LockHeld(f"{self.t.alias}: the lock was taken again while breaking it", "run the deploy again")
             self.audit({"event": "lock-broken", "previous_holder": status.info})
         elif status.state == "held" and not self.dry_run:
             raise LockHeld(f"{self.t.alias}: another deploy holds the lock ({status.describe()})",
@@ -159,7 +162,11 @@ class HostDeploy:
                            "wait for it to finish")
         info = {"who": operator(), "since": _now(), "release": release, "pid": os.getpid(),
                 "machine": socket.gethostname(), "env": self.s.env_name}
-        self.host.run(fs.lock_info_write(self.lock_dir, json.dumps(info).encode()))
+        try:
+            self.host.run(fs.lock_info_write(self.lock_dir, json.dumps(info).encode()))
+        except BaseException:
+            self.drop_lock(held)
+            raise
         return held
 
     def drop_lock(self, held) -> None:
@@ -190,24 +197,39 @@ class HostDeploy:
             self.host.run(fs.remove_paths(directory, change.removed))
         return change
 
-    def sync_shared(self, outcome: HostOutcome) -> bool:
-        """Env files (0600) and the gateway's config. Returns whether the gateway config changed."""
-        shared = self.t.shared
-        self.host.run(fs.mkdirs(f"{shared}/env", f"{shared}/gateway/upstreams", f"{shared}/gateway/tls", mode="0700"))
-        envs = {path.split("/", 1)[1]: data for path, data in render_env_files(self.s).items()}
-        live_env = parse_hashes(self.host.run(fs.file_hashes(f"{shared}/env")).text)
-        change = self.sync_files(f"{shared}/env", envs, 0o600, outcome, {k: v for k, v in live_env.items() if k in envs})
-        if change.changed:
-            self.say(f"env files updated: {', '.join(change.changed)}")
-        tls = {}
+    # -- secrets: staged in each release, installed into shared/ only when the release goes ahead ------
+    def secret_files(self) -> dict[str, bytes]:
+        """Env files and TLS material of this deploy, keyed as under ``<release>/secrets/``."""
+        files = dict(render_env_files(self.s))  # env/<service>.env
         if self.s.tls_cert_file:
-            tls = {"cert.pem": open(self.s.tls_cert_file, "rb").read(), "key.pem": open(self.s.tls_key_file, "rb").read()}
-            live_tls = parse_hashes(self.host.run(fs.file_hashes(f"{shared}/gateway/tls")).text)
-            self.sync_files(f"{shared}/gateway/tls", tls, 0o600, outcome, live_tls)
-        return bool(change.changed)
+            with open(self.s.tls_cert_file, "rb") as cert, open(self.s.tls_key_file, "rb") as key:
+                files["tls/cert.pem"], files["tls/key.pem"] = cert.read(), key.read()
+        return files
+
+    def installed_secret_hashes(self) -> dict[str, str]:
+        hashes = {f"env/{p}": d for p, d in parse_hashes(self.host.run(fs.file_hashes(f"{self.t.shared}/env")).text).items()}
+        hashes.update({f"tls/{p}": d for p, d in
+                       parse_hashes(self.host.run(fs.file_hashes(f"{self.t.gateway_dir}/tls")).text).items()})
+        return hashes
+
+    def stage_secrets(self, rdir: str, outcome: HostOutcome) -> None:
+        """Upload changed env/TLS files into the new release (0700 dir, 0600 files); nothing live changes."""
+        self.host.run(fs.mkdirs(f"{rdir}/secrets/env", f"{rdir}/secrets/tls", mode="0700"))
+        files = self.secret_files()
+        staged = parse_hashes(self.host.run(fs.file_hashes(f"{rdir}/secrets")).text)
+        self.sync_files(f"{rdir}/secrets", files, 0o600, outcome, staged)
+
+    def install_secrets(self, release: str) -> None:
+        """Make ``release``'s env and TLS files the live ones (new containers read them at creation)."""
+        self.host.run(fs.install_secrets(f"{self.t.release_dir(release)}/secrets", self.t.shared))
 
     def git_mirror(self) -> str:
         return f"{self.t.shared}/git/{pl.sha256(self.s.app_source.encode())[:16]}.git"
+
+    def resolve_git(self) -> str:
+        """The commit APP_REF names, read with `git ls-remote` on the host (changes nothing there)."""
+        out = self.host.run(fs.git_resolve(self.s.app_source, self.s.app_ref), timeout=300)
+        return out.text.strip().splitlines()[-1]
 
     def fetch_git(self, commit: str | None) -> str:
         """Fetch the repository on the host; return the commit of APP_REF (or check ``commit`` is there)."""
@@ -312,7 +334,7 @@ class HostDeploy:
         if container is None:
             return ""
         result = self.host.run(dk.logs_tail(container.name), check=False)
-        return (result.text + result.err).strip()[-3000:]
+        return redact((result.text + result.err).strip()[-3000:], self.s.secrets)
 
     def gateway_check(self, service: str, gateway: Container) -> bool:
         port = GATEWAY_SITE_PORT[service]
@@ -344,13 +366,18 @@ class HostDeploy:
             if not self.gateway_check(service, gateway):
                 raise RollFailure(service, "health check through the gateway failed after the switch",
                                   self.logs(new[0]))
-        except RollFailure:
+        except (RollFailure, HealthdeployError) as exc:
             self._switch_back(service, old, release, gateway)
             self._remove_new(service, old_ids)
-            raise
+            if isinstance(exc, RollFailure):
+                raise
+            raise RollFailure(service, exc.message) from None
         if old:
-            self.host.run(dk.stop_containers(tuple(c.id for c in old)))
-            self.host.run(dk.remove_containers(tuple(c.id for c in old)))
+            # The new containers serve now; an old one that will not go is a warning, not a rollback.
+            for command in (dk.stop_containers(tuple(c.id for c in old)), dk.remove_containers(tuple(c.id for c in old))):
+                result = self.host.run(command, check=False)
+                if not result.ok:
+                    self.console.warn(f"{self.t.alias}: {command.description} failed: {result.err.strip()[:200]}")
         self.say(f"{service}: switched; old container(s) drained and removed")
         return new
 
@@ -383,14 +410,17 @@ class HostDeploy:
                                 for c in containers)]
             if not stale:
                 outcome.result, outcome.release = "unchanged", facts.current
-                if self.repair_upstreams(containers, facts.current):
+                lock = parse_lock(self.host.run(fs.lock_status(self.lock_dir)).text)
+                if lock.state == "held":  # another deploy is switching upstreams right now: leave them alone
+                    self.say("upstream check skipped: another deploy holds the lock")
+                elif self.repair_upstreams(containers, facts.current):
                     outcome.message = "gateway upstreams repaired"
                 self.say(f"nothing to do: release {facts.current} is live with the same files and settings")
                 return
         held = self.take_lock(release, break_lock)
         started = time.monotonic()
-        self.audit({"event": "lock", "release": release})
         try:
+            self.audit({"event": "lock", "release": release})
             self._deploy_locked(outcome, files, manifest, live_manifest, env_digests, facts, release, migrate)
         except RollFailure as failure:
             outcome.result = "rolled-back"
@@ -421,6 +451,7 @@ class HostDeploy:
         else:
             self.host.run(fs.mkdirs(rdir))
         cleanup_release = True
+        secrets_installed = False
         try:
             live = live_manifest if facts.current else {}
             if pl.SOURCE_FILE in files and pl.diff({pl.SOURCE_FILE: pl.sha256(files[pl.SOURCE_FILE])},
@@ -428,7 +459,7 @@ class HostDeploy:
                 commit = files[pl.SOURCE_FILE].decode().split()[-1]
                 self.fetch_git(commit)
                 self.host.run(fs.git_export(self.git_mirror(), commit, f"{rdir}/src"), timeout=900)
-                self.say(f"exported {self.s.app_source} at {commit[:12]} into the release")
+                self.say(f"exported {pl.display_url(self.s.app_source)} at {commit[:12]} into the release")
                 # The export replaced src/: rendered build files under src/ must be sent again.
                 live = {k: v for k, v in live.items() if not k.startswith("src/")}
             change = self.sync_files(rdir, files, 0o644, outcome, live)
@@ -442,8 +473,10 @@ class HostDeploy:
             self.host.run(dk.compose_config_check(project, compose_file, env_file))
             self.host.run(fs.mkdirs(f"{rdir}/gateway/upstreams"))
             self.ensure_upstream_files(self.containers(), release)  # placeholders on a first deploy
+            self.stage_secrets(rdir, outcome)
             self.host.run(dk.nginx_check_files(self.s.gateway_image, f"{rdir}/gateway",
-                                               f"{self.t.gateway_dir}/upstreams", GATEWAY_DIR, f"{GATEWAY_DIR}/nginx.conf"))
+                                               f"{self.t.gateway_dir}/upstreams", GATEWAY_DIR, f"{GATEWAY_DIR}/nginx.conf",
+                                               tls_host=f"{rdir}/secrets/tls"))
             for line in sandbox_report(self.s):
                 self.say(line)
             self.say("building images")
@@ -454,8 +487,9 @@ class HostDeploy:
             except RemoteCommandError as exc:
                 raise HealthdeployError(f"{self.t.alias}: image build failed; the live release keeps serving",
                                         "\n".join(build_log[-15:]) or exc.message) from None
-            # Only now, with the release validated and built, do the new env files replace the live ones.
-            self.sync_shared(outcome)
+            # Only now, with the release validated and built, do its env and TLS files become the live ones.
+            self.install_secrets(release)
+            secrets_installed = True
             containers = self.containers()
             refs = tuple(f"{image_prefix(self.s, self.t)}/{s}:{release}" for s in APP_SERVICES)
             new_ids = parse_image_ids(self.host.run(dk.image_ids(refs)).text)
@@ -488,24 +522,45 @@ class HostDeploy:
                 outcome.migrated = True
             cleanup_release = False
             rolled: list[tuple[str, list[Container]]] = []
+            service = ""
             try:
                 for service in [s for s in ROLL_ORDER if s in to_roll]:
                     old = [c for c in self.containers() if c.service == service and c.state == "running"]
                     self.roll(service, release, old)
                     rolled.append((service, old))
                     outcome.services.append(service)
-            except RollFailure:
+            except (RollFailure, HealthdeployError) as exc:
+                # Whatever broke (an unhealthy build, a lost connection, a failed reload), every service
+                # goes back to the previous release with its settings, and this release disappears.
+                self._restore_previous(facts.current)
                 self._undo(rolled, facts.current)
                 self.host.run(fs.remove_tree(rdir), check=False)
-                raise
+                if isinstance(exc, RollFailure):
+                    raise
+                raise RollFailure(service or "deploy", exc.message) from None
             self.host.run(fs.switch_symlink(self.t.current, f"releases/{release}"))
             outcome.result, outcome.release = "deployed", release
             self.say(f"release {release} is live")
             self.prune(release)
         except BaseException:
             if cleanup_release:
+                if secrets_installed:
+                    self._restore_previous(facts.current)
                 self.host.run(fs.remove_tree(rdir), check=False)
             raise
+
+    def _restore_previous(self, previous: str) -> None:
+        """Reinstall the previous release's env/TLS files and gateway config (after an aborted deploy)."""
+        if not previous:
+            return
+        try:
+            self.install_secrets(previous)
+            if self._sync_gateway_conf(self.t.release_dir(previous)):
+                gateway = self.gateway(self.containers())
+                if gateway:
+                    self.reload_gateway(gateway)
+        except HealthdeployError as exc:
+            self.console.warn(f"{self.t.alias}: could not reinstall the settings of {previous}: {exc.message}")
 
     def _sync_gateway_conf(self, rdir: str) -> bool:
         new = self.host.run(fs.file_hashes(f"{rdir}/gateway", ("nginx.conf",))).text.split()[:1]
@@ -547,7 +602,7 @@ class HostDeploy:
         candidates = [r for r in facts.releases if r != facts.current]
         if to:
             if to not in facts.releases:
-                raise HealthdeployError(f"{self.t.alias}: no release {to}", f"known: {', '.join(facts.releases) or 'none'}")
+                raise UsageError(f"{self.t.alias}: no release {to}", f"known: {', '.join(facts.releases) or 'none'}")
             target = to
         else:
             older = [r for r in candidates if r < facts.current] if facts.current else candidates
@@ -563,7 +618,9 @@ class HostDeploy:
             if missing:
                 raise HealthdeployError(f"{self.t.alias}: images of release {target} are gone: {', '.join(missing)}",
                                         "deploy that source again instead")
+            self.install_secrets(target)  # the target's own settings, as it ran with them
             containers = self.containers()
+            rolled: list[tuple[str, list[Container]]] = []
             for service, ref in zip(APP_SERVICES, refs):
                 old = [c for c in containers if c.service == service and c.state == "running"]
                 if old and all(c.image_id == ids[ref] for c in old):
@@ -571,10 +628,16 @@ class HostDeploy:
                 try:
                     self.roll(service, target, old)
                 except RollFailure as failure:
+                    self._restore_previous(facts.current)
+                    self._undo(rolled, facts.current)
                     raise RolledBack(f"{self.t.alias}: rollback of {service} to {target} failed: {failure.reason}; "
-                                     f"{facts.current} keeps serving") from None
+                                     f"every service is back on {facts.current}") from None
+                rolled.append((service, old))
                 outcome.services.append(service)
-            self._sync_gateway_conf(self.t.release_dir(target))
+            if self._sync_gateway_conf(self.t.release_dir(target)):
+                gateway = self.gateway(self.containers())
+                if gateway:
+                    self.reload_gateway(gateway)
             self.host.run(fs.switch_symlink(self.t.current, f"releases/{target}"))
             outcome.result, outcome.release = "rolled-back-to", target
             self.audit({"event": "rollback", "release": target, "previous": facts.current, "result": "ok",

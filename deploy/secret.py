@@ -41,8 +41,12 @@ class Secret:
 
 def redact(text: str, secrets: list[Secret] | tuple[Secret, ...]) -> str:
     """Replace every secret value found in ``text`` by ``***`` (for output that came from a remote host)."""
+    from urllib.parse import quote
+
     for secret in secrets:
         value = secret.reveal()
         if len(value) >= 4:  # short values would redact ordinary words
-            text = text.replace(value, "***")
+            # Also the percent-encoded form: passwords sit encoded inside DATABASE_URL and MONGO_URI.
+            for form in {value, quote(value, safe="")}:
+                text = text.replace(form, "***")
     return text

@@ -297,6 +297,10 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
         if key.kind == "secret" and value and any(ch in value.reveal() for ch in "'\n\"\\"):
             problems.append(Problem(key.name, "contains a quote, backslash or newline",
                                     "use letters, digits and -_.+/=!@#%^&*:, (env files and config files quote values)"))
+        elif key.kind in ("str", "list") and value and any(ch in "".join(value if key.kind == "list" else [value])
+                                                             for ch in "'\n"):
+            problems.append(Problem(key.name, "contains a single quote or newline",
+                                    "remove it (values are written into single-quoted env files)"))
     hosts = typed["hosts"] or ()
     if typed["primary_host"] and hosts and typed["primary_host"] not in hosts:
         problems.append(Problem("PRIMARY_HOST", f"{typed['primary_host']!r} is not in HOSTS", "name one of HOSTS"))

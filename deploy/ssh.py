@@ -363,7 +363,16 @@ class RemoteHost:
             data = source.read(1 << 20)
             if not data:
                 break
-            channel.sendall(data)
+            try:
+                channel.sendall(data)
+            except OSError:
+                # The remote command ended early (full disk, a failed restore): its stderr says why.
+                stderr += self._drain_stderr(channel, discard_stdout=True)
+                status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+                channel.close()
+                raise RemoteCommandError(f"{command.description} on {self.alias}", status,
+                                         redact(parse_checksum(stderr.decode("utf-8", "replace"))[1], self.secrets)
+                                         or "the remote side closed the stream") from None
             digest.update(data)
             total += len(data)
             while channel.recv_stderr_ready():
@@ -481,11 +490,16 @@ def _hold(host: RemoteHost, command: Command, timeout: float = 30) -> HeldComman
     channel = host._open(command.render())
     channel.settimeout(timeout)
     data = b""
-    while b"\n" not in data:
-        chunk = channel.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    try:
+        while b"\n" not in data:
+            chunk = channel.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        channel.close()
+        raise HealthdeployError(f"{command.description} on {host.alias}: no answer within {timeout:.0f}s",
+                                "the host may be overloaded; run it again") from None
     first, _, rest = data.partition(b"\n")
     if first.strip() != b"acquired":
         while True:  # the command ended: collect the rest of its output

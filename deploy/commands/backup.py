@@ -68,7 +68,7 @@ tar -C "$d" -c .
 INFLUX2_BACKUP = r"""set -e
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
-influx backup "$d" --token "$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" >&2
+INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" influx backup "$d" >&2
 tar -C "$d" -c .
 """
 
@@ -129,7 +129,8 @@ def parse_rows(stderr_text: str) -> dict[str, int]:
 # set back to the current one, so restoring old globals cannot lock the application out.
 POSTGRES_RESTORE_GLOBALS = r"""set -e
 psql -X -q -U "$POSTGRES_USER" -d postgres 2>&1 >/dev/null | grep -v 'already exists' >&2 || true
-printf '%s\n' "ALTER ROLE :\"u\" PASSWORD :'pw';" | psql -X -q -v ON_ERROR_STOP=1 -v u="$POSTGRES_USER" -v pw="$POSTGRES_PASSWORD" -U "$POSTGRES_USER" -d postgres
+# printf is a shell builtin: the password reaches psql on stdin, never as an argument.
+printf "ALTER ROLE \"%s\" PASSWORD '%s';\n" "$POSTGRES_USER" "$POSTGRES_PASSWORD" | psql -X -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres
 """
 
 POSTGRES_RESTORE = r"""exec pg_restore --clean --if-exists --single-transaction --exit-on-error -U "$POSTGRES_USER" -d "${1:-$POSTGRES_DB}" """
@@ -147,14 +148,23 @@ def postgres_restore(container: str, database: str = "") -> Command:
 # target empty, copy every measurement across (SELECT ... INTO, tags kept by GROUP BY *), drop the temporary.
 INFLUX1_RESTORE = r"""set -e
 d=$(mktemp -d)
-tmpdb="healthdeploy_restore_$$"
-q() { curl -fsS -XPOST http://127.0.0.1:8086/query ${2:+--data-urlencode "db=$2"} --data-urlencode "q=$1" >/dev/null; }
-trap 'rm -rf "$d"; q "DROP DATABASE \"$tmpdb\"" || true' EXIT
+tmpdb="healthdeploy_restore_$(date +%s)"
+trap 'rm -rf "$d"' EXIT
+# InfluxDB answers HTTP 200 with {"error": ...} for a failed statement: read the body, not the status.
+q() {
+  out=$(curl -sS -XPOST http://127.0.0.1:8086/query ${2:+--data-urlencode "db=$2"} --data-urlencode "q=$1") || return 1
+  case "$out" in *'"error"'*) echo "influx: $1: $out" >&2; return 1 ;; esac
+}
 tar -x -C "$d"
 influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$tmpdb" "$d" >&2
+q "SHOW MEASUREMENTS" "$tmpdb"
 q "DROP DATABASE \"$1\""
 q "CREATE DATABASE \"$1\""
-q "SELECT * INTO \"$1\"..:MEASUREMENT FROM /.*/ GROUP BY *" "$tmpdb"
+if ! q "SELECT * INTO \"$1\"..:MEASUREMENT FROM /.*/ GROUP BY *" "$tmpdb"; then
+  echo "the restored data is kept in database $tmpdb; copy it by hand" >&2
+  exit 1
+fi
+q "DROP DATABASE \"$tmpdb\""
 """
 
 INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
@@ -163,7 +173,7 @@ INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "
 def influx_restore(container: str, version: str, database: str) -> Command:
     if version != "1":
         return _in(container, 'set -e; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; tar -x -C "$d"; '
-                   'influx restore "$d" --full --token "$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" >&2',
+                   'INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" influx restore "$d" --full >&2',
                    description="influx restore --full", readonly=False)
     return _in(container, INFLUX1_RESTORE, database, description="influxd restore -portable", readonly=False)
 

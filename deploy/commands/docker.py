@@ -98,11 +98,13 @@ def nginx_reload(container: str, conf: str) -> Command:
     return exec_in(container, "nginx", "-s", "reload", "-c", conf, description="reload gateway")
 
 
-def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mount_at: str, conf: str) -> Command:
-    """``nginx -t`` of not-yet-live gateway files in a throwaway container (no network)."""
+def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mount_at: str, conf: str,
+                      tls_host: str) -> Command:
+    """``nginx -t`` of not-yet-live gateway files (and staged TLS files) in a throwaway container."""
     return cmd("docker", "run", "--rm", "--network", "none",
                "--volume", f"{gateway_dir_host}:{mount_at}:ro",
                "--volume", f"{upstreams_host}:{mount_at}/upstreams:ro",
+               "--volume", f"{tls_host}:{mount_at}/tls:ro",
                image, "nginx", "-t", "-q", "-c", conf,
                description="check new gateway config", readonly=True)
 

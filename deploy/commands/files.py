@@ -57,6 +57,23 @@ def switch_symlink(link: str, target: str) -> Command:
                   description="switch current release")
 
 
+INSTALL_SECRETS = r"""set -e
+umask 077
+mkdir -p "$2/env" "$2/gateway/tls"
+for f in "$1"/env/*.env "$1"/tls/*.pem; do
+  [ -f "$f" ] || continue
+  case "$f" in *.pem) d="$2/gateway/tls" ;; *) d="$2/env" ;; esac
+  cp "$f" "$d/.installing"
+  mv -f "$d/.installing" "$d/$(basename "$f")"
+done
+"""
+
+
+def install_secrets(staged: str, shared: str) -> Command:
+    """Copy a release's staged env/TLS files into shared/ (each replaced atomically, mode 0600)."""
+    return script(INSTALL_SECRETS, staged, shared, description="install env and TLS files")
+
+
 def remove_tree(path: str) -> Command:
     return cmd("rm", "-rf", "--one-file-system", "--", path, description=f"remove {path}")
 
@@ -89,11 +106,26 @@ echo acquired
 exec cat > /dev/null
 """
 
-LOCK_STATUS = r"""
-[ -d "$1" ] || { echo free; exit 0; }
-pid=$(cat "$1/holder.pid" 2>/dev/null)
-if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo held; else echo stale; fi
+# /proc/<pid> rather than kill -0: a holder of another user is alive even though we may not signal it.
+# A lock directory younger than a minute without its pid file is being taken right now: held.
+LOCK_STATE = r"""
+lock_state() {
+  [ -d "$1" ] || { echo free; return; }
+  pid=$(cat "$1/holder.pid" 2>/dev/null)
+  if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then echo held
+  elif [ -z "$pid" ] && [ -n "$(find "$1" -maxdepth 0 -mmin -1 2>/dev/null)" ]; then echo held
+  else echo stale; fi
+}
+"""
+
+LOCK_STATUS = LOCK_STATE + r"""
+lock_state "$1"
 cat "$1/info.json" 2>/dev/null
+"""
+
+# Removes the lock only if it is still stale at that moment (not a lock someone just took).
+LOCK_BREAK = LOCK_STATE + r"""
+if [ "$(lock_state "$1")" = stale ]; then rm -rf -- "$1"; echo broken; else lock_state "$1"; fi
 """
 
 
@@ -107,6 +139,10 @@ def lock_info_write(lock_dir: str, info: bytes) -> Command:
 
 def lock_status(lock_dir: str) -> Command:
     return script(LOCK_STATUS, lock_dir, description="read the deploy lock", readonly=True)
+
+
+def lock_break(lock_dir: str) -> Command:
+    return script(LOCK_BREAK, lock_dir, description="break a stale deploy lock")
 
 
 def lock_release(lock_dir: str) -> Command:
@@ -128,6 +164,22 @@ set -e
 rm -rf "$3"; mkdir -p "$3"
 git -C "$1" archive --format=tar "$2" | tar -x -C "$3" --no-same-owner
 """
+
+
+GIT_RESOLVE = r"""
+command -v git >/dev/null || { echo "git is not installed on this host" >&2; exit 3; }
+case "$2" in
+  [0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]*) [ ${#2} -eq 40 ] && { echo "$2"; exit 0; } ;;
+esac
+line=$(git ls-remote --exit-code "$1" "refs/heads/$2" "refs/tags/$2^{}" "refs/tags/$2" "$2" 2>&1 | head -n 1) || {
+  echo "ref $2 not found in the repository ($line)" >&2; exit 4; }
+echo "${line%%[[:space:]]*}"
+"""
+
+
+def git_resolve(url: str, ref: str) -> Command:
+    """The commit a branch/tag names, without fetching anything (a fact)."""
+    return script(GIT_RESOLVE, url, ref, description="resolve the application ref", readonly=True)
 
 
 def git_fetch(url: str, mirror: str, ref: str) -> Command:

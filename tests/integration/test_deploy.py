@@ -191,6 +191,8 @@ def test_rollback_returns_to_the_previous_release_without_rebuilding(env):
     releases = sorted(p.name for p in (env.deploy_root() / "releases").iterdir())
     live = (env.deploy_root() / "current").resolve().name
     previous = [r for r in releases if r < live][-1]
+    previous_build = (env.deploy_root() / "releases" / previous / "src/backend/build_id").read_text().strip()
+    assert previous_build != get_json(f"http://{HOST}:5000/api/build")["build"]
     with Load(HOST, 5000, rate=100) as load:
         time.sleep(1)
         proc = env.fab("rollback")
@@ -199,7 +201,8 @@ def test_rollback_returns_to_the_previous_release_without_rebuilding(env):
     assert "building images" not in proc.stderr
     assert load.result.failed == 0, load.result.errors[:5]
     assert (env.deploy_root() / "current").resolve().name == previous
-    assert len(releases) <= 3  # KEEP_RELEASES=3 in the test env
+    assert get_json(f"http://{HOST}:5000/api/build")["build"] == previous_build  # containers really moved
+    assert len(list((env.deploy_root() / "releases").iterdir())) <= 3  # KEEP_RELEASES=3 in the test env
     audit = env.fab("audit", "--json", "--lines", "50")
     events = [e["event"] for e in json.loads(audit.stdout)["entries"]]
     assert "rollback" in events and "lock-broken" in events

@@ -245,3 +245,34 @@ def test_checklist_fails_on_an_expired_certificate_for_the_wrong_name(checklist_
     proc, data = run_checklist(env, home)
     assert by_name(data)["tls-certificate"]["reason"] == ("certificate does not cover health.example.com "
                                                          "(it covers other.example.org)")
+
+
+def test_release_stops_at_the_first_failed_step_with_an_audit_entry(env, tmp_path):
+    (env.directory / "checklist.toml").write_text(open("env/checklist.toml").read())
+    home = tmp_path / "home"
+    live = (env.deploy_root(HOST) / "current").resolve().name
+    env.set_build("backend", "backend-release-blocked")
+    try:
+        proc = env.run("inv", "release", "--env", "hl", extra_env={"HEALTHDEPLOY_HOME": str(home)})
+    finally:
+        env.set_build("backend", "backend-v1")
+    assert proc.returncode == 7, proc.stderr  # no TLS certificate, no verified backup: the checklist fails
+    assert "checklist        failed" in proc.stdout and "deploy           skipped" in proc.stdout
+    assert (env.deploy_root(HOST) / "current").resolve().name == live  # nothing was deployed
+    audit = [json.loads(line) for line in (env.deploy_root(HOST) / "shared/audit.log").read_text().splitlines()]
+    assert audit[-1]["event"] == "release" and audit[-1]["result"] == "failed"
+    assert audit[-1]["failed_step"] == "checklist"
+
+
+def test_release_runs_every_step_when_all_is_well(checklist_env):
+    env, home, tmp = checklist_env
+    (env.directory / "checklist.toml").write_text(
+        open("env/checklist.toml").read().replace('kind = "backup_age"', 'kind = "backup_age"\nseverity = "warn"'))
+    proc = env.run("inv", "release", "--env", "hl", extra_env={"HEALTHDEPLOY_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    for step in ("checklist", "backup", "deploy", "health", "checklist-after"):
+        assert any(line.startswith(step + " ") and " ok " in line for line in proc.stdout.splitlines()), step
+    sets = [p for p in (home / "backups" / "hl").iterdir() if (p / "verify.json").exists()]
+    assert any(json.loads((p / "verify.json").read_text())["result"] == "ok" for p in sets)
+    audit = [json.loads(line) for line in (env.deploy_root(HOST) / "shared/audit.log").read_text().splitlines()]
+    assert audit[-1]["event"] == "release" and audit[-1]["result"] == "ok"

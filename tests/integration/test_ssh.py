@@ -112,7 +112,18 @@ def test_a_stream_that_fails_halfway_is_an_error(remote, tmp_path):
         remote.stream_to_file(cmd("sh", "-c", "head -c 100000 /dev/urandom; echo boom >&2; exit 3"), io.BytesIO())
 
 
-def test_a_missing_remote_checksum_is_an_integrity_error(remote):
-    # The wrapper's checksum line never comes when the whole process group is killed mid-stream.
-    with pytest.raises((IntegrityError, RemoteCommandError)):
-        remote.stream_to_file(cmd("sh", "-c", "head -c 100000 /dev/zero; kill -9 0"), io.BytesIO())
+def test_a_missing_or_wrong_remote_checksum_is_an_integrity_error(remote):
+    from deploy.ssh import StreamResult
+
+    command = cmd("pg_dump", "db")
+    with pytest.raises(IntegrityError, match="the remote checksum never arrived after 10 bytes"):
+        remote._check_stream(command, StreamResult(10, "a" * 64, None, 0, 0.1, ""))
+    with pytest.raises(IntegrityError, match="checksum mismatch after 10 bytes"):
+        remote._check_stream(command, StreamResult(10, "a" * 64, "b" * 64, 0, 0.1, ""))
+
+
+def test_a_remote_reader_that_dies_early_is_one_clear_error(remote, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 << 20))
+    with open(big, "rb") as source, pytest.raises(RemoteCommandError, match="exit status 7"):
+        remote.stream_from_file(cmd("sh", "-c", "head -c 1000 >/dev/null; echo disk full >&2; exit 7"), source)
