@@ -121,6 +121,7 @@ lock_state() {
 LOCK_STATUS = LOCK_STATE + r"""
 lock_state "$1"
 cat "$1/info.json" 2>/dev/null
+exit 0
 """
 
 # Removes the lock only if it is still stale at that moment (not a lock someone just took).
