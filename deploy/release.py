@@ -256,7 +256,7 @@ class HostDeploy:
         hashes = parse_hashes(self.host.run(fs.file_hashes(self.t.release_dir(current))).text)
         git_tree = pl.SOURCE_FILE in manifest
         return {path: digest for path, digest in hashes.items()
-                if path not in (pl.MANIFEST, pl.RELEASE_ENV)
+                if path not in (pl.MANIFEST, pl.RELEASE_ENV) and not path.startswith("secrets/")
                 and not (git_tree and path.startswith("src/") and path not in manifest)}
 
     def repair_upstreams(self, containers: list[Container], release: str) -> bool:
@@ -403,7 +403,10 @@ class HostDeploy:
         live_manifest = self.live_files(facts.current, manifest) if facts.current else {}
         change = pl.diff(manifest, live_manifest)
         env_digests = self.env_digests()
-        if change.empty and facts.current:
+        local_secrets = {p: pl.sha256(d) for p, d in self.secret_files().items()}
+        installed = {p: d for p, d in self.installed_secret_hashes().items() if p in local_secrets or p.startswith("tls/")}
+        secrets_same = local_secrets == installed
+        if change.empty and facts.current and secrets_same:
             containers = self.containers()
             stale = [s for s in APP_SERVICES
                      if not any(c.service == s and c.state == "running" and c.env_digest == env_digests[s]
@@ -471,7 +474,8 @@ class HostDeploy:
             self.say(f"sent {outcome.uploaded_files} file(s), {outcome.uploaded_bytes} bytes")
             project, compose_file, env_file = self.compose_args(release)
             self.host.run(dk.compose_config_check(project, compose_file, env_file))
-            self.host.run(fs.mkdirs(f"{rdir}/gateway/upstreams"))
+            # Mount points of the check below must exist inside the read-only gateway directory.
+            self.host.run(fs.mkdirs(f"{rdir}/gateway/upstreams", f"{rdir}/gateway/tls"))
             self.ensure_upstream_files(self.containers(), release)  # placeholders on a first deploy
             self.stage_secrets(rdir, outcome)
             self.host.run(dk.nginx_check_files(self.s.gateway_image, f"{rdir}/gateway",

@@ -276,3 +276,22 @@ def test_release_runs_every_step_when_all_is_well(checklist_env):
     assert any(json.loads((p / "verify.json").read_text())["result"] == "ok" for p in sets)
     audit = [json.loads(line) for line in (env.deploy_root(HOST) / "shared/audit.log").read_text().splitlines()]
     assert audit[-1]["event"] == "release" and audit[-1]["result"] == "ok"
+
+
+def test_day_two_tasks_status_logs_exec(env):
+    proc = env.fab("status", "--json", hosts=HOST)
+    assert proc.returncode == 0, proc.stderr
+    services = {s["service"]: s for s in json.loads(proc.stdout)["services"]}
+    assert services["backend"]["state"] == "running" and services["backend"]["release"]
+    assert set(services) >= {"gateway", "backend", "ai-service", "frontend-web", "frontend-patient", "postgres"}
+
+    proc = env.fab("exec", "backend", "--", "echo from-$SERVICE; exit 3", hosts=HOST)
+    assert proc.returncode == 3 and f"[{HOST}] from-backend" in proc.stdout
+    # Output is redacted: the database password inside DATABASE_URL never reaches the operator.
+    proc = env.fab("exec", "backend", "--", "env", hosts=HOST)
+    assert proc.returncode == 0 and "DATABASE_URL=" in proc.stdout and "sandbox-db-7f3a9c" not in proc.stdout
+
+    proc = env.fab("logs", "backend", "--tail", "5", hosts=HOST)
+    assert proc.returncode == 0 and f"[{HOST} {PROJECT}-backend-" in proc.stdout
+    proc = env.fab("logs", "nosuch", hosts=HOST)
+    assert proc.returncode == 2 and "unknown service 'nosuch'" in proc.stderr
