@@ -228,8 +228,11 @@ class HostDeploy:
 
     def resolve_git(self) -> str:
         """The commit APP_REF names, read with `git ls-remote` on the host (changes nothing there)."""
-        out = self.host.run(fs.git_resolve(self.s.app_source, self.s.app_ref), timeout=300)
-        return out.text.strip().splitlines()[-1]
+        out = self.host.run(fs.git_resolve(self.s.app_source, self.s.app_ref), timeout=300).text.split()
+        if not out or len(out[0]) < 40:
+            raise HealthdeployError(f"{self.t.alias}: cannot resolve {self.s.app_ref} in {pl.display_url(self.s.app_source)}",
+                                    "check APP_SOURCE and APP_REF")
+        return out[0]
 
     def fetch_git(self, commit: str | None) -> str:
         """Fetch the repository on the host; return the commit of APP_REF (or check ``commit`` is there)."""

@@ -172,8 +172,9 @@ command -v git >/dev/null || { echo "git is not installed on this host" >&2; exi
 case "$2" in
   [0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]*) [ ${#2} -eq 40 ] && { echo "$2"; exit 0; } ;;
 esac
-line=$(git ls-remote --exit-code "$1" "refs/heads/$2" "refs/tags/$2^{}" "refs/tags/$2" "$2" 2>&1 | head -n 1) || {
-  echo "ref $2 not found in the repository ($line)" >&2; exit 4; }
+out=$(git ls-remote --exit-code "$1" "refs/heads/$2" "refs/tags/$2^{}" "refs/tags/$2" "$2" 2>&1) || {
+  echo "ref $2 not found in the repository${out:+: $out}" >&2; exit 4; }
+line=$(printf '%s\n' "$out" | head -n 1)
 echo "${line%%[[:space:]]*}"
 """
 

@@ -178,8 +178,9 @@ def write_backup(root, env_name, hours_ago: float, verified=True):
 def checklist_env(env, tmp_path, monkeypatch):
     """The deployed env plus a valid certificate and a fresh verified backup: passes everything."""
     cert, key = make_cert(tmp_path, 200)
+    # (DB_PASSWORD stays the one PostgreSQL was initialised with: the release test deploys and migrates.)
     env.write(hosts=HOST, TLS_CERT_FILE=cert, TLS_KEY_FILE=key, SERVER_NAMES="health.example.com",
-              DB_PASSWORD="Db-pass-4f9a2c7e81b3", DEEPSEEK_API_KEY="sk-live-7c1e9a3b5d2f4e6a")
+              DEEPSEEK_API_KEY="sk-live-7c1e9a3b5d2f4e6a")
     home = tmp_path / "home"
     write_backup(home, "hl", hours_ago=2)
     yield env, home, tmp_path
