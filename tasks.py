@@ -107,6 +107,20 @@ def backup_list(c, env, json=False):
     return cli.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
 
 
+@task(name="prune", help={"env": "environment name", "last": "keep the newest N sets", "daily": "one per day, N days",
+                          "weekly": "one per week, N weeks", "monthly": "one per month, N months",
+                          "dry-run": "only show what would be deleted", "json": "print JSON"})
+@cli.entry
+def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, json=False):
+    """Apply the retention policy to backups/<env>/ (the newest verified set is always kept)."""
+    from deploy.console import Console
+    from deploy.retention import Policy
+    from deploy.settings import load_settings
+
+    policy = Policy(int(last), int(daily), int(weekly), int(monthly))
+    return cli.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
+
+
 @task(name="verify", help={"env": "environment name", "from": "set name (or latest)", "json": "print JSON"})
 @cli.entry
 def backup_verify(c, env, from_="latest", json=False):
@@ -150,5 +164,5 @@ def bench(c, which="deploy"):
 ns = Collection(demo, test, bench, checklist, release_)
 ns.add_collection(Collection("sandbox", up, down, install))
 ns.add_collection(Collection("images", build))
-ns.add_collection(Collection("backup", backup, backup_list, backup_verify))
+ns.add_collection(Collection("backup", backup, backup_list, backup_verify, backup_prune))
 ns.add_task(restore)

@@ -109,15 +109,7 @@ def main() -> int:
             rows.append((f"restore of the {mb:,.0f} MB dump, seconds", f"{ours_restore:.1f}", f"{raw_restore:.1f}",
                          f"{raw_restore / ours_restore:.2f} (throughput ratio)"))
     finally:
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-                             capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-        subprocess.run(["docker", "network", "rm", f"{PROJECT}_default"], capture_output=True)
-        vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={PROJECT}_"],
-                              capture_output=True, text=True).stdout.split()
-        if vols:
-            subprocess.run(["docker", "volume", "rm", *vols], capture_output=True)
+        sandbox.remove_project(PROJECT)
         shutil.rmtree("/var/lib/healthdeploy-bench", ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     report = ["# Backup benchmark", "", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "

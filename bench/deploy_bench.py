@@ -68,16 +68,7 @@ class Bench:
 
     def cleanup(self) -> None:
         for host in HOSTS:
-            project = f"hd-b{ENV_NAME}-{host}"
-            ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-                                 capture_output=True, text=True).stdout.split()
-            if ids:
-                subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-            subprocess.run(["docker", "network", "rm", f"{project}_default"], capture_output=True)
-            vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={project}_"],
-                                  capture_output=True, text=True).stdout.split()
-            if vols:
-                subprocess.run(["docker", "volume", "rm", *vols], capture_output=True)
+            sandbox.remove_project(f"hd-b{ENV_NAME}-{host}")
         shutil.rmtree("/var/lib/healthdeploy-bench", ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ from .commands import docker as dk
 from .commands import files as fs
 from .console import Console
 from .errors import HealthdeployError, UsageError
-from .facts import Container, HostFacts, parse_containers
+from .facts import Container, HostFacts, stack_containers
 from .settings import Settings
 from .ssh import progress_printer
 from .stack import Target
@@ -70,8 +70,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         if service not in settings.enabled_infra:
             raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
     target = Target.of(settings, host.alias, host.address)
-    containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
-                  if c.state == "running" and not c.oneoff]
+    containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
     by_service: dict[str, Container] = {}
     for c in containers:
         by_service.setdefault(c.service, c)
@@ -197,8 +196,7 @@ def restore(settings: Settings, host, console: Console, path: Path, manifest: di
         if service not in RESTORABLE:
             raise UsageError(f"restoring {service} is not supported", f"restorable: {', '.join(RESTORABLE)}")
     target = Target.of(settings, host.alias, host.address)
-    containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
-                  if c.state == "running" and not c.oneoff]
+    containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
     by_service = {}
     for c in containers:
         by_service.setdefault(c.service, c)

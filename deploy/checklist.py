@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UsageError
-from .facts import Container, HostFacts
+from .facts import Container, HostFacts, version_tuple
 from .settings import KEYS_BY_NAME, KNOWN_DEFAULT_SECRETS, SCHEMA, Settings
 
 
@@ -73,13 +73,6 @@ def load_items(path: Path) -> list[Item]:
 def checklist_path(env_dir: Path, env_name: str) -> Path:
     specific = env_dir / f"{env_name}.checklist.toml"
     return specific if specific.exists() else env_dir / "checklist.toml"
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.lstrip("v").split("+")[0].split("-")[0].split("."):
-        parts.append(int(piece) if piece.isdigit() else 0)
-    return tuple(parts)
 
 
 def _remote(facts: Facts, name: str, kind: str, test: Callable[[str, HostFacts], str | None], hint: str) -> Outcome:
@@ -189,14 +182,14 @@ def check_disk(facts: Facts, item: Item) -> Outcome:
 def check_docker(facts: Facts, item: Item) -> Outcome:
     minimum = str(item.params.get("min", "20.10"))
     return _remote(facts, item.name, item.kind,
-                   lambda h, f: None if f.docker and _version(f.docker) >= _version(minimum)
+                   lambda h, f: None if f.docker and version_tuple(f.docker) >= version_tuple(minimum)
                    else f"Docker {f.docker or 'missing'} < {minimum}", "upgrade Docker")
 
 
 def check_compose(facts: Facts, item: Item) -> Outcome:
     minimum = str(item.params.get("min", "2.20"))
     return _remote(facts, item.name, item.kind,
-                   lambda h, f: None if f.compose and _version(f.compose) >= _version(minimum)
+                   lambda h, f: None if f.compose and version_tuple(f.compose) >= version_tuple(minimum)
                    else f"Compose {f.compose or 'missing'} < {minimum}", "install Compose v2")
 
 

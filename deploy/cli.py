@@ -7,6 +7,7 @@ connector) so tests can swap it.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,6 +54,9 @@ def entry(func):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise Exit(code=130) from None
+        except BrokenPipeError:  # `fab status | head`: the reader left; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=EXIT_OK) from None
         if code:
             raise Exit(code=code)
         return None
@@ -122,8 +126,13 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
         finally:
             host.close()
 
+    return _on_hosts(runtime, hosts, work, as_json)
+
+
+def _on_hosts(runtime: Runtime, hosts: list[str], work, as_json: bool) -> int:
+    """Run ``work`` host by host (in batches); the summary is printed whether or not a host failed."""
     try:
-        outcomes = run_on_hosts(hosts, s.batch_size, work)
+        outcomes = run_on_hosts(hosts, runtime.settings.batch_size, work)
     except DeployStopped as stopped:
         summary(runtime.console, stopped.outcomes, as_json)
         raise
@@ -165,13 +174,7 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
         finally:
             host.close()
 
-    try:
-        outcomes = run_on_hosts(hosts, s.batch_size, work)
-    except DeployStopped as stopped:
-        summary(runtime.console, stopped.outcomes, as_json)
-        raise
-    summary(runtime.console, outcomes, as_json)
-    return EXIT_OK
+    return _on_hosts(runtime, hosts, work, as_json)
 
 
 def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
@@ -259,7 +262,9 @@ def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
     failed = False
     for alias in choose_hosts(runtime.settings, cli_hosts):
         address = runtime.target(alias).gateway_bind
-        for port, service in ((3000, "frontend-web"), (3001, "frontend-patient"), (5000, "backend"), (8001, "ai-service")):
+        from .stack import GATEWAY_PORT_OF
+
+        for service, port in GATEWAY_PORT_OF.items():
             url = f"http://{address}:{port}/health"
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
@@ -296,16 +301,14 @@ def _with_deadline(func, seconds: float):
 
 def host_health(runtime: Runtime, alias: str):
     from . import health as hl
-    from .commands import docker as dk
     from .commands import probe
-    from .facts import parse_containers
+    from .facts import stack_containers
 
     result = hl.HostHealth(alias)
     with runtime.connect(alias) as host:
         s = runtime.settings
         target = Target.of(s, alias, host.address)
-        containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
-                      if not c.oneoff]
+        containers = stack_containers(host, target.project)
         releases = sorted({c.image_ref.rsplit(":", 1)[-1] for c in containers if c.service == "backend" and c.state == "running"})
         result.release = ",".join(releases)
         result.checks += hl.container_checks(alias, s, containers)
@@ -436,9 +439,8 @@ def _age(started: str) -> str:
 
 def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
     """Release, uptime and health of every service on every host, in one screen."""
-    from .commands import docker as dk
     from .commands import files as fs
-    from .facts import HostFacts, parse_containers
+    from .facts import HostFacts, stack_containers
 
     s = runtime.settings
     rows, data = [], []
@@ -446,8 +448,7 @@ def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int
         with runtime.connect(alias) as host:
             target = Target.of(s, alias, host.address)
             facts = HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text)
-            containers = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
-                          if not c.oneoff]
+            containers = stack_containers(host, target.project)
             for c in containers:
                 entry = {"host": alias, "release": facts.current, "service": c.service, "container": c.name,
                          "state": c.state, "health": c.health, "uptime": _age(c.started) if c.state == "running" else "-",
@@ -463,15 +464,13 @@ def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int
 
 
 def _service_containers(runtime: Runtime, host, service: str) -> list:
-    from .commands import docker as dk
-    from .facts import parse_containers
+    from .facts import stack_containers
     from .settings import ALL_SERVICES
 
     if service not in ALL_SERVICES:
         raise UsageError(f"unknown service {service!r}", f"one of {', '.join(ALL_SERVICES)}")
     target = Target.of(runtime.settings, host.alias, host.address)
-    found = [c for c in parse_containers(host.run(dk.project_containers(target.project)).text, target.project)
-             if c.service == service and c.state == "running" and not c.oneoff]
+    found = [c for c in stack_containers(host, target.project) if c.service == service and c.state == "running"]
     if not found:
         raise HealthdeployError(f"{host.alias}: no running {service} container", "see `fab status`")
     return found
@@ -670,3 +669,33 @@ def _backup_and_drill(runtime: Runtime) -> int:
         report = bk.verify(s, host, runtime.console, path, bk.check_set(path))
     runtime.console.info(f"backup set {path.name}: restore drill {report['result']}")
     return EXIT_OK if report["result"] == "ok" else 8
+
+
+def prune_backups(runtime: Runtime, policy, dry_run: bool = False, as_json: bool = False) -> int:
+    """Delete the sets the retention policy does not keep (never the newest verified one)."""
+    import datetime as _dt
+    import shutil
+
+    from . import backup as bk
+    from . import retention
+    from .settings import PROJECT_ROOT
+
+    root = PROJECT_ROOT / "backups"
+    env = runtime.settings.env_name
+    sets = []
+    for entry in bk.list_sets(root, env):
+        finished = _dt.datetime.fromisoformat((entry["finished"] or "").replace("Z", "+00:00"))
+        sets.append(retention.BackupSet(entry["set"], finished, entry["verified"] == "ok"))
+    kept = retention.keep(sets, policy)
+    rows = []
+    for s in sorted(sets, key=lambda x: x.finished):
+        action = f"keep ({kept[s.name]})" if s.name in kept else ("would delete" if dry_run else "deleted")
+        if s.name not in kept and not dry_run:
+            shutil.rmtree(root / env / s.name)
+        rows.append({"set": s.name, "finished": s.finished.isoformat(), "verified": s.verified, "action": action})
+    if as_json:
+        runtime.console.json({"sets": rows})
+    else:
+        runtime.console.table(["set", "finished", "verified", "action"],
+                              [[r["set"], r["finished"], "yes" if r["verified"] else "no", r["action"]] for r in rows])
+    return EXIT_OK

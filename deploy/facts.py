@@ -6,6 +6,14 @@ import json
 from dataclasses import dataclass
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'20.10.24+dfsg1' -> (20, 10, 24); 'v2.40.3' -> (2, 40, 3)."""
+    parts = []
+    for piece in text.strip().lstrip("v").split("+")[0].split("-")[0].split("."):
+        parts.append(int(piece) if piece.isdigit() else 0)
+    return tuple(parts)
+
+
 def parse_key_values(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
@@ -82,6 +90,13 @@ def parse_containers(text: str, project: str) -> list[Container]:
             started=state.get("StartedAt", ""),
         ))
     return sorted(containers, key=lambda c: (c.service, c.created))
+
+
+def stack_containers(host, project: str) -> list[Container]:
+    """The project's containers on ``host`` (an executor), without one-off `compose run` containers."""
+    from .commands.docker import project_containers
+
+    return [c for c in parse_containers(host.run(project_containers(project)).text, project) if not c.oneoff]
 
 
 def parse_image_ids(text: str) -> dict[str, str | None]:

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 from .facts import Container
 from .settings import APP_SERVICES, Settings
-from .stack import APP_PORTS, GATEWAY_PORTS, INFRA_PORTS
+from .stack import APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS
 
 SCHEMA_VERSION = 1
 RESTART_WARN = 3
-GATEWAY_PORT_OF = {"frontend-web": 3000, "frontend-patient": 3001, "backend": 5000, "ai-service": 8001}
 
 
 @dataclass

@@ -25,14 +25,14 @@ from .console import Console
 from .errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError,
                      UsageError)
 from .secret import redact
-from .facts import Container, HostFacts, parse_containers, parse_hashes, parse_image_ids, parse_lock
+from .facts import (Container, HostFacts, parse_hashes, parse_image_ids, parse_lock, stack_containers,
+                    version_tuple)
 from .settings import APP_SERVICES, Settings
-from .stack import (APP_PORTS, GATEWAY_DIR, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
+from .stack import (APP_PORTS, GATEWAY_DIR, GATEWAY_PORT_OF, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
                     sandbox_report)
 
 MIN_DOCKER = (20, 10)
 MIN_COMPOSE = (2, 24)  # env_file entries with `required:`
-GATEWAY_SITE_PORT = {"backend": 5000, "ai-service": 8001, "frontend-web": 3000, "frontend-patient": 3001}
 
 
 class PreflightError(HealthdeployError):
@@ -53,13 +53,6 @@ class RollFailure(Exception):
         self.service = service
         self.reason = reason
         self.logs = logs
-
-
-def _version(text: str) -> tuple[int, ...]:
-    digits = []
-    for part in text.lstrip("v").split("+")[0].split("-")[0].split(".")[:2]:
-        digits.append(int(part) if part.isdigit() else 0)
-    return tuple(digits)
 
 
 def _now() -> str:
@@ -107,8 +100,7 @@ class HostDeploy:
         return HostFacts.parse(self.host.run(fs.host_facts(self.t.deploy_path)).text)
 
     def containers(self) -> list[Container]:
-        return [c for c in parse_containers(self.host.run(dk.project_containers(self.t.project)).text, self.t.project)
-                if not c.oneoff]
+        return stack_containers(self.host, self.t.project)
 
     def gateway(self, containers: list[Container]) -> Container | None:
         running = [c for c in containers if c.service == "gateway" and c.state == "running"]
@@ -124,11 +116,11 @@ class HostDeploy:
         problems = []
         if not facts.docker:
             problems.append("Docker is not installed or not running (docker version failed)")
-        elif _version(facts.docker) < MIN_DOCKER:
+        elif version_tuple(facts.docker) < MIN_DOCKER:
             problems.append(f"Docker {facts.docker} is older than {'.'.join(map(str, MIN_DOCKER))}")
         if not facts.compose:
             problems.append("Docker Compose v2 is missing (docker compose version failed)")
-        elif _version(facts.compose) < MIN_COMPOSE:
+        elif version_tuple(facts.compose) < MIN_COMPOSE:
             problems.append(f"Compose {facts.compose} is older than {'.'.join(map(str, MIN_COMPOSE))}")
         if not facts.has_bash:
             problems.append("bash is missing (needed for checksummed streams)")
@@ -340,7 +332,7 @@ class HostDeploy:
         return redact((result.text + result.err).strip()[-3000:], self.s.secrets)
 
     def gateway_check(self, service: str, gateway: Container) -> bool:
-        port = GATEWAY_SITE_PORT[service]
+        port = GATEWAY_PORT_OF[service]
         return self.host.run(dk.http_probe(gateway.name, f"http://127.0.0.1:{port}/health"), check=False).ok
 
     def roll(self, service: str, release: str, old: list[Container]) -> list[Container]:

@@ -276,3 +276,15 @@ def down(names: list[str] | None = None, state_dir: Path = STATE_DIR) -> list[st
             os.kill(pid, signal.SIGTERM)
             stopped.append(d.name)
     return stopped
+
+
+def remove_project(project: str) -> None:
+    """Remove a compose project's containers, network and volumes from this machine's engine
+    (tests and benchmarks clean up their own leftovers; Docker state outlives a session)."""
+    ids = run_local(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], check=False).stdout.split()
+    if ids:
+        run_local(["docker", "rm", "-f", "-v", *ids], check=False)
+    run_local(["docker", "network", "rm", f"{project}_default"], check=False)
+    volumes = run_local(["docker", "volume", "ls", "-q", "--filter", f"name={project}_"], check=False).stdout.split()
+    if volumes:
+        run_local(["docker", "volume", "rm", *volumes], check=False)

@@ -22,6 +22,8 @@ GATEWAY_PORTS = (3000, 3001, 5000, 8001)  # the application's host ports from th
 # Port each application listens on inside its container, and the gateway upstream name.
 APP_PORTS = {"backend": 5000, "ai-service": 8001, "frontend-web": 80, "frontend-patient": 80}
 UPSTREAM_NAMES = {s: s.replace("-", "_") for s in APP_SERVICES}
+# The host port of the gateway site that serves each application (the report's port table).
+GATEWAY_PORT_OF = {"frontend-web": 3000, "frontend-patient": 3001, "backend": 5000, "ai-service": 8001}
 # Roll order: what others depend on goes first.
 ROLL_ORDER = ("backend", "ai-service", "frontend-web", "frontend-patient")
 INFRA_PORTS = {"postgres": (5432,), "redis": (6379,), "influxdb": (8086,), "mongodb": (27017,),

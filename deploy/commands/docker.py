@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Command, cmd, script
+from .probe import HTTP_GET_FUNCTION
 
 
 def compose(project: str, compose_file: str, env_file: str, *args: str, description: str,
@@ -78,9 +79,7 @@ def exec_in(container: str, *argv: str, description: str, readonly: bool = False
     return cmd("docker", "exec", container, *argv, description=description, readonly=readonly)
 
 
-# curl, or wget: GNU wget retries 20 times unless told (-t 1); busybox wget has no -t.
-HTTP_GET = ('curl -fsS --max-time "$2" -o /dev/null "$1" 2>/dev/null || '
-            '{ t=""; wget --version 2>/dev/null | grep -q GNU && t="-t 1"; wget -q $t -T "$2" -O /dev/null "$1"; }')
+HTTP_GET = 'timeout_s="$2"' + HTTP_GET_FUNCTION + 'http_get "$1"'
 
 
 def http_probe(container: str, url: str, timeout: int = 3) -> Command:

@@ -6,11 +6,15 @@ from .base import Command, cmd
 
 # Runs inside the gateway container: HTTP GETs and TCP connects, one line of result per target,
 # so a whole host is probed in one round trip. Works with busybox (alpine) and Debian userlands.
-PROBE_SCRIPT = r"""
-timeout_s="$1"; shift
-# GNU wget retries 20 times by default; busybox wget has no -t (and does not retry).
+# GET with curl, or wget: GNU wget retries 20 times unless told (-t 1); busybox wget has no -t.
+HTTP_GET_FUNCTION = r"""
 tries=""; wget --version 2>/dev/null | grep -q GNU && tries="-t 1"
 http_get() { curl -fsS --max-time "$timeout_s" -o /dev/null "$1" 2>/dev/null || wget -q $tries -T "$timeout_s" -O /dev/null "$1" 2>/dev/null; }
+"""
+
+PROBE_SCRIPT = r"""
+timeout_s="$1"; shift
+""" + HTTP_GET_FUNCTION + r"""
 tcp_open() {
   if command -v bash >/dev/null 2>&1; then timeout "$timeout_s" bash -c ":> /dev/tcp/$1/$2" 2>/dev/null && return 0; fi
   if command -v nc >/dev/null 2>&1; then nc -z -w "$timeout_s" "$1" "$2" 2>/dev/null && return 0; fi

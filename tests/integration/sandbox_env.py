@@ -94,16 +94,7 @@ class Env:
 
 def _cleanup(env: "Env") -> None:
     for host in TEST_HOSTS:
-        project = f"hd-t{env.name}-{host}"
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-                             capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-        subprocess.run(["docker", "network", "rm", f"{project}_default"], capture_output=True)
-        vols = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name={project}_"],
-                              capture_output=True, text=True).stdout.split()
-        if vols:
-            subprocess.run(["docker", "volume", "rm", *vols], capture_output=True)
+        sandbox.remove_project(f"hd-t{env.name}-{host}")
         shutil.rmtree(f"/var/lib/healthdeploy-test/{host}/{env.name}", ignore_errors=True)
 
 

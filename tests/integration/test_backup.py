@@ -167,3 +167,16 @@ def test_a_backup_killed_halfway_leaves_no_good_set(env):
     assert partial, "the interrupted set stays under its temporary name"
     refused = inv(env, "restore", "--env", "bk", "--from", str(partial[0]), "--yes")
     assert refused.returncode == 2 and "is not a backup set (no manifest.json)" in refused.stderr
+
+
+def test_prune_keeps_the_newest_verified_set(env):
+    before = sets(env)
+    verified = [p for p in before if (p / "verify.json").exists()
+                and json.loads((p / "verify.json").read_text())["result"] == "ok"]
+    assert verified and len(before) >= 3
+    dry = inv(env, "backup.prune", "--env", "bk", "--last", "1", "--daily", "0", "--weekly", "0", "--monthly", "0",
+              "--dry-run")
+    assert dry.returncode == 0 and "would delete" in dry.stdout and sets(env) == before
+    proc = inv(env, "backup.prune", "--env", "bk", "--last", "1", "--daily", "0", "--weekly", "0", "--monthly", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert sets(env) == sorted({verified[-1], before[-1]})

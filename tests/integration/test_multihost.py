@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sandbox_env import TEST_HOSTS, get_json
+from sandbox_env import get_json
 
 ADDRESSES = {"sandbox6": "127.0.0.7", "sandbox7": "127.0.0.8"}
 

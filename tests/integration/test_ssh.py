@@ -12,7 +12,7 @@ import pytest
 
 from sandbox_env import MAIN, MAIN_ADDRESS
 from deploy.commands import cmd
-from deploy.errors import HostKeyError, IntegrityError, RemoteCommandError
+from deploy.errors import IntegrityError, RemoteCommandError
 from deploy.settings import PROJECT_ROOT
 from deploy.ssh import RemoteHost
 
