@@ -116,7 +116,14 @@ def diff(new: dict[str, str], live: dict[str, str]) -> PayloadDiff:
 
 
 def tar_of(files: dict[str, bytes], paths: tuple[str, ...] | list[str], mode: int = 0o644) -> bytes:
-    """A deterministic tar of the given files (mtime fixed: content is what matters)."""
+    """A tar of the given files, stamped with the current time.
+
+    The time matters: BuildKit skips re-sending a context file whose size and mtime did not change,
+    so a changed file of the same size with a fixed mtime would be built from its stale copy.
+    """
+    import time
+
+    now = int(time.time())
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(paths):
@@ -124,7 +131,7 @@ def tar_of(files: dict[str, bytes], paths: tuple[str, ...] | list[str], mode: in
             info = tarfile.TarInfo(path)
             info.size = len(data)
             info.mode = mode
-            info.mtime = 0
+            info.mtime = now
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 

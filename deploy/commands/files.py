@@ -24,7 +24,9 @@ def append_line(path: str, line: bytes) -> Command:
 
 def extract_tar(directory: str) -> Command:
     """Unpack the tar arriving on stdin into ``directory`` (which must exist)."""
-    return cmd("tar", "-x", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files")
+    # -m: files get the time of extraction (nanoseconds): BuildKit skips re-sending a context file whose
+    # size and mtime look unchanged, so a same-size edit with an old mtime would build from a stale copy.
+    return cmd("tar", "-x", "-m", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files")
 
 
 def read_file(path: str) -> Command:
@@ -163,7 +165,7 @@ git -C "$2" rev-parse --verify --quiet "$3^{commit}" || { echo "ref $3 not found
 GIT_EXPORT = r"""
 set -e
 rm -rf "$3"; mkdir -p "$3"
-git -C "$1" archive --format=tar "$2" | tar -x -C "$3" --no-same-owner
+git -C "$1" archive --format=tar "$2" | tar -x -m -C "$3" --no-same-owner
 """
 
 

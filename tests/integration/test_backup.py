@@ -170,6 +170,7 @@ def test_a_backup_killed_halfway_leaves_no_good_set(env):
 
 
 def test_prune_keeps_the_newest_verified_set(env):
+    assert inv(env, "backup", "--env", "bk", "--services", "postgres").returncode == 0
     before = sets(env)
     verified = [p for p in before if (p / "verify.json").exists()
                 and json.loads((p / "verify.json").read_text())["result"] == "ok"]
