@@ -28,7 +28,10 @@ SANDBOX_PORT = 2222
 STATE_DIR = PROJECT_ROOT / ".sandbox"
 COMPOSE_PLUGIN = Path("/usr/local/lib/docker/cli-plugins/docker-compose")
 DOCKERD_PIDFILE = Path("/var/run/docker.pid")
-APT_PACKAGES = {"docker": "docker.io", "sshd": "openssh-server", "debootstrap": "debootstrap", "ssh-keygen": "openssh-client"}
+# What a sandbox host needs (it is this machine): the engine, sshd, the image builder, and the tools
+# healthdeploy's remote commands use on any host (curl for probes, ss for sockets, git for git sources).
+APT_PACKAGES = {"docker": "docker.io", "sshd": "openssh-server", "debootstrap": "debootstrap",
+                "ssh-keygen": "openssh-client", "curl": "curl", "ss": "iproute2", "git": "git", "openssl": "openssl"}
 
 
 @dataclass(frozen=True)
