@@ -361,10 +361,10 @@ class HostDeploy:
             if not self.gateway_check(service, gateway):
                 raise RollFailure(service, "health check through the gateway failed after the switch",
                                   self.logs(new[0]))
-        except (RollFailure, HealthdeployError) as exc:
+        except (RollFailure, HealthdeployError, KeyboardInterrupt) as exc:
             self._switch_back(service, old, release, gateway)
             self._remove_new(service, old_ids)
-            if isinstance(exc, RollFailure):
+            if isinstance(exc, (RollFailure, KeyboardInterrupt)):
                 raise
             raise RollFailure(service, exc.message) from None
         if old:
@@ -528,13 +528,13 @@ class HostDeploy:
                     self.roll(service, release, old)
                     rolled.append((service, old))
                     outcome.services.append(service)
-            except (RollFailure, HealthdeployError) as exc:
-                # Whatever broke (an unhealthy build, a lost connection, a failed reload), every service
-                # goes back to the previous release with its settings, and this release disappears.
+            except (RollFailure, HealthdeployError, KeyboardInterrupt) as exc:
+                # Whatever broke (an unhealthy build, a lost connection, a failed reload, Ctrl-C), every
+                # service goes back to the previous release with its settings, and this release disappears.
                 self._restore_previous(facts.current)
                 self._undo(rolled, facts.current)
                 self.host.run(fs.remove_tree(rdir), check=False)
-                if isinstance(exc, RollFailure):
+                if isinstance(exc, (RollFailure, KeyboardInterrupt)):
                     raise
                 raise RollFailure(service or "deploy", exc.message) from None
             self.host.run(fs.switch_symlink(self.t.current, f"releases/{release}"))
