@@ -56,7 +56,7 @@ def test_facts_are_readonly_and_actions_are_not():
 
 def test_checksum_wrapper_and_parser():
     wrapped = checksummed_stdout(cmd("pg_dump", "-Fc", "db"))
-    assert wrapped.render().startswith("bash -c 'set -o pipefail")
+    assert wrapped.render().startswith("bash -c 'sha256_of_stdin() {") and "set -o pipefail" in wrapped.render()
     assert wrapped.render().endswith(" bash 'pg_dump -Fc db'")
     digest, rest = parse_checksum("warning: x\nHEALTHDEPLOY-SHA256 abc123\n")
     assert digest == "abc123" and rest == "warning: x"
