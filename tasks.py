@@ -85,11 +85,11 @@ def checklist(c, env, json=False, junit=None, file=None):
 
 
 @task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
-                          "services": "comma-separated: postgres,influxdb,mongodb,redis (default: the databases)",
+                          "services": "comma-separated: postgres,influxdb,mongodb,minio,redis (default: BACKUP_SERVICES)",
                           "json": "print the manifest as JSON"})
 @cli.entry
 def backup(c, env, host=None, services=None, json=False):
-    """Pull a verified backup set of the databases to backups/<env>/<UTC time>/ (streamed, checksummed)."""
+    """Pull a verified backup set (databases + MinIO objects) to backups/<env>/<UTC time>/ (streamed, checksummed)."""
     from deploy.console import Console
     from deploy.settings import load_settings
 
@@ -121,6 +121,15 @@ def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, js
     return cli.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
 
 
+@task(name="keygen", help={"out": "where to write the private key (mode 0600; keep it off the servers)"})
+@cli.entry
+def backup_keygen(c, out):
+    """Make an age key pair for encrypted backups: prints the BACKUP_AGE_RECIPIENTS value, writes the private key."""
+    from deploy.console import Console
+
+    return cli.backup_keygen(Console(), out)
+
+
 @task(name="verify", help={"env": "environment name", "from": "set name (or latest)", "json": "print JSON"})
 @cli.entry
 def backup_verify(c, env, from_="latest", json=False):
@@ -132,7 +141,7 @@ def backup_verify(c, env, from_="latest", json=False):
 
 
 @task(help={"env": "environment name", "from": "backup set name, path, or latest", "host": "default: PRIMARY_HOST",
-            "services": "comma-separated subset (postgres,influxdb,mongodb)", "yes": "do not ask (production)",
+            "services": "comma-separated subset (postgres,influxdb,mongodb,minio)", "yes": "do not ask (production)",
             "no-safety-backup": "skip the backup of the current data taken first", "break-lock": "remove a stale lock"})
 @cli.entry
 def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False):
@@ -164,5 +173,5 @@ def bench(c, which="deploy"):
 ns = Collection(demo, test, bench, checklist, release_)
 ns.add_collection(Collection("sandbox", up, down, install))
 ns.add_collection(Collection("images", build))
-ns.add_collection(Collection("backup", backup, backup_list, backup_verify, backup_prune))
+ns.add_collection(Collection("backup", backup, backup_list, backup_verify, backup_prune, backup_keygen))
 ns.add_task(restore)

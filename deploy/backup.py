@@ -1,14 +1,17 @@
 """`inv backup`: one backup set per run in ``backups/<env>/<UTC timestamp>/``.
 
 Every artifact is streamed over SSH straight into its file (constant memory, binary-safe), with the
-byte count, the remote exit status and a SHA-256 computed on both ends compared. The set is written
-under ``.partial-<timestamp>`` and renamed only when complete, so an interrupted backup never looks
-like a good one. Files are 0600.
+byte count, the remote exit status and a SHA-256 computed on both ends compared. MinIO's objects come
+through the S3 API over an SSH tunnel (`objects.py`). Artifacts are optionally compressed (zstd) and
+encrypted at rest (age) on the way to disk (`sealing.py`); the manifest records both, with the SHA-256 of
+the stored file and of its content. The set is written under ``.partial-<timestamp>`` and renamed only
+when complete, so an interrupted backup never looks like a good one. Files are 0600.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -21,37 +24,47 @@ from .commands import backup as bk
 from .commands import docker as dk
 from .commands import files as fs
 from .console import Console
-from .errors import HealthdeployError, UsageError
-from .facts import Container, HostFacts, stack_containers
+from .errors import HealthdeployError, IntegrityError, UsageError
+from .facts import Container, HostFacts, parse_published_port, stack_containers
+from .sealing import Sealing, open_sealed_writer, open_unsealed_reader
 from .settings import Settings
 from .ssh import progress_printer
 from .stack import Target
 
-BACKUP_ENGINES = ("postgres", "influxdb", "mongodb", "redis")  # MinIO objects: not yet (see docs/backup.md)
-DEFAULT_ENGINES = ("postgres", "influxdb", "mongodb")
+BACKUP_ENGINES = ("postgres", "influxdb", "mongodb", "minio", "redis")
+S3_PORT = 9000
 
 
 @dataclass(frozen=True)
 class Artifact:
     service: str
     file: str
-    command: object  # Command
+    command: object  # Command streamed over SSH; None for MinIO (S3 API over a tunnel)
     method: str
+    precompressed: bool = False  # the engine compresses it already: zstd would only cost CPU
 
 
 def artifacts_for(settings: Settings, service: str, container: str) -> list[Artifact]:
     if service == "postgres":
-        return [Artifact(service, "postgres.dump", bk.postgres_dump(container), "pg_dump -Fc"),
+        return [Artifact(service, "postgres.dump", bk.postgres_dump(container), "pg_dump -Fc", True),
                 Artifact(service, "postgres-globals.sql", bk.postgres_globals(container), "pg_dumpall --globals-only")]
     if service == "influxdb":
         method = "influxd backup -portable" if settings.influx_version == "1" else "influx backup"
         return [Artifact(service, "influxdb.tar", bk.influx_backup(container, settings.influx_version,
-                                                                    settings.influx_bucket), method)]
+                                                                    settings.influx_bucket), method, True)]
     if service == "mongodb":
-        return [Artifact(service, "mongodb.archive.gz", bk.mongo_dump(container), "mongodump --archive --gzip")]
+        return [Artifact(service, "mongodb.archive.gz", bk.mongo_dump(container), "mongodump --archive --gzip", True)]
+    if service == "minio":
+        return [Artifact(service, "minio.tar", None, "S3 API (every bucket, objects with metadata) over an SSH tunnel")]
     if service == "redis":
         return [Artifact(service, "redis.rdb", bk.redis_rdb(container), "redis-cli --rdb")]
     raise UsageError(f"no backup method for {service}", f"choose from {', '.join(BACKUP_ENGINES)}")
+
+
+def sealing_for(settings: Settings, artifact: Artifact) -> Sealing:
+    compress = settings.backup_compression == "zstd" and not artifact.precompressed
+    return Sealing(compression="zstd" if compress else None, level=settings.backup_zstd_level,
+                   recipients=tuple(settings.backup_age_recipients))
 
 
 VERSION_COMMANDS = {"postgres": bk.postgres_version, "influxdb": bk.influx_version, "redis": bk.redis_version}
@@ -61,9 +74,37 @@ def _utc(ts: float | None = None) -> str:
     return _dt.datetime.fromtimestamp(ts or time.time(), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _ContentHash:
+    """Counts and hashes the plain bytes on their way into a sealed writer (the S3 archive's checksum)."""
+
+    def __init__(self, target):
+        self.target, self.sha256, self.bytes = target, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.target.write(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def object_store(settings: Settings, host, container: str):
+    """An S3 client for the MinIO container on ``host``, through an SSH tunnel to its loopback port."""
+    from . import objects
+
+    published = parse_published_port(host.run(dk.published_port(container, S3_PORT), check=False).text)
+    if published is None:
+        raise HealthdeployError(f"{host.alias}: {container} does not publish the S3 port {S3_PORT} on the host",
+                                "deploy again: the compose file publishes it on 127.0.0.1")
+    address, port = published
+    return objects.client_over(lambda: host.open_tcp(address, port), f"{address}:{port}",
+                               settings.minio_user, settings.minio_password.reveal())
+
+
 def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None) -> Path:
     """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path."""
-    wanted = services or tuple(s for s in DEFAULT_ENGINES if s in settings.enabled_infra)
+    wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
     for service in wanted:
         if service not in BACKUP_ENGINES:
             raise UsageError(f"cannot back up {service!r}", f"choose from {', '.join(BACKUP_ENGINES)}")
@@ -92,25 +133,13 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
             if service in VERSION_COMMANDS:
                 version = host.run(VERSION_COMMANDS[service](container.name), check=False).text.strip()
             for artifact in artifacts_for(settings, service, container.name):
-                path = partial / artifact.file
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    t0 = time.monotonic()
-                    result = host.stream_to_file(artifact.command, out,
-                                                 progress=progress_printer(f"{service} {artifact.file}"))
-                    os.fsync(out.fileno())
-                seconds = time.monotonic() - t0
-                rows = bk.parse_rows(result.stderr) if artifact.file == "postgres.dump" else None
-                console.phase(host.alias, f"{artifact.file}: {result.bytes} bytes in {seconds:.1f}s, sha256 "
-                                          f"{result.sha256[:12]} (checked on both ends)")
-                records.append({"service": service, "file": artifact.file, "method": artifact.method,
-                                "engine_version": version, "image": container.image_ref, "bytes": result.bytes,
-                                "sha256": result.sha256, "seconds": round(seconds, 2),
-                                **({"rows": rows} if rows is not None else {})})
+                records.append(_take(settings, host, console, partial, artifact, container, version))
         manifest = {
-            "format": 1, "env": settings.env_name, "host": host.alias, "release": facts.current,
+            "format": 2, "env": settings.env_name, "host": host.alias, "release": facts.current,
             "started": _utc(started), "finished": _utc(), "tool": f"healthdeploy {__version__}",
-            "encryption": None, "compression": "engine-native", "artifacts": records,
+            "encryption": "age" if settings.backup_age_recipients else None,
+            "compression": "zstd" if settings.backup_compression == "zstd" else "engine-native",
+            "artifacts": records,
         }
         fd = os.open(partial / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -123,6 +152,48 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _take(settings: Settings, host, console: Console, partial: Path, artifact: Artifact, container: Container,
+          version: str) -> dict:
+    """Stream one artifact into its (sealed) file; return its manifest record."""
+    sealing = sealing_for(settings, artifact)
+    path = partial / (artifact.file + sealing.suffix())
+    progress = progress_printer(f"{artifact.service} {artifact.file}")
+    extra: dict = {}
+    t0 = time.monotonic()
+    with open_sealed_writer(path, sealing) as writer:
+        if artifact.command is None:  # MinIO: the S3 API through a tunnel
+            from . import objects
+
+            counted = _ContentHash(writer)
+            summary = objects.backup_objects(object_store(settings, host, container.name), counted, progress)
+            content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
+            extra["objects"] = summary.record()
+            checked = "each object checked against its Content-Length and ETag"
+        else:
+            result = host.stream_to_file(artifact.command, writer, progress=progress)
+            content_bytes, content_sha256 = result.bytes, result.sha256
+            checked = "checked on both ends"
+            if artifact.file == "postgres.dump":
+                extra["rows"] = bk.parse_rows(result.stderr)
+            if artifact.service == "influxdb" and settings.influx_version == "1":
+                extra["influx"] = bk.parse_influx_counts(result.stderr)
+    seconds = time.monotonic() - t0
+    sealed = f", stored {writer.stored_bytes} bytes ({_describe(sealing)})" if sealing.sealed else ""
+    console.phase(host.alias, f"{path.name}: {content_bytes} bytes in {seconds:.1f}s, sha256 {content_sha256[:12]} "
+                              f"({checked}){sealed}")
+    return {"service": artifact.service, "artifact": artifact.file, "file": path.name, "method": artifact.method, "engine_version": version,
+            "image": container.image_ref, "bytes": writer.stored_bytes, "sha256": writer.stored_sha256,
+            "content_bytes": content_bytes, "content_sha256": content_sha256, "sealing": sealing.record(),
+            "seconds": round(seconds, 2), **extra}
+
+
+def _describe(sealing: Sealing) -> str:
+    parts = [f"zstd -{sealing.level}"] if sealing.compression else []
+    if sealing.recipients:
+        parts.append(f"age to {len(sealing.recipients)} recipient(s)")
+    return ", ".join(parts)
 
 
 def list_sets(root: Path, env: str) -> list[dict]:
@@ -181,20 +252,19 @@ def check_set(path: Path) -> dict:
     return manifest
 
 
-RESTORABLE = ("postgres", "influxdb", "mongodb")
+RESTORABLE = ("postgres", "influxdb", "mongodb", "minio")
 WRITERS = ("backend", "ai-service")  # stopped during a restore so nothing writes half-restored data
+
+
+def artifact_record(manifest: dict, name: str) -> dict | None:
+    """The manifest record of artifact ``name`` (e.g. postgres.dump), whatever suffix sealing gave its file."""
+    return next((a for a in manifest["artifacts"] if a.get("artifact", a["file"]) == name), None)
 
 
 def restore(settings: Settings, host, console: Console, path: Path, manifest: dict,
             services: tuple[str, ...] | None, job=None) -> list[str]:
     """Restore the set's artifacts into the running stack on ``host``. The caller holds the deploy lock."""
-    present = sorted({a["service"] for a in manifest["artifacts"]})
-    wanted = services or tuple(s for s in RESTORABLE if s in present)
-    for service in wanted:
-        if service not in present:
-            raise UsageError(f"the set has no {service} backup", f"it has: {', '.join(present)}")
-        if service not in RESTORABLE:
-            raise UsageError(f"restoring {service} is not supported", f"restorable: {', '.join(RESTORABLE)}")
+    wanted = restore_plan(settings, manifest, services)
     target = Target.of(settings, host.alias, host.address)
     containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
     by_service = {}
@@ -210,17 +280,24 @@ def restore(settings: Settings, host, console: Console, path: Path, manifest: di
     try:
         for service in wanted:
             container = by_service[service].name
-            files = {a["file"]: a for a in manifest["artifacts"] if a["service"] == service}
+            detail = ""
             if service == "postgres":
-                if "postgres-globals.sql" in files:
-                    _send(host, bk.postgres_restore_globals(container), path / "postgres-globals.sql")
-                _send(host, bk.postgres_restore(container), path / "postgres.dump")
+                globals_record = artifact_record(manifest, "postgres-globals.sql")
+                if globals_record:
+                    _send(settings, host, bk.postgres_restore_globals(container), path, globals_record)
+                _send(settings, host, bk.postgres_restore(container), path, artifact_record(manifest, "postgres.dump"))
             elif service == "influxdb":
-                _send(host, bk.influx_restore(container, settings.influx_version, settings.influx_bucket),
-                      path / "influxdb.tar")
+                _send(settings, host, bk.influx_restore(container, settings.influx_version, settings.influx_bucket),
+                      path, artifact_record(manifest, "influxdb.tar"))
             elif service == "mongodb":
-                _send(host, bk.mongo_restore(container), path / "mongodb.archive.gz")
-            console.phase(host.alias, f"{service} restored from {path.name}")
+                _send(settings, host, bk.mongo_restore(container), path, artifact_record(manifest, "mongodb.archive.gz"))
+            elif service == "minio":
+                summary = _restore_objects(settings, object_store(settings, host, container), path,
+                                           artifact_record(manifest, "minio.tar"))
+                detail = (f": {summary.objects} objects, {summary.bytes} bytes, {summary.removed} extra removed"
+                          + (f"; buckets not in the set, left alone: {', '.join(summary.missing_buckets)}"
+                             if summary.missing_buckets else ""))
+            console.phase(host.alias, f"{service} restored from {path.name}{detail}")
     except BaseException:
         if writers:  # bring the application back, but report the restore's own error, not this
             try:
@@ -231,6 +308,32 @@ def restore(settings: Settings, host, console: Console, path: Path, manifest: di
     if writers:
         _restart_writers(host, settings, console, writers, job)
     return list(wanted)
+
+
+def restore_plan(settings: Settings, manifest: dict, services: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Which services a restore takes; refuses what the set lacks or cannot restore, and a missing key."""
+    present = sorted({a["service"] for a in manifest["artifacts"]})
+    wanted = services or tuple(s for s in RESTORABLE if s in present)
+    for service in wanted:
+        if service not in present:
+            raise UsageError(f"the set has no {service} backup", f"it has: {', '.join(present)}")
+        if service not in RESTORABLE:
+            raise UsageError(f"restoring {service} is not supported", f"restorable: {', '.join(RESTORABLE)}")
+    check_keys(settings, manifest, wanted)
+    return tuple(wanted)
+
+
+def check_keys(settings: Settings, manifest: dict, services) -> None:
+    """An encrypted set needs the private key before anything on the host is touched."""
+    encrypted = [a["file"] for a in manifest["artifacts"]
+                 if a["service"] in services and (a.get("sealing") or {}).get("encryption")]
+    if encrypted and not settings.backup_age_identity_file:
+        raise UsageError(f"{encrypted[0]} is encrypted with age and BACKUP_AGE_IDENTITY_FILE is not set",
+                         f"set it in env/{settings.env_name}.env to the file holding the private key")
+    if encrypted:
+        from .sealing import load_identities
+
+        load_identities(settings.backup_age_identity_file)  # unreadable or invalid: one clear line now
 
 
 def _restart_writers(host, settings: Settings, console: Console, writers: tuple[str, ...], job) -> None:
@@ -246,9 +349,44 @@ def facts_release(host, settings: Settings) -> str:
     return HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text).current
 
 
-def _send(host, command, file: Path) -> None:
-    with open(file, "rb") as source:
-        host.stream_from_file(command, source, progress=progress_printer(file.name))
+def _unsealed(settings: Settings, path: Path, record: dict):
+    return open_unsealed_reader(path / record["file"], Sealing.from_record(record.get("sealing") or {}),
+                                settings.backup_age_identity_file or None)
+
+
+def _check_content(path: Path, record: dict, sha256: str) -> None:
+    expected = record.get("content_sha256", record["sha256"])
+    if sha256 != expected:
+        raise IntegrityError(f"{path / record['file']}: the restored content's SHA-256 differs from the manifest",
+                             "this set cannot be trusted; use another")
+
+
+def _send(settings: Settings, host, command, path: Path, record: dict) -> None:
+    with _unsealed(settings, path, record) as source:
+        result = host.stream_from_file(command, source, progress=progress_printer(record["file"]))
+    _check_content(path, record, result.sha256)
+
+
+def _restore_objects(settings: Settings, client, path: Path, record: dict):
+    from . import objects
+
+    with _unsealed(settings, path, record) as source:
+        counted = _ContentRead(source)
+        summary = objects.restore_objects(client, counted, progress_printer(record["file"]))
+        while counted.read(1 << 20):  # tar's end-of-archive padding: hash every byte
+            pass
+    _check_content(path, record, counted.sha256.hexdigest())
+    return summary
+
+
+class _ContentRead:
+    def __init__(self, source):
+        self.source, self.sha256 = source, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.sha256.update(data)
+        return data
 
 
 # -- the restore drill ---------------------------------------------------------------------------------
@@ -256,47 +394,133 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
     """Restore the set into throwaway containers on ``host`` and compare with what the manifest recorded."""
     import secrets as _secrets
 
-    from .commands import cmd
-
     report = {"set": path.name, "checked_at": _utc(), "host": host.alias, "checks": [], "result": "ok"}
     services = {a["service"] for a in manifest["artifacts"]}
-    if "postgres" in services:
-        name = f"hd-verify-{path.name.lower()}-{_secrets.token_hex(3)}"
-        drill_password = _secrets.token_hex(16)  # a throwaway server with no network: not a secret of the system
-        host.run(cmd("docker", "run", "-d", "--rm", "--network", "none", "--name", name,
-                     "-e", f"POSTGRES_USER={settings.db_user}", "-e", f"POSTGRES_DB={settings.db_name}",
-                     "-e", f"POSTGRES_PASSWORD={drill_password}", settings.postgres_image,
-                     description="start a throwaway PostgreSQL"))
-        try:
-            deadline = time.monotonic() + 60
-            while not host.run(cmd("docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1",
-                                   description="wait for PostgreSQL", readonly=True), check=False).ok:
-                if time.monotonic() > deadline:
-                    raise HealthdeployError("the throwaway PostgreSQL did not start", "see docker logs on the host")
-                time.sleep(0.5)
-            time.sleep(1)  # the image restarts the server once after initdb
-            while not host.run(cmd("docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1",
-                                   description="wait for PostgreSQL", readonly=True), check=False).ok:
-                time.sleep(0.5)
-            _send(host, bk.postgres_restore_globals(name), path / "postgres-globals.sql")
-            _send(host, bk.postgres_restore(name), path / "postgres.dump")
-            restored = bk.parse_rows(host.run(bk.postgres_row_counts(name)).text)
-            recorded = next(a for a in manifest["artifacts"] if a["file"] == "postgres.dump").get("rows", {})
-            mismatches = [f"{t}: recorded {recorded.get(t)}, restored {restored.get(t)}"
-                          for t in sorted(set(recorded) | set(restored)) if recorded.get(t) != restored.get(t)]
-            report["checks"].append({"service": "postgres", "tables": restored, "mismatches": mismatches,
-                                     "result": "ok" if mismatches == [] else "failed"})
-            console.phase(host.alias, f"postgres drill: {len(restored)} tables, {sum(restored.values())} rows, "
-                                      f"{len(mismatches)} mismatch(es)")
-        finally:
-            host.run(cmd("docker", "rm", "-f", name, description="remove the throwaway PostgreSQL"), check=False)
-    if any(c["result"] != "ok" for c in report["checks"]):
+    check_keys(settings, manifest, services)
+    prefix = f"hd-verify-{path.name.lower()}-{_secrets.token_hex(3)}"
+    drills = (("postgres", _drill_postgres), ("influxdb", _drill_influx), ("minio", _drill_objects))
+    for service, drill in drills:
+        if service in services:
+            name = f"{prefix}-{service}"
+            try:
+                check = drill(settings, host, console, path, manifest, name)
+            finally:
+                host.run(dk.remove_force(name), check=False)
+            report["checks"].append(check)
+    for service in sorted(services - {"postgres", "influxdb", "minio"}):
+        report["checks"].append({"service": service, "result": "skipped",
+                                 "reason": "no restore drill for this engine yet (checksums were checked)"})
+    drilled = [c for c in report["checks"] if c["result"] != "skipped"]
+    if any(c["result"] != "ok" for c in drilled):
         report["result"] = "failed"
-    if not report["checks"]:
+    if not drilled:
         report["result"] = "failed"
-        report["reason"] = "nothing in this set can be drilled yet (PostgreSQL only)"
+        report["reason"] = "nothing in this set can be drilled (PostgreSQL, InfluxDB 1.x and MinIO can)"
     fd = os.open(path / ".verify.json.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(report, out, indent=2, sort_keys=True)
     os.replace(path / ".verify.json.tmp", path / "verify.json")
     return report
+
+
+def _wait(host, probe, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        if time.monotonic() > deadline:
+            raise HealthdeployError(f"the throwaway {what} did not start within {seconds:.0f}s",
+                                    "see `docker logs` on the host")
+        time.sleep(0.5)
+
+
+def _drill_postgres(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
+    import secrets as _secrets
+
+    from .commands import cmd
+
+    drill_password = _secrets.token_hex(16)  # a throwaway server with no network: not a secret of the system
+    host.run(dk.run_throwaway(name, settings.postgres_image, network="none",
+                              environment=(f"POSTGRES_USER={settings.db_user}", f"POSTGRES_DB={settings.db_name}",
+                                           f"POSTGRES_PASSWORD={drill_password}"),
+                              description="start a throwaway PostgreSQL"))
+    ready = cmd("docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1", description="wait for PostgreSQL",
+                readonly=True)
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    time.sleep(1)  # the image restarts the server once after initdb
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    globals_record = artifact_record(manifest, "postgres-globals.sql")
+    if globals_record:
+        _send(settings, host, bk.postgres_restore_globals(name), path, globals_record)
+    dump = artifact_record(manifest, "postgres.dump")
+    _send(settings, host, bk.postgres_restore(name), path, dump)
+    restored = bk.parse_rows(host.run(bk.postgres_row_counts(name)).text)
+    recorded = dump.get("rows", {})
+    mismatches = [f"{t}: recorded {recorded.get(t)}, restored {restored.get(t)}"
+                  for t in sorted(set(recorded) | set(restored)) if recorded.get(t) != restored.get(t)]
+    console.phase(host.alias, f"postgres drill: {len(restored)} tables, {sum(restored.values())} rows, "
+                              f"{len(mismatches)} mismatch(es)")
+    return {"service": "postgres", "tables": restored, "mismatches": mismatches,
+            "result": "ok" if not mismatches else "failed"}
+
+
+def _drill_influx(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
+    record = artifact_record(manifest, "influxdb.tar")
+    recorded = record.get("influx")
+    if settings.influx_version != "1" or not recorded:
+        return {"service": "influxdb", "result": "skipped",
+                "reason": "InfluxDB 2.x has no drill yet" if settings.influx_version != "1"
+                else "this set recorded no point counts"}
+    target = Target.of(settings, host.alias, host.address)
+    host.run(dk.run_throwaway(name, settings.influxdb_image, network="none",
+                              env_file=f"{target.deploy_path}/shared/env/influxdb.env",
+                              description="start a throwaway InfluxDB"))
+    _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB")
+    _send(settings, host, bk.influx_drill_restore(name, settings.influx_bucket), path, record)
+    restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, settings.influx_bucket, recorded["t0"])).err)
+    # Everything up to the cut-off must be back; more is possible (points written late with old times).
+    mismatches = []
+    for measurement, fields in sorted(recorded["points"].items()):
+        for field_name, count in sorted(fields.items()):
+            got = restored["points"].get(measurement, {}).get(field_name, 0)
+            if got < count:
+                mismatches.append(f"{measurement}.{field_name}: recorded {count} points, restored {got}")
+    for measurement, count in sorted(recorded["series"].items()):
+        got = restored["series"].get(measurement, 0)
+        if got < count:
+            mismatches.append(f"{measurement}: recorded {count} series, restored {got}")
+    points = sum(sum(f.values()) for f in restored["points"].values())
+    console.phase(host.alias, f"influxdb drill: {len(restored['series'])} measurements, "
+                              f"{sum(restored['series'].values())} series, {points} field values up to "
+                              f"{recorded['t0']}, {len(mismatches)} mismatch(es)")
+    return {"service": "influxdb", "cutoff": recorded["t0"], "points": restored["points"],
+            "series": restored["series"], "mismatches": mismatches, "result": "ok" if not mismatches else "failed"}
+
+
+def _drill_objects(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
+    from . import objects
+
+    record = artifact_record(manifest, "minio.tar")
+    target = Target.of(settings, host.alias, host.address)
+    arguments = () if settings.stack_variant == "sandbox" else ("server", "/data")
+    host.run(dk.run_throwaway(name, settings.minio_image, *arguments, publish=S3_PORT, tmpfs=("/tmp",),
+                              env_file=f"{target.deploy_path}/shared/env/minio.env",
+                              description="start a throwaway object store"))
+    client = object_store(settings, host, name)
+
+    def answers() -> bool:
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # not listening yet: connection refused, reset, 503
+            return False
+
+    _wait(host, answers, "object store")
+    _restore_objects(settings, client, path, record)
+    restored = objects.count_objects(client)
+    recorded = record.get("objects", {})
+    mismatches = [f"{b}: recorded {recorded.get(b)}, restored {restored.get(b)}"
+                  for b in sorted(set(recorded) | set(restored)) if recorded.get(b) != restored.get(b)]
+    console.phase(host.alias, f"minio drill: {len(restored)} buckets, {sum(b['objects'] for b in restored.values())} "
+                              f"objects, {sum(b['bytes'] for b in restored.values())} bytes, "
+                              f"{len(mismatches)} mismatch(es)")
+    return {"service": "minio", "buckets": restored, "mismatches": mismatches,
+            "result": "ok" if not mismatches else "failed"}

@@ -535,6 +535,27 @@ def _read_json(path):
     return _json.loads(path.read_text())
 
 
+def backup_keygen(console, out: str) -> int:
+    """Write a new age identity to ``out`` (0600, never overwritten) and print its public key."""
+    import os as _os
+
+    from .sealing import generate_identity
+
+    secret, public = generate_identity()
+    try:
+        fd = _os.open(out, _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{out} already exists", "choose another path; an existing key is never overwritten") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror}", "choose a writable path") from None
+    with _os.fdopen(fd, "w") as f:
+        f.write(f"# healthdeploy backup key, public key: {public}\n{secret}\n")
+    console.result(f"private key written to {out} (keep it off the servers; set BACKUP_AGE_IDENTITY_FILE={out} "
+                   "where you restore)")
+    console.result(f"BACKUP_AGE_RECIPIENTS={public}")
+    return EXIT_OK
+
+
 def list_backups(runtime: Runtime, as_json: bool = False) -> int:
     from . import backup as bk
     from .settings import PROJECT_ROOT
@@ -564,6 +585,7 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     if manifest.get("env") != s.env_name:
         raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
                          "restore a set of this environment")
+    services = bk.restore_plan(s, manifest, services)  # what it lacks or a missing key: refused before any change
     alias = host_alias or s.primary
     if alias not in s.hosts:
         raise UsageError(f"host {alias} is not in HOSTS of env '{s.env_name}'", f"pick from {', '.join(s.hosts)}")
@@ -583,7 +605,7 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
             if safety_backup:
                 runtime.console.phase(alias, "safety backup of the current data first")
                 safety = bk.backup(s, host, runtime.console, root,
-                                   tuple(x for x in (services or bk.DEFAULT_ENGINES) if x in s.enabled_infra))
+                                   tuple(x for x in (services or s.backup_services) if x in s.enabled_infra))
             restored = bk.restore(s, host, runtime.console, path, manifest, services, job=job)
             job.audit({"event": "restore", "set": path.name, "services": restored, "result": "ok",
                        "safety_backup": safety.name if safety else None,
@@ -614,7 +636,8 @@ def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
     else:
         for check in report["checks"]:
             runtime.console.result(f"{check['service']}: {check['result']}"
-                                   + "".join(f"\n  {m}" for m in check["mismatches"]))
+                                   + (f" ({check['reason']})" if check.get("reason") else "")
+                                   + "".join(f"\n  {m}" for m in check.get("mismatches", [])))
         runtime.console.result(f"{path.name}: {report['result']} (verify.json written)")
     return EXIT_OK if report["result"] == "ok" else 8
 

@@ -95,7 +95,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("MIGRATE_COMMAND", "str", "pnpm prisma migrate deploy", "Run once per deploy in a new backend container before any traffic moves."),
     # -- gateway and ports ------------------------------------------------------------------------
     Key("GATEWAY_BIND", "str", "0.0.0.0", "Address the gateway publishes ports 3000, 3001, 5000, 8001 on; {address} = the host's address."),
-    Key("PUBLISH_INFRA", "choice", "loopback", "Publish database/broker ports: none, loopback (127.0.0.1) or all (0.0.0.0, not recommended).",
+    Key("PUBLISH_INFRA", "choice", "loopback", "Publish database/broker ports: none, loopback (127.0.0.1) or all (0.0.0.0, not recommended). With none, MinIO's S3 API still gets an ephemeral port on 127.0.0.1 for object backups through the SSH tunnel.",
         choices=("none", "loopback", "all")),
     Key("SERVER_NAMES", "list", ("_",), "Host names the gateway answers to (TLS certificates must cover them)."),
     Key("TLS_CERT_FILE", "path", "", "Local PEM certificate chain; when set with TLS_KEY_FILE the gateway terminates TLS on 443."),
@@ -130,6 +130,18 @@ SCHEMA: tuple[Key, ...] = (
     Key("MINIO_USER", "str", "healthadmin", "MinIO root user (S3 access key)."),
     Key("MINIO_PASSWORD", "secret", None, "MinIO root password (S3 secret key).", production_secret=True, service="minio"),
     Key("MINIO_BUCKETS", "list", ("health-files",), "Buckets the application uses."),
+    # -- backups --------------------------------------------------------------------------------
+    Key("BACKUP_SERVICES", "list", ("postgres", "influxdb", "mongodb", "minio"),
+        "What `inv backup` takes by default (postgres, influxdb, mongodb, minio, redis); disabled ones are skipped."),
+    Key("BACKUP_COMPRESSION", "choice", "none",
+        "zstd: compress artifacts the engine does not compress itself (globals, object archive, Redis); none: as they come.",
+        choices=("none", "zstd")),
+    Key("BACKUP_ZSTD_LEVEL", "int", 3, "zstd level for BACKUP_COMPRESSION=zstd (1-19)."),
+    Key("BACKUP_AGE_RECIPIENTS", "list", (),
+        "Encrypt every artifact at rest with age for these public keys (age1... or ssh-ed25519/ssh-rsa lines); "
+        "`inv backup.keygen` makes a pair."),
+    Key("BACKUP_AGE_IDENTITY_FILE", "path", "",
+        "Private age (or OpenSSH) key that decrypts encrypted sets for restore and verify; keep it off the servers."),
     Key("EMQX_USERNAME", "str", "health", "MQTT user of the backend."),
     Key("EMQX_PASSWORD", "secret", None, "MQTT / EMQX dashboard password.", production_secret=True, service="emqx"),
     Key("JWT_SECRET", "secret", None, "JWT signing secret (at least 32 characters).", production_secret=True),
@@ -313,6 +325,19 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if typed["stack_variant"] == "production" and not typed["app_source"] and kind != "sandbox":
         problems.append(Problem("APP_SOURCE", f"required for env '{env_name}'",
                                 "a local directory of the application or a git URL"))
+    if not 1 <= typed["backup_zstd_level"] <= 19:
+        problems.append(Problem("BACKUP_ZSTD_LEVEL", "must be between 1 and 19", KEYS_BY_NAME["BACKUP_ZSTD_LEVEL"].doc))
+    for service in typed["backup_services"]:
+        if service not in ("postgres", "influxdb", "mongodb", "minio", "redis"):
+            problems.append(Problem("BACKUP_SERVICES", f"{service!r} cannot be backed up",
+                                    "choose from postgres, influxdb, mongodb, minio, redis"))
+    if typed["backup_age_recipients"]:
+        from .sealing import parse_recipients
+        from .errors import UsageError
+        try:
+            parse_recipients(typed["backup_age_recipients"])
+        except UsageError as exc:
+            problems.append(Problem("BACKUP_AGE_RECIPIENTS", exc.message, exc.hint or KEYS_BY_NAME["BACKUP_AGE_RECIPIENTS"].doc))
     for name in ("BATCH_SIZE", "KEEP_RELEASES", "HEALTH_TIMEOUT"):
         if isinstance(typed[name.lower()], int) and typed[name.lower()] < 1:
             problems.append(Problem(name, "must be at least 1", KEYS_BY_NAME[name].doc))

@@ -73,6 +73,8 @@ class Executor(Protocol):
     alias: str
     address: str
 
+    def open_tcp(self, address: str, port: int, timeout: float = 10): ...
+
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
             on_line: Callable[[str], None] | None = None) -> Result: ...
 
@@ -223,6 +225,21 @@ class RemoteHost:
     @property
     def cipher(self) -> str:
         return self.connection.transport.remote_cipher
+
+    def open_tcp(self, address: str, port: int, timeout: float = 10) -> paramiko.Channel:
+        """A socket-like channel to ``address:port`` as seen from the host (SSH direct-tcpip, like ``ssh -L``).
+
+        Used for the S3 API of the object store, published on the host's loopback only."""
+        transport = self.connection.transport
+        if transport is None or not transport.is_active():
+            raise HealthdeployError(f"connection to {self.alias} was lost", "run the task again")
+        try:
+            return transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
+                                          window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET, timeout=timeout)
+        except paramiko.ChannelException as exc:
+            hint = ("the host's sshd refuses TCP forwarding: set `AllowTcpForwarding local` for this user"
+                    if exc.code == 1 else f"is anything listening on {address}:{port} on the host?")
+            raise HealthdeployError(f"{self.alias}: cannot open a tunnel to {address}:{port}: {exc.text}", hint) from None
 
     # -- running ---------------------------------------------------------------------------------
     def _open(self, command_line: str, window: int | None = None) -> paramiko.Channel:

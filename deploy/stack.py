@@ -107,6 +107,8 @@ def _depends(service: str, infra: tuple[str, ...]) -> tuple[str, ...]:
 def _ports_block(settings: Settings):
     def ports(service: str, *container_ports: int) -> str:
         if settings.publish_infra == "none":
+            if service == "minio":  # `inv backup` reaches the S3 API through an SSH tunnel to host loopback
+                return f'    ports:\n      - "127.0.0.1::{container_ports[0]}"'
             return ""
         bind = "127.0.0.1" if settings.publish_infra == "loopback" else "0.0.0.0"
         lines = ["    ports:"] + [f'      - "{bind}:{p}:{p}"' for p in container_ports]

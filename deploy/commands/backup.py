@@ -25,12 +25,15 @@ POSTGRES_DUMP = r"""set -e
 coproc PSQL { psql -X -q -t -A -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB"; }
 echo "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot();" >&"${PSQL[1]}"
 read -r snapshot <&"${PSQL[0]}"
+# The exporting session counts the rows (same snapshot) while pg_dump runs: another backend, another core.
+# The snapshot lives until that session commits, after pg_dump is done.
+printf '%s\n' "$1" "SELECT 'HEALTHDEPLOY-END';" >&"${PSQL[1]}"
 pg_dump -Fc --snapshot="$snapshot" -U "$POSTGRES_USER" -d "$POSTGRES_DB"
-printf '%s\n' "$1" "SELECT 'HEALTHDEPLOY-END';" "COMMIT;" >&"${PSQL[1]}"
 while read -r line <&"${PSQL[0]}"; do
   [ "$line" = HEALTHDEPLOY-END ] && break
   echo "HEALTHDEPLOY-ROWS $line" >&2
 done
+echo "COMMIT;" >&"${PSQL[1]}"
 exec {PSQL[1]}>&-
 wait
 """
@@ -57,7 +60,22 @@ def postgres_version(container: str) -> Command:
 
 
 # InfluxDB 1.x: a portable backup of the database into a temporary directory, streamed as a tar.
-INFLUX1_BACKUP = r"""set -e
+# Before the backup, the points per measurement and field up to a cut-off time T0 and the series per
+# measurement are recorded (stderr): everything up to T0 is in the backup, so a drill can compare.
+INFLUX1_COUNTS = r"""
+influx_counts() {
+  for q in "SELECT count(*) FROM /.*/ WHERE time <= '$2'" "SHOW SERIES EXACT CARDINALITY"; do
+    out=$(curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=$q" | tr -d '\n')
+    case "$out" in *'"error"'*) echo "influx: $q: $out" >&2; return 1 ;; esac
+    echo "HEALTHDEPLOY-INFLUX $out" >&2
+  done
+}
+"""
+
+INFLUX1_BACKUP = INFLUX1_COUNTS + r"""set -e
+t0=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+echo "HEALTHDEPLOY-T0 $t0" >&2
+influx_counts "$1" "$t0"
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 influxd backup -portable -host 127.0.0.1:8088 -database "$1" "$d" >&2
@@ -166,6 +184,52 @@ if ! q "SELECT * INTO \"$1\"..:MEASUREMENT FROM /.*/ GROUP BY *" "$tmpdb"; then
 fi
 q "DROP DATABASE \"$tmpdb\""
 """
+
+# The drill: the set restored into an empty throwaway server (no temporary database needed there).
+INFLUX1_DRILL_RESTORE = r"""set -e
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+tar -x -C "$d"
+influxd restore -portable -host 127.0.0.1:8088 -db "$1" "$d" >&2
+"""
+
+
+def influx_drill_restore(container: str, database: str) -> Command:
+    return _in(container, INFLUX1_DRILL_RESTORE, database, description="influxd restore -portable (drill)",
+               readonly=False)
+
+
+def influx_counts(container: str, database: str, cutoff: str) -> Command:
+    return _in(container, INFLUX1_COUNTS + 'influx_counts "$1" "$2"', database, cutoff,
+               description="count influx points and series")
+
+
+def influx_ready(container: str) -> Command:
+    return _in(container, "curl -fsS -o /dev/null http://127.0.0.1:8086/ping", description="wait for InfluxDB")
+
+
+def parse_influx_counts(stderr_text: str) -> dict:
+    """``HEALTHDEPLOY-INFLUX`` lines -> {"t0", "points": {measurement: {field: n}}, "series": {measurement: n}}."""
+    import json
+
+    points: dict[str, dict[str, int]] = {}
+    series: dict[str, int] = {}
+    t0 = None
+    for line in stderr_text.splitlines():
+        if line.startswith("HEALTHDEPLOY-T0 "):
+            t0 = line.split(" ", 1)[1].strip()
+        if not line.startswith("HEALTHDEPLOY-INFLUX "):
+            continue
+        for result in json.loads(line.split(" ", 1)[1]).get("results", []):
+            for row in result.get("series", []):
+                columns, values = row.get("columns", []), (row.get("values") or [[]])[0]
+                if columns == ["count"]:
+                    series[row["name"]] = int(values[0])
+                else:
+                    points[row["name"]] = {c[len("count_"):]: int(v) for c, v in zip(columns, values)
+                                           if c.startswith("count_") and v is not None}
+    return {"t0": t0, "points": points, "series": series}
+
 
 INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
 

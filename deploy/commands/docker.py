@@ -110,3 +110,43 @@ def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mo
 
 def logs_tail(container: str, lines: int = 30) -> Command:
     return cmd("docker", "logs", "--tail", str(lines), container, description="container logs", readonly=True)
+
+
+def published_port(container: str, port: int) -> Command:
+    return cmd("docker", "port", container, f"{port}/tcp", description=f"published address of {port}/tcp",
+               readonly=True)
+
+
+# The service env files are written for Compose (values in single quotes); `docker run --env-file` keeps
+# quotes, so a 0600 unquoted copy is made for the run and removed right after.
+RUN_WITH_ENV_FILE = r"""set -e
+umask 077
+f=$(mktemp)
+trap 'rm -f "$f"' EXIT
+sed -n "s/^\([A-Za-z_][A-Za-z0-9_]*\)='\(.*\)'\$/\1=\2/p" "$1" > "$f"
+shift
+docker run --env-file "$f" "$@"
+"""
+
+
+def run_throwaway(name: str, image: str, *args: str, env_file: str = "", publish: int | None = None,
+                  network: str | None = None, tmpfs: tuple[str, ...] = (), environment: tuple[str, ...] = (),
+                  description: str) -> Command:
+    """A detached, self-removing container for a restore drill. Credentials come from a service env file on
+    the host, never from argv; a published port is on host loopback with an ephemeral number."""
+    options = ["-d", "--rm", "--name", name, "--label", "healthdeploy.role=drill"]
+    if publish:
+        options += ["-p", f"127.0.0.1::{publish}"]
+    if network:
+        options += ["--network", network]
+    for path in tmpfs:
+        options += ["--tmpfs", path]
+    for assignment in environment:  # only values that are not secrets of the system
+        options += ["-e", assignment]
+    if env_file:
+        return cmd("bash", "-c", RUN_WITH_ENV_FILE, "bash", env_file, *options, image, *args, description=description)
+    return cmd("docker", "run", *options, image, *args, description=description)
+
+
+def remove_force(name: str, description: str = "remove the throwaway container") -> Command:
+    return cmd("docker", "rm", "-f", "-v", name, description=description)

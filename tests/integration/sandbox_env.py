@@ -37,6 +37,8 @@ def _remove_leftovers() -> None:
             ids.append(cid)
     if ids:
         subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
+    subprocess.run("docker ps -aq --filter label=healthdeploy.role=drill | xargs -r docker rm -f -v", shell=True,
+                   capture_output=True)  # restore drills killed before their clean-up
     subprocess.run("docker network ls -q --filter name=hd-t | xargs -r docker network rm", shell=True, capture_output=True)
     subprocess.run("docker volume ls -q --filter name=hd-t | xargs -r docker volume rm", shell=True, capture_output=True)
     shutil.rmtree("/var/lib/healthdeploy-test", ignore_errors=True)

@@ -1,8 +1,11 @@
-"""`inv backup` / `inv restore` / `inv backup.verify` against the real sandbox stack (PostgreSQL 15 and
-InfluxDB 1.6 servers; real sshd; real Docker)."""
+"""`inv backup` / `inv restore` / `inv backup.verify` against the real sandbox stack (PostgreSQL 15,
+InfluxDB 1.6 and an S3 server standing in for MinIO: SeaweedFS, same API; real sshd; real Docker).
+The tests reach the S3 server through its port published on 127.0.0.1."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -19,6 +22,63 @@ HOST = "sandbox7"
 PROJECT = "hd-tbk-sandbox7"
 PG = f"{PROJECT}-postgres-1"
 INFLUX = f"{PROJECT}-influxdb-1"
+S3 = f"{PROJECT}-minio-1"
+MARKER = b"PATIENT-REPORT-MARKER-6c1f"  # must never be readable in an encrypted set
+
+
+def s3():
+    from minio import Minio
+
+    port = subprocess.run(["docker", "port", S3, "9000/tcp"], capture_output=True, text=True,
+                          check=True).stdout.split()[0].rsplit(":", 1)[1]
+    return Minio(f"127.0.0.1:{port}", access_key="sandboxadmin", secret_key="sandbox-s3-secret-93aa", secure=False)
+
+
+def s3_snapshot() -> dict:
+    """Every object: size, SHA-256 of its bytes, content type, user metadata, tags."""
+    client, state = s3(), {}
+    for bucket in sorted(b.name for b in client.list_buckets()):
+        for o in client.list_objects(bucket, recursive=True):
+            stat = client.stat_object(bucket, o.object_name)
+            body = client.get_object(bucket, o.object_name)
+            try:
+                digest = hashlib.sha256(body.read()).hexdigest()
+            finally:
+                body.close()
+                body.release_conn()
+            meta = {k.lower(): v for k, v in stat.metadata.items() if k.lower().startswith("x-amz-meta-")}
+            state[(bucket, o.object_name)] = (stat.size, digest, stat.content_type, json.dumps(meta, sort_keys=True),
+                                              json.dumps(dict(client.get_object_tags(bucket, o.object_name) or {})))
+    return state
+
+
+def seed_objects() -> None:
+    from minio.commonconfig import Tags
+
+    client = s3()
+    for bucket in ("health-files", "avatars"):
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+    report = MARKER * 100
+    client.put_object("health-files", "reports/p1.pdf", io.BytesIO(report), len(report), content_type="application/pdf",
+                      metadata={"x-amz-meta-patient": "1", "Cache-Control": "max-age=60"})
+    big = os.urandom(6 << 20)  # above the 5 MiB part size: restored as a multipart upload
+    client.put_object("health-files", "scans/big.bin", io.BytesIO(big), len(big))
+    client.put_object("health-files", "中文/报告 1.txt", io.BytesIO("血压 120/80".encode()), len("血压 120/80".encode()),
+                      content_type="text/plain; charset=utf-8")
+    tags = Tags(for_object=True)
+    tags["kind"] = "avatar"
+    client.put_object("avatars", "p1.png", io.BytesIO(b"\x89PNG" + os.urandom(3000)), 3004, content_type="image/png",
+                      tags=tags)
+
+
+def destroy_objects() -> None:
+    client = s3()
+    client.remove_object("health-files", "reports/p1.pdf")
+    client.put_object("health-files", "scans/big.bin", io.BytesIO(b"overwritten"), 11)
+    client.put_object("health-files", "extra/junk.txt", io.BytesIO(b"not in the backup"), 17)
+    client.remove_object("avatars", "p1.png")
+    client.remove_bucket("avatars")
 
 
 def psql(sql: str) -> str:
@@ -69,16 +129,23 @@ def test_backup_destroy_restore_is_identical(env):
     psql("DO $$ BEGIN CREATE ROLE report_reader LOGIN PASSWORD 'rr-pass-123'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     influx(None, write="bp,patient=1 sys=120,dia=80 1700000000000000000\nbp,patient=2 sys=130,dia=85 1700000001000000000\n"
                         "hr,patient=1 bpm=70 1700000002000000000")
+    seed_objects()
     before = (psql(ROW_CHECKSUM), psql("SELECT md5(string_agg(r::text, ',' ORDER BY id)) FROM readings r"),
               json.dumps(influx("SELECT * FROM /.*/"), sort_keys=True))
+    objects_before = s3_snapshot()
+    assert len(objects_before) == 4
 
-    proc = inv(env, "backup", "--env", "bk", "--services", "postgres,influxdb", "--json")
+    proc = inv(env, "backup", "--env", "bk", "--services", "postgres,influxdb,minio", "--json")
     assert proc.returncode == 0, proc.stderr
     [backup_set] = sets(env)
     manifest = json.loads((backup_set / "manifest.json").read_text())
     assert manifest["env"] == "bk" and manifest["host"] == HOST and manifest["release"]
     files = {a["file"]: a for a in manifest["artifacts"]}
-    assert set(files) == {"postgres.dump", "postgres-globals.sql", "influxdb.tar"}
+    assert set(files) == {"postgres.dump", "postgres-globals.sql", "influxdb.tar", "minio.tar"}
+    assert files["minio.tar"]["objects"]["health-files"]["objects"] == 3
+    assert files["minio.tar"]["objects"]["avatars"] == {"objects": 1, "bytes": 3004}
+    assert files["influxdb.tar"]["influx"]["points"] == {"bp": {"dia": 2, "sys": 2}, "hr": {"bpm": 1}}
+    assert files["influxdb.tar"]["influx"]["series"] == {"bp": 2, "hr": 1}
     assert files["postgres.dump"]["rows"] == {"public.patients": 5000, "public.readings": 20000,
                                               "public.schema_migrations": 1}
     assert files["postgres.dump"]["engine_version"].startswith("postgres (PostgreSQL) 15")
@@ -93,12 +160,16 @@ def test_backup_destroy_restore_is_identical(env):
     subprocess.run(["docker", "exec", INFLUX, "curl", "-fsS", "-XPOST", "http://127.0.0.1:8086/query",
                     "--data-urlencode", "db=health_data", "--data-urlencode", "q=DROP MEASUREMENT hr"],
                    check=True, capture_output=True)
+    destroy_objects()
+    assert s3_snapshot() != objects_before
     proc = inv(env, "restore", "--env", "bk", "--from", backup_set.name, "--yes")
     assert proc.returncode == 0, proc.stderr
     assert "safety backup" in proc.stderr and "bk: healthy" in proc.stdout
     after = (psql(ROW_CHECKSUM), psql("SELECT md5(string_agg(r::text, ',' ORDER BY id)) FROM readings r"),
              json.dumps(influx("SELECT * FROM /.*/"), sort_keys=True))
     assert after == before
+    assert s3_snapshot() == objects_before  # bytes, content type, metadata and tags; the extra object removed
+    assert "1 extra removed" in proc.stderr
     assert psql("SELECT count(*) FROM pg_roles WHERE rolname = 'report_reader'") == "1"
     assert len(sets(env)) == 2  # the set and the safety backup taken before the restore
     audit = (Path(f"/var/lib/healthdeploy-test/{HOST}/bk/shared/audit.log")).read_text()
@@ -111,7 +182,11 @@ def test_restore_drill_verifies_the_set(env):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((backup_set / "verify.json").read_text())
     assert report["result"] == "ok"
-    assert report["checks"][0]["tables"]["public.readings"] == 20000
+    checks = {c["service"]: c for c in report["checks"]}
+    assert checks["postgres"]["tables"]["public.readings"] == 20000
+    assert checks["influxdb"]["result"] == "ok" and checks["influxdb"]["series"] == {"bp": 2, "hr": 1}
+    assert checks["minio"]["result"] == "ok"
+    assert checks["minio"]["buckets"]["avatars"] == {"objects": 1, "bytes": 3004}
     assert not subprocess.run(["docker", "ps", "-aq", "--filter", "name=hd-verify-"], capture_output=True,
                               text=True).stdout.strip()  # the throwaway container is gone
     listing = json.loads(inv(env, "backup.list", "--env", "bk", "--json").stdout)
@@ -142,6 +217,63 @@ def test_a_set_with_one_flipped_byte_is_refused_and_live_data_untouched(env):
         assert psql(ROW_CHECKSUM) == before
     finally:
         shutil.rmtree(bad)
+
+
+def test_encrypted_compressed_set_round_trip(env, tmp_path):
+    key = tmp_path / "backup.key"
+    proc = inv(env, "backup.keygen", "--out", str(key))
+    assert proc.returncode == 0, proc.stderr
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    recipient = next(line.split("=", 1)[1] for line in proc.stdout.splitlines()
+                     if line.startswith("BACKUP_AGE_RECIPIENTS="))
+    assert recipient.startswith("age1") and "AGE-SECRET-KEY" not in proc.stdout + proc.stderr
+    env.write(hosts=HOST, BACKUP_COMPRESSION="zstd", BACKUP_AGE_RECIPIENTS=recipient)
+    try:
+        known = set(sets(env))
+        proc = inv(env, "backup", "--env", "bk", "--services", "postgres,minio")
+        assert proc.returncode == 0, proc.stderr
+        [sealed] = set(sets(env)) - known
+        manifest = json.loads((sealed / "manifest.json").read_text())
+        files = {a["artifact"]: a for a in manifest["artifacts"]}
+        assert files["postgres.dump"]["file"] == "postgres.dump.age"  # pg_dump compresses: no zstd on top
+        assert files["postgres-globals.sql"]["file"] == "postgres-globals.sql.zst.age"
+        assert files["minio.tar"]["file"] == "minio.tar.zst.age"
+        assert files["minio.tar"]["sealing"]["encryption"]["recipients"] == [recipient]
+        assert files["minio.tar"]["sealing"]["compression"] == "zstd"
+        for a in files.values():
+            data = (sealed / a["file"]).read_bytes()
+            assert data.startswith(b"age-encryption.org/v1") and MARKER not in data
+            assert hashlib.sha256(data).hexdigest() == a["sha256"] and len(data) == a["bytes"]
+        assert manifest["encryption"] == "age"
+
+        # No private key configured: refused in one line before anything on the host is touched.
+        psql("DELETE FROM patients WHERE id % 5 = 0")
+        damaged = psql(ROW_CHECKSUM)
+        proc = inv(env, "restore", "--env", "bk", "--from", sealed.name, "--yes")
+        assert proc.returncode == 2
+        assert "postgres.dump.age is encrypted with age and BACKUP_AGE_IDENTITY_FILE is not set" in proc.stderr
+        assert psql(ROW_CHECKSUM) == damaged and len(set(sets(env)) - known) == 1  # no safety backup either
+
+        # The wrong key: the drill says it cannot decrypt (exit 8), naming the file.
+        other = tmp_path / "other.key"
+        assert inv(env, "backup.keygen", "--out", str(other)).returncode == 0
+        env.write(hosts=HOST, BACKUP_COMPRESSION="zstd", BACKUP_AGE_RECIPIENTS=recipient,
+                  BACKUP_AGE_IDENTITY_FILE=str(other))
+        proc = inv(env, "backup.verify", "--env", "bk", "--from", sealed.name)
+        assert proc.returncode == 8 and "cannot decrypt" in proc.stderr and ".age" in proc.stderr
+
+        env.write(hosts=HOST, BACKUP_COMPRESSION="zstd", BACKUP_AGE_RECIPIENTS=recipient,
+                  BACKUP_AGE_IDENTITY_FILE=str(key))
+        proc = inv(env, "backup.verify", "--env", "bk", "--from", sealed.name, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert {c["service"]: c["result"] for c in json.loads(proc.stdout)["checks"]} == {"postgres": "ok", "minio": "ok"}
+        objects_before = s3_snapshot()
+        destroy_objects()
+        proc = inv(env, "restore", "--env", "bk", "--from", sealed.name, "--yes", "--no-safety-backup")
+        assert proc.returncode == 0, proc.stderr
+        assert psql(ROW_CHECKSUM) != damaged and s3_snapshot() == objects_before
+    finally:
+        env.write(hosts=HOST)
 
 
 def test_a_backup_killed_halfway_leaves_no_good_set(env):
