@@ -103,7 +103,12 @@ def object_store(settings: Settings, host, container: str):
 
 
 def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None) -> Path:
-    """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path."""
+    """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path.
+
+    The artifacts stream concurrently over the one SSH connection (each engine dumps in its own container,
+    so the host's cores work in parallel), the small ones (globals, versions) alongside the big ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
     wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
     for service in wanted:
         if service not in BACKUP_ENGINES:
@@ -111,55 +116,113 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         if service not in settings.enabled_infra:
             raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
     target = Target.of(settings, host.alias, host.address)
-    containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
-    by_service: dict[str, Container] = {}
-    for c in containers:
-        by_service.setdefault(c.service, c)
-    missing = [s for s in wanted if s not in by_service]
+    # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, while the
+    # listing that confirms they run (and gives their images for the manifest) comes back alongside.
+    names = {service: f"{target.project}-{service}-1" for service in wanted}
+    with ThreadPoolExecutor(max_workers=BACKUP_STREAMS) as pool:
+        facts_future = pool.submit(lambda: HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text))
+        listing = pool.submit(lambda: {c.name: c for c in stack_containers(host, target.project)
+                                       if c.state == "running"})
+        started = time.time()
+        stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        env_dir = root / settings.env_name
+        env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = env_dir / f".partial-{stamp}"
+        partial.mkdir(mode=0o700)
+        try:
+            progress = _Progress(progress_printer("backup"))
+            versions = {service: pool.submit(_version, host, service, names[service]) for service in wanted}
+            futures = [pool.submit(_take, settings, host, console, partial, artifact, names[service], listing,
+                                   versions[service], progress)
+                       for service in wanted for artifact in artifacts_for(settings, service, names[service])]
+            try:
+                records = _results(futures, host)
+            except HealthdeployError:
+                _check_running(host, listing, names)  # "not running: X" says more than a failed docker exec
+                raise
+            facts = facts_future.result()
+            manifest = {
+                "format": 2, "env": settings.env_name, "host": host.alias, "release": facts.current,
+                "started": _utc(started), "finished": _utc(), "tool": f"healthdeploy {__version__}",
+                "encryption": "age" if settings.backup_age_recipients else None,
+                "compression": "zstd" if settings.backup_compression == "zstd" else "engine-native",
+                "artifacts": records,
+            }
+            fd = os.open(partial / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(manifest, out, indent=2, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            final = env_dir / stamp
+            os.rename(partial, final)  # complete and checked: only now does it look like a backup set
+            return final
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):  # end the streams still running: leaving the pool waits for them
+                getattr(host, "abort_streams", lambda: None)()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+BACKUP_STREAMS = 4
+
+
+def _check_running(host, listing, names: dict[str, str]) -> dict:
+    try:
+        running = listing.result()
+    except HealthdeployError:
+        return {}
+    missing = [service for service, name in names.items() if name not in running]
     if missing:
         raise HealthdeployError(f"{host.alias}: not running: {', '.join(missing)}", "`fab status` shows the stack")
-    facts = HostFacts.parse(host.run(fs.host_facts(target.deploy_path)).text)
-    started = time.time()
-    stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    env_dir = root / settings.env_name
-    env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    partial = env_dir / f".partial-{stamp}"
-    partial.mkdir(mode=0o700)
-    records = []
-    try:
-        for service in wanted:
-            container = by_service[service]
-            version = ""
-            if service in VERSION_COMMANDS:
-                version = host.run(VERSION_COMMANDS[service](container.name), check=False).text.strip()
-            for artifact in artifacts_for(settings, service, container.name):
-                records.append(_take(settings, host, console, partial, artifact, container, version))
-        manifest = {
-            "format": 2, "env": settings.env_name, "host": host.alias, "release": facts.current,
-            "started": _utc(started), "finished": _utc(), "tool": f"healthdeploy {__version__}",
-            "encryption": "age" if settings.backup_age_recipients else None,
-            "compression": "zstd" if settings.backup_compression == "zstd" else "engine-native",
-            "artifacts": records,
-        }
-        fd = os.open(partial / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(manifest, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        final = env_dir / stamp
-        os.rename(partial, final)  # complete and checked: only now does it look like a backup set
-        return final
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    return running
 
 
-def _take(settings: Settings, host, console: Console, partial: Path, artifact: Artifact, container: Container,
-          version: str) -> dict:
+def _version(host, service: str, container: str) -> str:
+    if service not in VERSION_COMMANDS:
+        return ""
+    return host.run(VERSION_COMMANDS[service](container), check=False).text.strip()
+
+
+def _results(futures, host) -> list[dict]:
+    """Every record in order; on the first failure the other streams are aborted (they end now instead of
+    finishing a dump nobody will keep) and that first error is raised."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = next((f for f in futures if f in done and f.exception() is not None), None)
+    if failed is not None:
+        if pending:
+            getattr(host, "abort_streams", lambda: None)()
+            wait(pending)
+        raise failed.exception()
+    return [f.result() for f in futures]
+
+
+class _Progress:
+    """One progress line (bytes and rate) summed over the concurrent streams; only on a terminal."""
+
+    def __init__(self, printer):
+        import threading
+
+        self.printer, self.totals, self.lock = printer, {}, threading.Lock()
+
+    def for_artifact(self, name: str):
+        if self.printer is None:
+            return None
+
+        def report(total: int) -> None:
+            with self.lock:
+                self.totals[name] = total
+                self.printer(sum(self.totals.values()))
+        return report
+
+
+def _take(settings: Settings, host, console: Console, partial: Path, artifact: Artifact, container: str,
+          listing, version_future, progress_total: _Progress) -> dict:
     """Stream one artifact into its (sealed) file; return its manifest record."""
     sealing = sealing_for(settings, artifact)
     path = partial / (artifact.file + sealing.suffix())
-    progress = progress_printer(f"{artifact.service} {artifact.file}")
+    progress = progress_total.for_artifact(artifact.file)
     extra: dict = {}
     t0 = time.monotonic()
     with open_sealed_writer(path, sealing) as writer:
@@ -167,7 +230,7 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
             from . import objects
 
             counted = _ContentHash(writer)
-            summary = objects.backup_objects(object_store(settings, host, container.name), counted, progress)
+            summary = objects.backup_objects(object_store(settings, host, container), counted, progress)
             content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
             extra["objects"] = summary.record()
             checked = "each object checked against its Content-Length and ETag"
@@ -183,8 +246,9 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
     sealed = f", stored {writer.stored_bytes} bytes ({_describe(sealing)})" if sealing.sealed else ""
     console.phase(host.alias, f"{path.name}: {content_bytes} bytes in {seconds:.1f}s, sha256 {content_sha256[:12]} "
                               f"({checked}){sealed}")
-    return {"service": artifact.service, "artifact": artifact.file, "file": path.name, "method": artifact.method, "engine_version": version,
-            "image": container.image_ref, "bytes": writer.stored_bytes, "sha256": writer.stored_sha256,
+    return {"service": artifact.service, "artifact": artifact.file, "file": path.name, "method": artifact.method,
+            "engine_version": version_future.result(),
+            "image": _check_running(host, listing, {artifact.service: container})[container].image_ref, "bytes": writer.stored_bytes, "sha256": writer.stored_sha256,
             "content_bytes": content_bytes, "content_sha256": content_sha256, "sealing": sealing.record(),
             "seconds": round(seconds, 2), **extra}
 

@@ -171,7 +171,6 @@ class HostDeploy:
     def audit(self, entry: dict) -> None:
         record = {"ts": _now(), "who": operator(), "env": self.s.env_name, "host": self.t.alias, **entry}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-        self.host.run(fs.mkdirs(self.t.shared, mode="0700"))
         self.host.run(fs.append_line(f"{self.t.shared}/audit.log", line), check=False)
 
     # -- files -------------------------------------------------------------------------------------

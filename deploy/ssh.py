@@ -86,6 +86,10 @@ class Executor(Protocol):
 
 
 def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Without it Nagle and delayed ACKs add ~40 ms to every small request/answer: opening a channel,
+        # its exit status. (OpenSSH sets it too.) Measured here: `true` over SSH 125 -> see bench.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock, **kwargs)
     options = transport.get_security_options()
     available = tuple(options.ciphers)
@@ -174,6 +178,7 @@ class RemoteHost:
         self.connection = connection
         self.address = connection.host
         self.secrets = secrets
+        self._streams: set[paramiko.Channel] = set()  # open streams, for abort_streams()
 
     # -- connecting ------------------------------------------------------------------------------
     @classmethod
@@ -215,6 +220,12 @@ class RemoteHost:
 
     def close(self) -> None:
         self.connection.close()
+
+    def abort_streams(self) -> None:
+        """Close every stream still running (another one failed): each ends with an error at once, and
+        the remote command loses its pipe, instead of finishing a transfer nobody will keep."""
+        for channel in list(self._streams):
+            channel.close()
 
     def __enter__(self):
         return self
@@ -333,6 +344,14 @@ class RemoteHost:
         """
         started = time.monotonic()
         channel = self._open(checksummed_stdout(command).render(), window=STREAM_WINDOW)
+        self._streams.add(channel)
+        try:
+            return self._receive(command, channel, target, progress, started)
+        finally:
+            self._streams.discard(channel)
+
+    def _receive(self, command: Command, channel: paramiko.Channel, target: BinaryIO,
+                 progress: Callable[[int], None] | None, started: float) -> StreamResult:
         channel.shutdown_write()
         digest = hashlib.sha256()
         total = 0
@@ -373,6 +392,14 @@ class RemoteHost:
         """Feed ``source`` to the command's stdin at constant memory, checksummed on both ends."""
         started = time.monotonic()
         channel = self._open(checksummed_stdin(command).render(), window=STREAM_WINDOW)
+        self._streams.add(channel)
+        try:
+            return self._send(command, channel, source, progress, started)
+        finally:
+            self._streams.discard(channel)
+
+    def _send(self, command: Command, channel: paramiko.Channel, source: BinaryIO,
+              progress: Callable[[int], None] | None, started: float) -> StreamResult:
         digest = hashlib.sha256()
         total = 0
         stderr = bytearray()

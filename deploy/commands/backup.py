@@ -162,9 +162,23 @@ def postgres_restore(container: str, database: str = "") -> Command:
     return _in(container, POSTGRES_RESTORE, database, description="pg_restore --clean --if-exists", readonly=False)
 
 
+# `influxd restore` returns while the restored shards are still disabled for a moment.
+INFLUX1_WAIT_SHARDS = r"""
+wait_shards() {
+  i=0
+  while :; do
+    out=$(curl -sS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=SELECT count(*) FROM /.*/")
+    case "$out" in *'shard is disabled'*) ;; *) return 0 ;; esac
+    i=$((i + 1))
+    [ "$i" -lt 120 ] || { echo "influx: $1: shards still disabled after 60 s" >&2; return 1; }
+    sleep 0.5
+  done
+}
+"""
+
 # InfluxDB 1.x cannot restore over an existing database: restore into a temporary one, recreate the
 # target empty, copy every measurement across (SELECT ... INTO, tags kept by GROUP BY *), drop the temporary.
-INFLUX1_RESTORE = r"""set -e
+INFLUX1_RESTORE = INFLUX1_WAIT_SHARDS + r"""set -e
 d=$(mktemp -d)
 tmpdb="healthdeploy_restore_$(date +%s)"
 trap 'rm -rf "$d"' EXIT
@@ -175,6 +189,7 @@ q() {
 }
 tar -x -C "$d"
 influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$tmpdb" "$d" >&2
+wait_shards "$tmpdb"
 q "SHOW MEASUREMENTS" "$tmpdb"
 q "DROP DATABASE \"$1\""
 q "CREATE DATABASE \"$1\""
@@ -186,11 +201,12 @@ q "DROP DATABASE \"$tmpdb\""
 """
 
 # The drill: the set restored into an empty throwaway server (no temporary database needed there).
-INFLUX1_DRILL_RESTORE = r"""set -e
+INFLUX1_DRILL_RESTORE = INFLUX1_WAIT_SHARDS + r"""set -e
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 tar -x -C "$d"
 influxd restore -portable -host 127.0.0.1:8088 -db "$1" "$d" >&2
+wait_shards "$1"
 """
 
 

@@ -19,7 +19,9 @@ def write_file(path: str, content: bytes, mode: str = "0644") -> Command:
 
 
 def append_line(path: str, line: bytes) -> Command:
-    return script('umask 077; cat >> "$1"', path, description="append to audit log", stdin=line)
+    """Append to a log file, creating its directory (0700) and the file (0600) when missing: one round trip."""
+    return script('umask 077; mkdir -p "$(dirname "$1")" && cat >> "$1"', path, description="append to audit log",
+                  stdin=line)
 
 
 def extract_tar(directory: str) -> Command:
