@@ -250,11 +250,29 @@ def parse_influx_counts(stderr_text: str) -> dict:
 INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
 
 
+# InfluxDB 2.x will not restore into an existing bucket: restore into a new one, and only when that
+# worked, delete the live bucket and give the new one its name (the application writes by bucket name).
+INFLUX2_RESTORE = r"""set -e
+d=$(mktemp -d)
+trap 'rm -rf "$d"' EXIT
+tar -x -C "$d"
+export INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"
+org="$DOCKER_INFLUXDB_INIT_ORG"
+tmp="$1-restore-$(date +%s)"
+influx restore "$d" --org "$org" --bucket "$1" --new-bucket "$tmp" >&2
+new_id=$(influx bucket list --org "$org" --name "$tmp" --hide-headers | awk '{print $1}')
+[ -n "$new_id" ] || { echo "influx: the restored bucket $tmp is missing" >&2; exit 1; }
+if influx bucket list --org "$org" --name "$1" --hide-headers >/dev/null 2>&1; then
+  influx bucket delete --org "$org" --name "$1" >&2
+fi
+influx bucket update --id "$new_id" --name "$1" >&2
+"""
+
+
 def influx_restore(container: str, version: str, database: str) -> Command:
     if version != "1":
-        return _in(container, 'set -e; d=$(mktemp -d); trap \'rm -rf "$d"\' EXIT; tar -x -C "$d"; '
-                   'INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" influx restore "$d" --full >&2',
-                   description="influx restore --full", readonly=False)
+        return _in(container, INFLUX2_RESTORE, database, description="influx restore (into a new bucket, then swapped)",
+                   readonly=False)
     return _in(container, INFLUX1_RESTORE, database, description="influxd restore -portable", readonly=False)
 
 

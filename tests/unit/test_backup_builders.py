@@ -36,7 +36,11 @@ def test_influx2_backup_and_restore_use_the_token_from_the_environment():
     assert 'INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" influx backup' in backup
     assert "--token" not in backup
     restore = rendered(bk.influx_restore("prod-influxdb-1", "2", "health_data"))
-    assert "influx restore" in restore and "--full" in restore and "--token" not in restore
+    assert "--token" not in restore and "--full" not in restore and restore.endswith(" sh health_data")
+    # into a new bucket first; the live one is deleted only after that worked, then the new one renamed
+    text = bk.INFLUX2_RESTORE
+    assert text.index('--new-bucket "$tmp"') < text.index("bucket delete") < text.index('bucket update --id "$new_id" --name "$1"')
+    assert text.startswith("set -e")
 
 
 def test_influx1_restore_goes_through_a_temporary_database_and_checks_bodies():
@@ -49,3 +53,86 @@ def test_influx1_restore_goes_through_a_temporary_database_and_checks_bodies():
 def test_row_parser():
     assert bk.parse_rows("HEALTHDEPLOY-ROWS public.patients 12\nnoise\nHEALTHDEPLOY-ROWS public.x 0\n") == {
         "public.patients": 12, "public.x": 0}
+
+
+def test_influx1_backup_records_points_and_series_up_to_a_cutoff_first():
+    text = rendered(bk.influx_backup("influx", "1", "health_data"))
+    assert text.index("HEALTHDEPLOY-T0") < text.index('influx_counts "$1" "$t0"') < text.index("influxd backup -portable")
+    assert "WHERE time <= '$2'" in bk.INFLUX1_BACKUP and "SHOW SERIES EXACT CARDINALITY" in text
+
+
+def test_influx_count_parser_skips_fields_a_measurement_lacks():
+    import json
+
+    counts = {"results": [{"statement_id": 0, "series": [
+        {"name": "bp", "columns": ["time", "count_bpm", "count_sys"], "values": [["1970-01-01T00:00:00Z", None, 2]]},
+        {"name": "hr", "columns": ["time", "count_bpm", "count_sys"], "values": [["1970-01-01T00:00:00Z", 7, None]]}]}]}
+    series = {"results": [{"statement_id": 0, "series": [{"name": "bp", "columns": ["count"], "values": [[2]]}]}]}
+    text = (f"noise\nHEALTHDEPLOY-T0 2026-11-28T10:00:00Z\nHEALTHDEPLOY-INFLUX {json.dumps(counts)}\n"
+            f"HEALTHDEPLOY-INFLUX {json.dumps(series)}\n")
+    assert bk.parse_influx_counts(text) == {"t0": "2026-11-28T10:00:00Z", "points": {"bp": {"sys": 2}, "hr": {"bpm": 7}},
+                                            "series": {"bp": 2}}
+
+
+def test_influx1_restores_wait_until_the_restored_shards_are_enabled():
+    assert "shard is disabled" in rendered(bk.influx_restore("influx", "1", "health_data"))
+    drill = rendered(bk.influx_drill_restore("drill", "health_data"))
+    assert "influxd restore -portable" in drill and "-newdb" not in drill and 'wait_shards "$1"' in drill
+
+
+def test_drill_containers_take_credentials_from_the_env_file_not_argv():
+    from deploy.commands import docker as dk
+
+    text = dk.run_throwaway("hd-verify-x-minio", "minio/minio:RELEASE", "server", "/data", publish=9000,
+                            tmpfs=("/tmp",), env_file="/srv/hd/shared/env/minio.env", description="d").render()
+    assert text.startswith("bash -c ")
+    assert "--env-file \"$f\"" in text and "umask 077" in text and "rm -f \"$f\"" in text  # unquoted 0600 copy
+    assert "/srv/hd/shared/env/minio.env -d --rm --name hd-verify-x-minio --label healthdeploy.role=drill" in text
+    assert "-p 127.0.0.1::9000" in text and text.endswith("minio/minio:RELEASE server /data")
+    plain = dk.run_throwaway("n", "img", network="none", environment=("A=1",), description="d").render()
+    assert plain == "docker run -d --rm --name n --label healthdeploy.role=drill --network none -e A=1 img"
+
+
+def test_published_port_parser_prefers_loopback():
+    from deploy.facts import parse_published_port
+
+    assert parse_published_port("127.0.0.1:32768\n") == ("127.0.0.1", 32768)
+    assert parse_published_port("0.0.0.0:9000\n[::]:9000\n") == ("127.0.0.1", 9000)
+    assert parse_published_port("[::]:9000\n") == ("::1", 9000)
+    assert parse_published_port("Error: No public port '9000/tcp' published\n") is None
+
+
+def test_sealing_skips_zstd_for_what_the_engine_compresses():
+    from deploy.backup import artifacts_for, sealing_for
+    from deploy.settings import load_settings
+
+    s = load_settings("sandbox")
+    import dataclasses
+
+    s = dataclasses.replace(s, backup_compression="zstd", backup_age_recipients=())
+    suffixes = {a.file: sealing_for(s, a).suffix() for service in ("postgres", "influxdb", "minio", "redis")
+                for a in artifacts_for(s, service, "c")}
+    assert suffixes == {"postgres.dump": "", "postgres-globals.sql": ".zst", "influxdb.tar": "", "minio.tar": ".zst",
+                        "redis.rdb": ".zst"}
+
+
+def test_an_encrypted_set_needs_the_identity_before_anything_runs():
+    import dataclasses
+
+    import pytest
+
+    from deploy.backup import artifact_record, restore_plan
+    from deploy.errors import UsageError
+    from deploy.settings import load_settings
+
+    s = load_settings("sandbox")
+    manifest = {"artifacts": [
+        {"service": "postgres", "artifact": "postgres.dump", "file": "postgres.dump.age",
+         "sealing": {"compression": None, "encryption": {"scheme": "age", "recipients": ["age1x"]}}},
+        {"service": "redis", "file": "redis.rdb"}]}  # format 1 record: no "artifact", no sealing
+    with pytest.raises(UsageError, match="postgres.dump.age is encrypted with age and BACKUP_AGE_IDENTITY_FILE"):
+        restore_plan(s, manifest, None)
+    with pytest.raises(UsageError, match="restoring redis is not supported"):
+        restore_plan(dataclasses.replace(s, backup_age_identity_file="/nonexistent"), manifest, ("redis",))
+    assert artifact_record(manifest, "redis.rdb")["file"] == "redis.rdb"
+    assert artifact_record(manifest, "postgres.dump")["file"] == "postgres.dump.age"
