@@ -21,7 +21,11 @@ ROW_COUNT_SQL = (
     "FROM pg_stat_user_tables ORDER BY 1 \\gexec"
 )
 
+# Each dump script reports its engine's version on stderr first (no separate round trip for it).
+VERSION_LINE = "HEALTHDEPLOY-VERSION "
+
 POSTGRES_DUMP = r"""set -e
+echo "HEALTHDEPLOY-VERSION $(postgres --version 2>/dev/null || pg_dump --version)" >&2
 coproc PSQL { psql -X -q -t -A -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB"; }
 echo "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot();" >&"${PSQL[1]}"
 read -r snapshot <&"${PSQL[0]}"
@@ -55,9 +59,6 @@ def postgres_globals(container: str) -> Command:
     return _in(container, 'exec pg_dumpall --globals-only -U "$POSTGRES_USER"', description="pg_dumpall --globals-only")
 
 
-def postgres_version(container: str) -> Command:
-    return _in(container, "postgres --version 2>/dev/null || pg_dump --version", description="postgres version")
-
 
 # InfluxDB 1.x: a portable backup of the database into a temporary directory, streamed as a tar.
 # Before the backup, the points per measurement and field up to a cut-off time T0 and the series per
@@ -73,6 +74,7 @@ influx_counts() {
 """
 
 INFLUX1_BACKUP = INFLUX1_COUNTS + r"""set -e
+echo "HEALTHDEPLOY-VERSION $(influxd version 2>/dev/null)" >&2
 t0=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 echo "HEALTHDEPLOY-T0 $t0" >&2
 influx_counts "$1" "$t0"
@@ -84,6 +86,7 @@ tar -C "$d" -c .
 
 # InfluxDB 2.x: `influx backup` with the operator token from the container's environment.
 INFLUX2_BACKUP = r"""set -e
+echo "HEALTHDEPLOY-VERSION $(influxd version 2>/dev/null || influx version)" >&2
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 INFLUX_TOKEN="$DOCKER_INFLUXDB_INIT_ADMIN_TOKEN" influx backup "$d" >&2
@@ -97,12 +100,10 @@ def influx_backup(container: str, version: str, database: str) -> Command:
     return _in(container, INFLUX2_BACKUP, description="influx backup")
 
 
-def influx_version(container: str) -> Command:
-    return _in(container, "influxd version 2>/dev/null || influx version", description="influx version")
-
 
 # MongoDB: one gzip'd archive of every database; the password goes through a 0600 config file.
 MONGO_DUMP = r"""set -e
+echo "HEALTHDEPLOY-VERSION $(mongod --version 2>/dev/null | head -n 1)" >&2
 umask 077
 c=$(mktemp)
 trap 'rm -f "$c"' EXIT
@@ -117,6 +118,7 @@ def mongo_dump(container: str) -> Command:
 
 # Redis (optional extra): the RDB snapshot, fetched by redis-cli over the replication protocol.
 REDIS_RDB = r"""set -e
+echo "HEALTHDEPLOY-VERSION $(redis-server --version)" >&2
 f=$(mktemp)
 trap 'rm -f "$f"' EXIT
 REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli --rdb "$f" >&2
@@ -128,8 +130,10 @@ def redis_rdb(container: str) -> Command:
     return _in(container, REDIS_RDB, description="redis-cli --rdb")
 
 
-def redis_version(container: str) -> Command:
-    return _in(container, "redis-server --version", description="redis version")
+
+def parse_version(stderr_text: str) -> str:
+    return next((line[len(VERSION_LINE):].strip() for line in stderr_text.splitlines()
+                 if line.startswith(VERSION_LINE)), "")
 
 
 def parse_rows(stderr_text: str) -> dict[str, int]:

@@ -99,6 +99,12 @@ def host_facts(deploy_path: str) -> Command:
     return script(HOST_FACTS, deploy_path, description="read host facts", readonly=True)
 
 
+def current_release(deploy_path: str) -> Command:
+    """Just the live release id (what a backup records): no docker/compose start-up like host_facts."""
+    return script('basename "$(readlink "$1/current" 2>/dev/null)" 2>/dev/null; exit 0', deploy_path,
+                  description="read the live release", readonly=True)
+
+
 # -- the deploy lock ---------------------------------------------------------------------------------
 # mkdir is atomic: exactly one deploy creates the directory. The holder is a process on the host that
 # lives as long as the deploy's SSH channel (it exits when its stdin closes), so a lock whose holder
