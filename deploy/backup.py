@@ -25,7 +25,7 @@ from .commands import docker as dk
 from .commands import files as fs
 from .console import Console
 from .errors import HealthdeployError, IntegrityError, UsageError
-from .facts import Container, parse_published_port, stack_containers
+from .facts import Container, parse_containers, parse_published_port, stack_containers
 from .sealing import Sealing, open_sealed_writer, open_unsealed_reader
 from .settings import Settings
 from .ssh import progress_printer
@@ -104,7 +104,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
 
     The artifacts stream concurrently over the one SSH connection (each engine dumps in its own container,
     so the host's cores work in parallel), the small ones (globals, versions) alongside the big ones."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
     for service in wanted:
@@ -116,10 +116,8 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
     # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, while the
     # listing that confirms they run (and gives their images for the manifest) comes back alongside.
     names = {service: f"{target.project}-{service}-1" for service in wanted}
+    artifacts = [(service, artifact) for service in wanted for artifact in artifacts_for(settings, service, names[service])]
     with ThreadPoolExecutor(max_workers=BACKUP_STREAMS) as pool:
-        release = pool.submit(lambda: host.run(fs.current_release(target.deploy_path)).text.strip())
-        listing = pool.submit(lambda: {c.name: c for c in stack_containers(host, target.project)
-                                       if c.state == "running"})
         started = time.time()
         stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         env_dir = root / settings.env_name
@@ -128,9 +126,21 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         partial.mkdir(mode=0o700)
         try:
             progress = _Progress(progress_printer("backup"))
-            futures = [pool.submit(_take, settings, host, console, partial, artifact, names[service], listing,
-                                   progress)
-                       for service in wanted for artifact in artifacts_for(settings, service, names[service])]
+            listing: Future = Future()  # set below; every stream ends by looking its container up in it
+
+            def take(service: str, artifact: Artifact) -> Future:
+                return pool.submit(_take, settings, host, console, partial, artifact, names[service], listing, progress)
+
+            # The first (biggest) dump starts at once; the small facts go next, before any stream that could
+            # wait for them takes the other worker.
+            futures = [take(*artifacts[0])]
+            release = pool.submit(lambda: host.run(fs.current_release(target.deploy_path)).text.strip())
+            listed = pool.submit(lambda: {c.name: c for c in parse_containers(
+                host.run(dk.inspect_named(tuple(names.values()))).text or "[]", target.project)
+                if c.state == "running"})
+            listed.add_done_callback(lambda f: listing.set_exception(f.exception()) if f.exception()
+                                     else listing.set_result(f.result()))
+            futures += [take(*pair) for pair in artifacts[1:]]
             try:
                 records = _results(futures, host)
             except HealthdeployError:

@@ -123,8 +123,7 @@ def backup_objects(client: Minio, out: BinaryIO, progress: Callable[[int], None]
         for bucket in buckets:
             totals = summary.buckets.setdefault(bucket, BucketTotals())
             try:
-                listing = list(client.list_objects(bucket, recursive=True))  # names only: small next to the data
-                for entry in listing:
+                for entry in client.list_objects(bucket, recursive=True):  # paged lazily: memory stays flat
                     if entry.is_dir:
                         continue
                     total += _copy_object(client, tar, bucket, entry.object_name, totals)

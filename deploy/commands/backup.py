@@ -56,7 +56,8 @@ def postgres_row_counts(container: str, database: str = "") -> Command:
 
 
 def postgres_globals(container: str) -> Command:
-    return _in(container, 'exec pg_dumpall --globals-only -U "$POSTGRES_USER"', description="pg_dumpall --globals-only")
+    return _in(container, 'echo "HEALTHDEPLOY-VERSION $(pg_dumpall --version)" >&2; '
+                          'exec pg_dumpall --globals-only -U "$POSTGRES_USER"', description="pg_dumpall --globals-only")
 
 
 

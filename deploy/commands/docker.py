@@ -49,6 +49,11 @@ def project_containers(project: str) -> Command:
     )
 
 
+def inspect_named(names: tuple[str, ...]) -> Command:
+    """JSON array of ``docker inspect`` for the named containers that exist (one CLI call, no listing)."""
+    return script('docker inspect "$@" 2>/dev/null || true', *names, description="inspect containers", readonly=True)
+
+
 def image_ids(refs: tuple[str, ...]) -> Command:
     """``ref id`` per line; a missing image prints ``ref -``."""
     return script(
