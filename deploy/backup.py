@@ -542,7 +542,7 @@ def _drill_influx(settings: Settings, host, console: Console, path: Path, manife
                               description="start a throwaway InfluxDB"))
     _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB")
     _send(settings, host, bk.influx_drill_restore(name, settings.influx_bucket), path, record)
-    restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, settings.influx_bucket, recorded["t0"])).err)
+    restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, bk.DRILL_DATABASE, recorded["t0"])).err)
     # Everything up to the cut-off must be back; more is possible (points written late with old times).
     mismatches = []
     for measurement, fields in sorted(recorded["points"].items()):

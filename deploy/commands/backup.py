@@ -193,6 +193,13 @@ q() {
   case "$out" in *'"error"'*) echo "influx: $1: $out" >&2; return 1 ;; esac
 }
 tar -x -C "$d"
+# A backup of an empty database has no shard files, and `influxd restore` refuses it ("DB metadata not
+# changed"): restoring it means an empty database.
+if ! ls "$d"/*.tar.gz >/dev/null 2>&1; then
+  q "DROP DATABASE \"$1\""
+  q "CREATE DATABASE \"$1\""
+  exit 0
+fi
 influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$tmpdb" "$d" >&2
 wait_shards "$tmpdb"
 q "SHOW MEASUREMENTS" "$tmpdb"
@@ -205,19 +212,25 @@ fi
 q "DROP DATABASE \"$tmpdb\""
 """
 
-# The drill: the set restored into an empty throwaway server (no temporary database needed there).
+# The drill: the set restored into a throwaway server, under its own name (the image's entrypoint may
+# create the application's database at start-up, and a portable restore refuses an existing one).
+DRILL_DATABASE = "healthdeploy_drill"
 INFLUX1_DRILL_RESTORE = INFLUX1_WAIT_SHARDS + r"""set -e
 d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 tar -x -C "$d"
-influxd restore -portable -host 127.0.0.1:8088 -db "$1" "$d" >&2
-wait_shards "$1"
+if ! ls "$d"/*.tar.gz >/dev/null 2>&1; then  # an empty database: nothing for influxd restore to do
+  curl -fsS -o /dev/null -XPOST http://127.0.0.1:8086/query --data-urlencode "q=CREATE DATABASE \"$2\""
+  exit 0
+fi
+influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$2" "$d" >&2
+wait_shards "$2"
 """
 
 
 def influx_drill_restore(container: str, database: str) -> Command:
-    return _in(container, INFLUX1_DRILL_RESTORE, database, description="influxd restore -portable (drill)",
-               readonly=False)
+    return _in(container, INFLUX1_DRILL_RESTORE, database, DRILL_DATABASE,
+               description="influxd restore -portable (drill)", readonly=False)
 
 
 def influx_counts(container: str, database: str, cutoff: str) -> Command:

@@ -77,7 +77,7 @@ def test_influx_count_parser_skips_fields_a_measurement_lacks():
 def test_influx1_restores_wait_until_the_restored_shards_are_enabled():
     assert "shard is disabled" in rendered(bk.influx_restore("influx", "1", "health_data"))
     drill = rendered(bk.influx_drill_restore("drill", "health_data"))
-    assert "influxd restore -portable" in drill and "-newdb" not in drill and 'wait_shards "$1"' in drill
+    assert '-db "$1" -newdb "$2"' in drill and 'wait_shards "$2"' in drill and drill.endswith(" health_data healthdeploy_drill")
 
 
 def test_drill_containers_take_credentials_from_the_env_file_not_argv():
@@ -136,3 +136,10 @@ def test_an_encrypted_set_needs_the_identity_before_anything_runs():
         restore_plan(dataclasses.replace(s, backup_age_identity_file="/nonexistent"), manifest, ("redis",))
     assert artifact_record(manifest, "redis.rdb")["file"] == "redis.rdb"
     assert artifact_record(manifest, "postgres.dump")["file"] == "postgres.dump.age"
+
+
+def test_an_empty_influx_database_restores_as_an_empty_database():
+    # `influxd restore` refuses a backup without shard files; both restores recreate the database instead.
+    live = bk.INFLUX1_RESTORE
+    assert live.index('ls "$d"/*.tar.gz') < live.index("influxd restore -portable")
+    assert 'CREATE DATABASE \\"$2\\"' in bk.INFLUX1_DRILL_RESTORE
