@@ -85,7 +85,7 @@ def checklist(c, env, json=False, junit=None, file=None):
 
 
 @task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
-                          "services": "comma-separated: postgres,influxdb,mongodb,minio,redis (default: BACKUP_SERVICES)",
+                          "services": "comma-separated: postgres,influxdb,mongodb,minio,redis,qdrant (default: BACKUP_SERVICES)",
                           "json": "print the manifest as JSON"})
 @cli.entry
 def backup(c, env, host=None, services=None, json=False):

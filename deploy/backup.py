@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .commands import backup as bk
@@ -31,8 +32,9 @@ from .settings import Settings
 from .ssh import progress_printer
 from .stack import Target
 
-BACKUP_ENGINES = ("postgres", "influxdb", "mongodb", "minio", "redis")
+BACKUP_ENGINES = ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant")
 S3_PORT = 9000
+QDRANT_PORT = 6333
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def artifacts_for(settings: Settings, service: str, container: str) -> list[Arti
         return [Artifact(service, "minio.tar", None, "S3 API (every bucket, objects with metadata) over an SSH tunnel")]
     if service == "redis":
         return [Artifact(service, "redis.rdb", bk.redis_rdb(container), "redis-cli --rdb")]
+    if service == "qdrant":
+        return [Artifact(service, "qdrant.snapshot", None, "Qdrant full snapshot (HTTP API) over an SSH tunnel")]
     raise UsageError(f"no backup method for {service}", f"choose from {', '.join(BACKUP_ENGINES)}")
 
 
@@ -86,17 +90,22 @@ class _ContentHash:
         self.target.flush()
 
 
+def tunnel_to(host, container: str, port: int) -> tuple[str, Callable[[], object]]:
+    """("address:port", socket factory) for ``container``'s ``port`` as published on the host's loopback."""
+    published = parse_published_port(host.run(dk.published_port(container, port), check=False).text)
+    if published is None:
+        raise HealthdeployError(f"{host.alias}: {container} does not publish port {port} on the host",
+                                "deploy again: the compose file publishes it on 127.0.0.1")
+    address, number = published
+    return f"{address}:{number}", lambda: host.open_tcp(address, number)
+
+
 def object_store(settings: Settings, host, container: str):
     """An S3 client for the MinIO container on ``host``, through an SSH tunnel to its loopback port."""
     from . import objects
 
-    published = parse_published_port(host.run(dk.published_port(container, S3_PORT), check=False).text)
-    if published is None:
-        raise HealthdeployError(f"{host.alias}: {container} does not publish the S3 port {S3_PORT} on the host",
-                                "deploy again: the compose file publishes it on 127.0.0.1")
-    address, port = published
-    return objects.client_over(lambda: host.open_tcp(address, port), f"{address}:{port}",
-                               settings.minio_user, settings.minio_password.reveal())
+    endpoint, open_socket = tunnel_to(host, container, S3_PORT)
+    return objects.client_over(open_socket, endpoint, settings.minio_user, settings.minio_password.reveal())
 
 
 def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None) -> Path:
@@ -228,7 +237,15 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
     version = ""
     t0 = time.monotonic()
     with open_sealed_writer(path, sealing) as writer:
-        if artifact.command is None:  # MinIO: the S3 API through a tunnel
+        if artifact.service == "qdrant":  # its HTTP API through a tunnel
+            from . import vectors
+
+            counted = _ContentHash(writer)
+            endpoint, open_socket = tunnel_to(host, container, QDRANT_PORT)
+            extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress)
+            content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
+            checked = "size and SHA-256 checked against the server's"
+        elif artifact.command is None:  # MinIO: the S3 API through a tunnel
             from . import objects
 
             counted = _ContentHash(writer)

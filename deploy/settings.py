@@ -95,7 +95,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("MIGRATE_COMMAND", "str", "pnpm prisma migrate deploy", "Run once per deploy in a new backend container before any traffic moves."),
     # -- gateway and ports ------------------------------------------------------------------------
     Key("GATEWAY_BIND", "str", "0.0.0.0", "Address the gateway publishes ports 3000, 3001, 5000, 8001 on; {address} = the host's address."),
-    Key("PUBLISH_INFRA", "choice", "loopback", "Publish database/broker ports: none, loopback (127.0.0.1) or all (0.0.0.0, not recommended). With none, MinIO's S3 API still gets an ephemeral port on 127.0.0.1 for object backups through the SSH tunnel.",
+    Key("PUBLISH_INFRA", "choice", "loopback", "Publish database/broker ports: none, loopback (127.0.0.1) or all (0.0.0.0, not recommended). With none, MinIO's S3 API and Qdrant's HTTP API still get an ephemeral port on 127.0.0.1 for backups through the SSH tunnel.",
         choices=("none", "loopback", "all")),
     Key("SERVER_NAMES", "list", ("_",), "Host names the gateway answers to (TLS certificates must cover them)."),
     Key("TLS_CERT_FILE", "path", "", "Local PEM certificate chain; when set with TLS_KEY_FILE the gateway terminates TLS on 443."),
@@ -132,7 +132,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("MINIO_BUCKETS", "list", ("health-files",), "Buckets the application uses."),
     # -- backups --------------------------------------------------------------------------------
     Key("BACKUP_SERVICES", "list", ("postgres", "influxdb", "mongodb", "minio"),
-        "What `inv backup` takes by default (postgres, influxdb, mongodb, minio, redis); disabled ones are skipped."),
+        "What `inv backup` takes by default (postgres, influxdb, mongodb, minio; extras: redis, qdrant); disabled ones are skipped."),
     Key("BACKUP_COMPRESSION", "choice", "none",
         "zstd: compress artifacts the engine does not compress itself (globals, object archive, Redis); none: as they come.",
         choices=("none", "zstd")),
@@ -328,9 +328,9 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if not 1 <= typed["backup_zstd_level"] <= 19:
         problems.append(Problem("BACKUP_ZSTD_LEVEL", "must be between 1 and 19", KEYS_BY_NAME["BACKUP_ZSTD_LEVEL"].doc))
     for service in typed["backup_services"]:
-        if service not in ("postgres", "influxdb", "mongodb", "minio", "redis"):
+        if service not in ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant"):
             problems.append(Problem("BACKUP_SERVICES", f"{service!r} cannot be backed up",
-                                    "choose from postgres, influxdb, mongodb, minio, redis"))
+                                    "choose from postgres, influxdb, mongodb, minio, redis, qdrant"))
     if typed["backup_age_recipients"]:
         from .sealing import parse_recipients
         from .errors import UsageError

@@ -107,7 +107,7 @@ def _depends(service: str, infra: tuple[str, ...]) -> tuple[str, ...]:
 def _ports_block(settings: Settings):
     def ports(service: str, *container_ports: int) -> str:
         if settings.publish_infra == "none":
-            if service == "minio":  # `inv backup` reaches the S3 API through an SSH tunnel to host loopback
+            if service in ("minio", "qdrant"):  # `inv backup` reaches their APIs through an SSH tunnel to loopback
                 return f'    ports:\n      - "127.0.0.1::{container_ports[0]}"'
             return ""
         bind = "127.0.0.1" if settings.publish_infra == "loopback" else "0.0.0.0"

@@ -1,0 +1,78 @@
+"""Qdrant (an optional extra of `inv backup`): a full storage snapshot through Qdrant's HTTP API, over the
+SSH tunnel to its loopback port on the host (the Qdrant image has no HTTP client to run inside it).
+
+The snapshot is created on the server, streamed into the artifact at constant memory with its size and
+SHA-256 compared with what Qdrant reports, and then deleted on the server, so the host keeps no copy.
+The points per collection, read just before the snapshot, go into the manifest. Restoring a full
+snapshot means starting Qdrant with ``--storage-snapshot``; healthdeploy does not automate it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+from typing import BinaryIO, Callable
+from urllib.parse import quote
+
+from .errors import HealthdeployError, IntegrityError
+
+PIECE = 1 << 20
+
+
+class _TunnelHTTP(http.client.HTTPConnection):
+    """http.client over a socket-like object from ``open_socket`` (an SSH channel or a plain socket)."""
+
+    def __init__(self, open_socket: Callable[[], object], endpoint: str, timeout: float):
+        super().__init__(endpoint, timeout=timeout)
+        self._open_socket = open_socket
+
+    def connect(self) -> None:
+        self.sock = self._open_socket()
+        self.sock.settimeout(self.timeout)
+
+
+def _call(conn: http.client.HTTPConnection, method: str, path: str):
+    conn.request(method, path, headers={"Accept": "application/json"})
+    response = conn.getresponse()
+    body = response.read()
+    if response.status >= 300:
+        raise HealthdeployError(f"Qdrant {method} {path}: HTTP {response.status}: {body[:200].decode('utf-8', 'replace')}",
+                                "check that Qdrant is healthy (`fab health`) and has disk space for the snapshot")
+    return json.loads(body).get("result")
+
+
+def snapshot(open_socket: Callable[[], object], endpoint: str, out: BinaryIO,
+             progress: Callable[[int], None] | None = None, timeout: float = 600) -> dict:
+    """Stream a full Qdrant snapshot into ``out``; return what the manifest records."""
+    conn = _TunnelHTTP(open_socket, endpoint, timeout)
+    try:
+        names = [c["name"] for c in _call(conn, "GET", "/collections")["collections"]]
+        points = {name: _call(conn, "GET", f"/collections/{quote(name, safe='')}").get("points_count") for name in names}
+        made = _call(conn, "POST", "/snapshots?wait=true")
+        path = f"/snapshots/{quote(made['name'], safe='')}"
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            if response.status != 200:
+                raise HealthdeployError(f"Qdrant GET {path}: HTTP {response.status}", "run the backup again")
+            digest, total = hashlib.sha256(), 0
+            while chunk := response.read(PIECE):
+                out.write(chunk)
+                digest.update(chunk)
+                total += len(chunk)
+                if progress:
+                    progress(total)
+            if made.get("size") is not None and total != made["size"]:
+                raise IntegrityError(f"Qdrant snapshot {made['name']}: {total} bytes received, the server made {made['size']}",
+                                     "the stream was cut; run the backup again")
+            if made.get("checksum") and digest.hexdigest() != made["checksum"]:
+                raise IntegrityError(f"Qdrant snapshot {made['name']}: SHA-256 differs from the server's checksum",
+                                     "the stream was corrupted; run the backup again")
+        finally:
+            _call(conn, "DELETE", f"{path}?wait=true")  # the host keeps no copy of the snapshot
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        raise HealthdeployError(f"Qdrant snapshot through the tunnel failed: {exc}", "run the backup again") from None
+    finally:
+        conn.close()
+    return {"snapshot": made["name"], "points": points}
