@@ -26,13 +26,13 @@ from .commands import docker as dk
 from .commands import files as fs
 from .console import Console
 from .errors import HealthdeployError, IntegrityError, UsageError
-from .facts import Container, parse_containers, parse_published_port, stack_containers
+from .facts import parse_containers, parse_published_port, stack_containers
 from .sealing import Sealing, open_sealed_writer, open_unsealed_reader
-from .settings import Settings
+from .settings import BACKUPABLE, Settings
 from .ssh import progress_printer
 from .stack import Target
 
-BACKUP_ENGINES = ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant")
+BACKUP_ENGINES = BACKUPABLE
 S3_PORT = 9000
 QDRANT_PORT = 6333
 
@@ -41,7 +41,7 @@ QDRANT_PORT = 6333
 class Artifact:
     service: str
     file: str
-    command: object  # Command streamed over SSH; None for MinIO (S3 API over a tunnel)
+    command: object  # Command streamed over SSH; None for MinIO and Qdrant (their APIs over a tunnel)
     method: str
     precompressed: bool = False  # the engine compresses it already: zstd would only cost CPU
 
@@ -112,7 +112,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
     """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path.
 
     The artifacts stream concurrently over the one SSH connection (each engine dumps in its own container,
-    so the host's cores work in parallel), the small ones (globals, versions) alongside the big ones."""
+    so the host's cores work in parallel); the facts the manifest needs are read meanwhile."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
@@ -122,8 +122,8 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         if service not in settings.enabled_infra:
             raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
     target = Target.of(settings, host.alias, host.address)
-    # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, while the
-    # listing that confirms they run (and gives their images for the manifest) comes back alongside.
+    # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, and the
+    # inspection that confirms they run (and gives their images for the manifest) is read meanwhile.
     names = {service: f"{target.project}-{service}-1" for service in wanted}
     artifacts = [(service, artifact) for service in wanted for artifact in artifacts_for(settings, service, names[service])]
     with ThreadPoolExecutor(max_workers=BACKUP_STREAMS) as pool:
@@ -136,27 +136,25 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         try:
             progress = _Progress(progress_printer("backup"))
             listing: Future = Future()  # set below; every stream ends by looking its container up in it
-
-            def take(service: str, artifact: Artifact) -> Future:
-                return pool.submit(_take, settings, host, console, partial, artifact, names[service], listing, progress)
-
-            # The first (biggest) dump starts at once; the small facts go next, before any stream that could
-            # wait for them takes the other worker.
-            futures = [take(*artifacts[0])]
-            release = pool.submit(lambda: host.run(fs.current_release(target.deploy_path)).text.strip())
-            listed = pool.submit(lambda: {c.name: c for c in parse_containers(
-                host.run(dk.inspect_named(tuple(names.values()))).text or "[]", target.project)
-                if c.state == "running"})
-            listed.add_done_callback(lambda f: listing.set_exception(f.exception()) if f.exception()
-                                     else listing.set_result(f.result()))
-            futures += [take(*pair) for pair in artifacts[1:]]
+            futures = [pool.submit(_take, settings, host, console, partial, artifact, names[service], listing,
+                                   progress) for service, artifact in artifacts]
+            try:  # in this thread, while the streams run
+                release = host.run(fs.current_release(target.deploy_path)).text.strip()
+                inspected = host.run(dk.inspect_named(tuple(names.values()))).text or "[]"
+                listing.set_result({c.name: c for c in parse_containers(inspected, target.project)
+                                    if c.state == "running"})
+            except BaseException as exc:
+                if not listing.done():
+                    listing.set_exception(exc)
+                getattr(host, "abort_streams", lambda: None)()
+                raise
             try:
                 records = _results(futures, host)
             except HealthdeployError:
                 _check_running(host, listing, names)  # "not running: X" says more than a failed docker exec
                 raise
             manifest = {
-                "format": 2, "env": settings.env_name, "host": host.alias, "release": release.result(),
+                "format": 2, "env": settings.env_name, "host": host.alias, "release": release,
                 "started": _utc(started), "finished": _utc(), "tool": f"healthdeploy {__version__}",
                 "encryption": "age" if settings.backup_age_recipients else None,
                 "compression": "zstd" if settings.backup_compression == "zstd" else "engine-native",
@@ -178,7 +176,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
 
 
 # Two at a time: measured on 2 cores, four concurrent streams made a 46 MB pg_dump slower (6.5 s) than two
-# (6.2 s); the listing and the live release go first, so no stream waits on a queued task.
+# (6.2 s).
 BACKUP_STREAMS = 2
 
 
@@ -237,22 +235,21 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
     version = ""
     t0 = time.monotonic()
     with open_sealed_writer(path, sealing) as writer:
-        if artifact.service == "qdrant":  # its HTTP API through a tunnel
-            from . import vectors
-
+        if artifact.command is None:  # an HTTP API through a tunnel: we hash the content ourselves
             counted = _ContentHash(writer)
-            endpoint, open_socket = tunnel_to(host, container, QDRANT_PORT)
-            extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress)
-            content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
-            checked = "size and SHA-256 checked against the server's"
-        elif artifact.command is None:  # MinIO: the S3 API through a tunnel
-            from . import objects
+            if artifact.service == "qdrant":
+                from . import vectors
 
-            counted = _ContentHash(writer)
-            summary = objects.backup_objects(object_store(settings, host, container), counted, progress)
+                endpoint, open_socket = tunnel_to(host, container, QDRANT_PORT)
+                extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress)
+                checked = "size and SHA-256 checked against the server's"
+            else:
+                from . import objects
+
+                extra["objects"] = objects.backup_objects(object_store(settings, host, container), counted,
+                                                          progress).record()
+                checked = "each object checked against its Content-Length and ETag"
             content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
-            extra["objects"] = summary.record()
-            checked = "each object checked against its Content-Length and ETag"
         else:
             result = host.stream_to_file(artifact.command, writer, progress=progress)
             content_bytes, content_sha256 = result.bytes, result.sha256
@@ -266,9 +263,9 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
     sealed = f", stored {writer.stored_bytes} bytes ({_describe(sealing)})" if sealing.sealed else ""
     console.phase(host.alias, f"{path.name}: {content_bytes} bytes in {seconds:.1f}s, sha256 {content_sha256[:12]} "
                               f"({checked}){sealed}")
+    image = _check_running(host, listing, {artifact.service: container})[container].image_ref
     return {"service": artifact.service, "artifact": artifact.file, "file": path.name, "method": artifact.method,
-            "engine_version": version,
-            "image": _check_running(host, listing, {artifact.service: container})[container].image_ref, "bytes": writer.stored_bytes, "sha256": writer.stored_sha256,
+            "engine_version": version, "image": image, "bytes": writer.stored_bytes, "sha256": writer.stored_sha256,
             "content_bytes": content_bytes, "content_sha256": content_sha256, "sealing": sealing.record(),
             "seconds": round(seconds, 2), **extra}
 
@@ -482,8 +479,8 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
     services = {a["service"] for a in manifest["artifacts"]}
     check_keys(settings, manifest, services)
     prefix = f"hd-verify-{path.name.lower()}-{_secrets.token_hex(3)}"
-    drills = (("postgres", _drill_postgres), ("influxdb", _drill_influx), ("minio", _drill_objects))
-    for service, drill in drills:
+    drills = {"postgres": _drill_postgres, "influxdb": _drill_influx, "minio": _drill_objects}
+    for service, drill in drills.items():
         if service in services:
             name = f"{prefix}-{service}"
             try:
@@ -491,7 +488,7 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
             finally:
                 host.run(dk.remove_force(name), check=False)
             report["checks"].append(check)
-    for service in sorted(services - {"postgres", "influxdb", "minio"}):
+    for service in sorted(services - set(drills)):
         report["checks"].append({"service": service, "result": "skipped",
                                  "reason": "no restore drill for this engine yet (checksums were checked)"})
     drilled = [c for c in report["checks"] if c["result"] != "skipped"]
@@ -505,6 +502,12 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
         json.dump(report, out, indent=2, sort_keys=True)
     os.replace(path / ".verify.json.tmp", path / "verify.json")
     return report
+
+
+def _differences(recorded: dict, restored: dict) -> list[str]:
+    """Every key whose restored value is not exactly the recorded one."""
+    return [f"{key}: recorded {recorded.get(key)}, restored {restored.get(key)}"
+            for key in sorted(set(recorded) | set(restored)) if recorded.get(key) != restored.get(key)]
 
 
 def _wait(host, probe, what: str, seconds: float = 60) -> None:
@@ -538,8 +541,7 @@ def _drill_postgres(settings: Settings, host, console: Console, path: Path, mani
     _send(settings, host, bk.postgres_restore(name), path, dump)
     restored = bk.parse_rows(host.run(bk.postgres_row_counts(name)).text)
     recorded = dump.get("rows", {})
-    mismatches = [f"{t}: recorded {recorded.get(t)}, restored {restored.get(t)}"
-                  for t in sorted(set(recorded) | set(restored)) if recorded.get(t) != restored.get(t)]
+    mismatches = _differences(recorded, restored)
     console.phase(host.alias, f"postgres drill: {len(restored)} tables, {sum(restored.values())} rows, "
                               f"{len(mismatches)} mismatch(es)")
     return {"service": "postgres", "tables": restored, "mismatches": mismatches,
@@ -601,8 +603,7 @@ def _drill_objects(settings: Settings, host, console: Console, path: Path, manif
     _restore_objects(settings, client, path, record)
     restored = objects.count_objects(client)
     recorded = record.get("objects", {})
-    mismatches = [f"{b}: recorded {recorded.get(b)}, restored {restored.get(b)}"
-                  for b in sorted(set(recorded) | set(restored)) if recorded.get(b) != restored.get(b)]
+    mismatches = _differences(recorded, restored)
     console.phase(host.alias, f"minio drill: {len(restored)} buckets, {sum(b['objects'] for b in restored.values())} "
                               f"objects, {sum(b['bytes'] for b in restored.values())} bytes, "
                               f"{len(mismatches)} mismatch(es)")

@@ -5,7 +5,7 @@ headers, user ``x-amz-meta-*``, tags), into ONE streamed PAX tar:
 
     healthdeploy-s3/buckets.json           the bucket names, first (so a restore can create them)
     objects/<bucket>/<key>                 one member per object; its PAX headers carry bucket, key,
-                                           ETag, SHA-256 and the metadata (the member name is only a label)
+                                           ETag and the metadata (the member name is only a label)
     healthdeploy-s3/summary.json           objects and bytes per bucket, last
 
 Each object's bytes are checked against what the server said: the byte count against Content-Length and,
@@ -83,18 +83,14 @@ class ObjectsSummary:
 
 
 class _HashingReader:
-    """Reads an HTTP body for tarfile while hashing it; refuses a body shorter than announced."""
+    """Reads an HTTP body for tarfile in bounded pieces while taking its MD5 (compared with the ETag)."""
 
-    def __init__(self, body, name: str):
-        self.body, self.name = body, name
-        self.md5, self.sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-        self.count = 0
+    def __init__(self, body):
+        self.body, self.md5 = body, hashlib.md5(usedforsecurity=False)
 
     def read(self, size: int = -1) -> bytes:
         data = self.body.read(PIECE if size is None or size < 0 else min(size, PIECE))
         self.md5.update(data)
-        self.sha256.update(data)
-        self.count += len(data)
         return data
 
 
@@ -145,7 +141,7 @@ def _copy_object(client: Minio, tar: tarfile.TarFile, bucket: str, key: str, tot
         tags = {}
         if int(headers.get("x-amz-tagging-count", "0") or 0):
             tags = dict(client.get_object_tags(bucket, key) or {})
-        body = _HashingReader(response, f"{bucket}/{key}")
+        body = _HashingReader(response)
         info = tarfile.TarInfo(f"objects/{bucket}/{key}")
         info.size, info.mode = size, 0o600
         info.pax_headers = {PAX + "bucket": bucket, PAX + "key": key, PAX + "etag": etag,

@@ -33,6 +33,7 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 )
 
 APP_SERVICES = ("backend", "ai-service", "frontend-web", "frontend-patient")
+BACKUPABLE = ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant")  # what `inv backup` can take
 INFRA_SERVICES = ("postgres", "redis", "influxdb", "mongodb", "qdrant", "emqx", "minio")
 ALL_SERVICES = APP_SERVICES + INFRA_SERVICES + ("gateway",)
 
@@ -328,9 +329,9 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if not 1 <= typed["backup_zstd_level"] <= 19:
         problems.append(Problem("BACKUP_ZSTD_LEVEL", "must be between 1 and 19", KEYS_BY_NAME["BACKUP_ZSTD_LEVEL"].doc))
     for service in typed["backup_services"]:
-        if service not in ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant"):
+        if service not in BACKUPABLE:
             problems.append(Problem("BACKUP_SERVICES", f"{service!r} cannot be backed up",
-                                    "choose from postgres, influxdb, mongodb, minio, redis, qdrant"))
+                                    f"choose from {', '.join(BACKUPABLE)}"))
     if typed["backup_age_recipients"]:
         from .sealing import parse_recipients
         from .errors import UsageError
