@@ -67,9 +67,10 @@ def postgres_globals(container: str) -> Command:
 INFLUX1_COUNTS = r"""
 influx_counts() {
   for q in "SELECT count(*) FROM /.*/ WHERE time <= '$2'" "SHOW SERIES EXACT CARDINALITY"; do
-    out=$(curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=$q" | tr -d '\n')
+    out=$(curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=$q") || {
+      echo "influx: $q: the query failed" >&2; return 1; }
     case "$out" in *'"error"'*) echo "influx: $q: $out" >&2; return 1 ;; esac
-    echo "HEALTHDEPLOY-INFLUX $out" >&2
+    echo "HEALTHDEPLOY-INFLUX $(printf '%s' "$out" | tr -d '\n')" >&2
   done
 }
 """
@@ -246,6 +247,8 @@ def parse_influx_counts(stderr_text: str) -> dict:
     """``HEALTHDEPLOY-INFLUX`` lines -> {"t0", "points": {measurement: {field: n}}, "series": {measurement: n}}."""
     import json
 
+    from ..errors import IntegrityError
+
     points: dict[str, dict[str, int]] = {}
     series: dict[str, int] = {}
     t0 = None
@@ -254,7 +257,12 @@ def parse_influx_counts(stderr_text: str) -> dict:
             t0 = line.split(" ", 1)[1].strip()
         if not line.startswith("HEALTHDEPLOY-INFLUX "):
             continue
-        for result in json.loads(line.split(" ", 1)[1]).get("results", []):
+        try:
+            results = json.loads(line.split(" ", 1)[1]).get("results", [])
+        except ValueError:
+            raise IntegrityError(f"InfluxDB answered a count query with something that is not JSON: {line[:120]!r}",
+                                 "run it again; see the InfluxDB container's logs") from None
+        for result in results:
             for row in result.get("series", []):
                 columns, values = row.get("columns", []), (row.get("values") or [[]])[0]
                 if columns == ["count"]:

@@ -143,3 +143,13 @@ def test_an_empty_influx_database_restores_as_an_empty_database():
     live = bk.INFLUX1_RESTORE
     assert live.index('ls "$d"/*.tar.gz') < live.index("influxd restore -portable")
     assert 'CREATE DATABASE \\"$2\\"' in bk.INFLUX1_DRILL_RESTORE
+
+
+def test_influx_counts_fail_loudly_when_a_query_fails():
+    import pytest
+
+    from deploy.errors import IntegrityError
+
+    assert 'the query failed" >&2; return 1' in bk.INFLUX1_COUNTS  # not an empty line parsed later
+    with pytest.raises(IntegrityError, match="not JSON"):
+        bk.parse_influx_counts("HEALTHDEPLOY-INFLUX \n")
