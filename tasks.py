@@ -9,7 +9,7 @@ import sys
 from invoke import Collection, task
 
 from deploy import cli
-from deploy import sandbox as sandbox_lib
+from deploy.sandbox import hosts as sandbox_lib
 
 
 @task(help={"hosts": "comma-separated sandbox host names: sandbox, sandbox2, ... (127.0.0.2, .3, ...)"})
@@ -40,7 +40,7 @@ def install(c):
 @cli.entry
 def build(c, force=False):
     """Build the offline images (debootstrap base, PostgreSQL, Redis, nginx, ...) with no registry."""
-    from deploy import images
+    from deploy.sandbox import images
 
     sandbox_lib.install_tools()
     sandbox_lib.ensure_dockerd()
@@ -51,9 +51,9 @@ def build(c, force=False):
 @cli.entry
 def demo(c):
     """Main job: sandbox host + images, then deploy the demo stack over SSH and show it healthy."""
-    from deploy import images
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.sandbox import images
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     sandbox_lib.up(["sandbox"])
     images.build_all()
@@ -78,8 +78,8 @@ def test(c, k=None, unit=False):
 @cli.entry
 def checklist(c, env, json=False, junit=None, file=None):
     """Compute every release-checklist item, print pass/warn/fail; exit 7 on any failure. Changes nothing."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     return cli.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
 
@@ -90,8 +90,8 @@ def checklist(c, env, json=False, junit=None, file=None):
 @cli.entry
 def backup(c, env, host=None, services=None, json=False):
     """Pull a verified backup set (databases + MinIO objects) to backups/<env>/<UTC time>/ (streamed, checksummed)."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
     return cli.run_backup(cli.Runtime(load_settings(env), Console()), host, wanted, as_json=json)
@@ -101,8 +101,8 @@ def backup(c, env, host=None, services=None, json=False):
 @cli.entry
 def backup_list(c, env, json=False):
     """List the backup sets of an environment (newest last) and whether a restore drill verified them."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     return cli.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
 
@@ -113,9 +113,9 @@ def backup_list(c, env, json=False):
 @cli.entry
 def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, json=False):
     """Apply the retention policy to backups/<env>/ (the newest verified set is always kept)."""
-    from deploy.console import Console
-    from deploy.retention import Policy
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.plan.retention import Policy
+    from deploy.core.settings import load_settings
 
     policy = Policy(int(last), int(daily), int(weekly), int(monthly))
     return cli.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
@@ -125,7 +125,7 @@ def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, js
 @cli.entry
 def backup_keygen(c, out):
     """Make an age key pair for encrypted backups: prints the BACKUP_AGE_RECIPIENTS value, writes the private key."""
-    from deploy.console import Console
+    from deploy.core.console import Console
 
     return cli.backup_keygen(Console(), out)
 
@@ -134,8 +134,8 @@ def backup_keygen(c, out):
 @cli.entry
 def backup_verify(c, env, from_="latest", json=False):
     """Restore drill: restore a set into throwaway containers and compare with its manifest (verify.json)."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     return cli.run_verify(cli.Runtime(load_settings(env), Console()), from_, as_json=json)
 
@@ -146,8 +146,8 @@ def backup_verify(c, env, from_="latest", json=False):
 @cli.entry
 def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False):
     """Restore a backup set (checksums first; safety backup; writers stopped; health checked; audited)."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
     return cli.run_restore(cli.Runtime(load_settings(env), Console()), from_, host, wanted, yes=yes,
@@ -158,8 +158,8 @@ def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup
 @cli.entry
 def release_(c, env, checklist=None):
     """Scripted release: checklist, backup + drill, deploy, health, checklist again; stops at the first failure."""
-    from deploy.console import Console
-    from deploy.settings import load_settings
+    from deploy.core.console import Console
+    from deploy.core.settings import load_settings
 
     return cli.release(cli.Runtime(load_settings(env), Console()), checklist_file=checklist)
 

@@ -21,9 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deploy import images, sandbox  # noqa: E402
+from deploy.sandbox import images
+
+from deploy.sandbox import hosts as sandbox  # noqa: E402
 from deploy.commands import backup as bk  # noqa: E402
-from deploy.ssh import RemoteHost  # noqa: E402
+from deploy.execute.ssh import RemoteHost  # noqa: E402
 
 HOST, ENV_NAME = "sandbox2", "bkbench"
 SIZES = tuple(int(x) for x in os.environ.get("BENCH_SIZES_MB", "100,1000").split(","))
@@ -66,7 +68,7 @@ def main() -> int:
     sandbox.up([HOST], install=False)
     work = Path(tempfile.mkdtemp(prefix="hd-bkbench-"))
     app = work / "app"
-    shutil.copytree(ROOT / "deploy" / "sandbox_app", app)
+    shutil.copytree(ROOT / "deploy" / "sandbox" / "app", app)
     base = (ROOT / "env" / "sandbox.env").read_text().splitlines()
     values = {"HOSTS": HOST, "DEPLOY_PATH": "/var/lib/healthdeploy-bench/{host}/{env}", "COMPOSE_PROJECT": "hd-b{env}-{host}",
               "APP_SOURCE": str(app), "SSH_CONFIG": str(ROOT / ".sandbox/ssh_config"),

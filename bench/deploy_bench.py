@@ -27,10 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from deploy import images, sandbox  # noqa: E402
-from deploy import payload as pl  # noqa: E402
-from deploy.settings import load_settings  # noqa: E402
-from deploy.stack import Target  # noqa: E402
+from deploy.sandbox import images
+
+from deploy.sandbox import hosts as sandbox  # noqa: E402
+from deploy.stack import payload as pl  # noqa: E402
+from deploy.core.settings import load_settings  # noqa: E402
+from deploy.stack.render import Target  # noqa: E402
 from load import Load  # noqa: E402
 
 HOSTS = ("sandbox2", "sandbox3", "sandbox4")
@@ -42,7 +44,7 @@ class Bench:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="hd-bench-"))
         self.app = self.dir / "app"
-        shutil.copytree(ROOT / "deploy" / "sandbox_app", self.app, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "deploy" / "sandbox" / "app", self.app, ignore=shutil.ignore_patterns("__pycache__"))
         self.write_env(hosts="sandbox2")
 
     def write_env(self, hosts: str, **extra: str) -> None:

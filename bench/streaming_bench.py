@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deploy import sandbox  # noqa: E402
+from deploy.sandbox import hosts as sandbox  # noqa: E402
 
 CFG = str(ROOT / ".sandbox/ssh_config")
 KNOWN = str(ROOT / ".sandbox/known_hosts")
@@ -26,7 +26,7 @@ OURS = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 from deploy.commands import cmd
-from deploy.ssh import RemoteHost
+from deploy.execute.ssh import RemoteHost
 host = RemoteHost.connect("sandbox", {CFG!r}, {KNOWN!r})
 with open(sys.argv[2], "wb") as out:
     result = host.stream_to_file(cmd("cat", sys.argv[1]), out)

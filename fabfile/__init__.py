@@ -7,8 +7,8 @@ Without -H a task acts on the environment's HOSTS; without --env the environment
 from invoke import Collection, task
 
 from deploy import cli
-from deploy.console import Console
-from deploy.fabric_executor import cli_hosts, remainder
+from deploy.core.console import Console
+from deploy.execute.fabric_executor import cli_hosts, remainder
 
 
 def _runtime(c, env, quiet=False):

@@ -247,7 +247,7 @@ def parse_influx_counts(stderr_text: str) -> dict:
     """``HEALTHDEPLOY-INFLUX`` lines -> {"t0", "points": {measurement: {field: n}}, "series": {measurement: n}}."""
     import json
 
-    from ..errors import IntegrityError
+    from deploy.core.errors import IntegrityError
 
     points: dict[str, dict[str, int]] = {}
     series: dict[str, int] = {}

@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
-from ..secret import Secret
+from deploy.core.secret import Secret
 
 OPERATORS = frozenset({"&&", "||", "|", ";"})
 

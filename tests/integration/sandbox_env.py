@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy import images, sandbox
-from deploy.settings import PROJECT_ROOT
+from deploy.sandbox import images
+
+from deploy.sandbox import hosts as sandbox
+from deploy.core.settings import PROJECT_ROOT
 
 SANDBOX_ENV = (PROJECT_ROOT / "env" / "sandbox.env").read_text()
 # Tests use their own sandbox hosts (127.0.0.6-8), so the README's demo on `sandbox` (127.0.0.2)
@@ -103,7 +105,7 @@ def _cleanup(env: "Env") -> None:
 def new_env(factory, name: str) -> "Env":
     directory = factory.mktemp("env")
     app = directory / "app"
-    shutil.copytree(PROJECT_ROOT / "deploy" / "sandbox_app", app, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT_ROOT / "deploy" / "sandbox" / "app", app, ignore=shutil.ignore_patterns("__pycache__"))
     env = Env(directory, name, app)
     env.write()
     return env

@@ -12,9 +12,9 @@ import pytest
 
 from sandbox_env import MAIN, MAIN_ADDRESS
 from deploy.commands import cmd
-from deploy.errors import IntegrityError, RemoteCommandError
-from deploy.settings import PROJECT_ROOT
-from deploy.ssh import RemoteHost
+from deploy.core.errors import IntegrityError, RemoteCommandError
+from deploy.core.settings import PROJECT_ROOT
+from deploy.execute.ssh import RemoteHost
 
 SSH_CONFIG = str(PROJECT_ROOT / ".sandbox/ssh_config")
 KNOWN_HOSTS = str(PROJECT_ROOT / ".sandbox/known_hosts")
@@ -113,7 +113,7 @@ def test_a_stream_that_fails_halfway_is_an_error(remote, tmp_path):
 
 
 def test_a_missing_or_wrong_remote_checksum_is_an_integrity_error(remote):
-    from deploy.ssh import StreamResult
+    from deploy.execute.ssh import StreamResult
 
     command = cmd("pg_dump", "db")
     with pytest.raises(IntegrityError, match="the remote checksum never arrived after 10 bytes"):

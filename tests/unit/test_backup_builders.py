@@ -94,7 +94,7 @@ def test_drill_containers_take_credentials_from_the_env_file_not_argv():
 
 
 def test_published_port_parser_prefers_loopback():
-    from deploy.facts import parse_published_port
+    from deploy.facts.parse import parse_published_port
 
     assert parse_published_port("127.0.0.1:32768\n") == ("127.0.0.1", 32768)
     assert parse_published_port("0.0.0.0:9000\n[::]:9000\n") == ("127.0.0.1", 9000)
@@ -103,8 +103,8 @@ def test_published_port_parser_prefers_loopback():
 
 
 def test_sealing_skips_zstd_for_what_the_engine_compresses():
-    from deploy.backup import artifacts_for, sealing_for
-    from deploy.settings import load_settings
+    from deploy.backup.run import artifacts_for, sealing_for
+    from deploy.core.settings import load_settings
 
     s = load_settings("sandbox")
     import dataclasses
@@ -121,9 +121,9 @@ def test_an_encrypted_set_needs_the_identity_before_anything_runs():
 
     import pytest
 
-    from deploy.backup import artifact_record, restore_plan
-    from deploy.errors import UsageError
-    from deploy.settings import load_settings
+    from deploy.backup.run import artifact_record, restore_plan
+    from deploy.core.errors import UsageError
+    from deploy.core.settings import load_settings
 
     s = load_settings("sandbox")
     manifest = {"artifacts": [
@@ -148,7 +148,7 @@ def test_an_empty_influx_database_restores_as_an_empty_database():
 def test_influx_counts_fail_loudly_when_a_query_fails():
     import pytest
 
-    from deploy.errors import IntegrityError
+    from deploy.core.errors import IntegrityError
 
     assert 'the query failed" >&2; return 1' in bk.INFLUX1_COUNTS  # not an empty line parsed later
     with pytest.raises(IntegrityError, match="not JSON"):

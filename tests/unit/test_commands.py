@@ -6,7 +6,7 @@ from deploy.commands import and_then, cmd, pipe
 from deploy.commands import docker as dk
 from deploy.commands import files as fs
 from deploy.commands.base import checksummed_stdout, parse_checksum, script
-from deploy.secret import Secret, redact
+from deploy.core.secret import Secret, redact
 
 
 def test_quoting_happens_once_in_render():

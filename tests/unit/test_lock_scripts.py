@@ -5,7 +5,7 @@ import os
 import subprocess
 
 from deploy.commands import files as fs
-from deploy.facts import parse_lock
+from deploy.facts.parse import parse_lock
 
 
 def sh(command):

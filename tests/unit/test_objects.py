@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploy import objects
-from deploy.errors import IntegrityError
+from deploy.backup import objects
+from deploy.core.errors import IntegrityError
 
 
 class FakeResponse:

@@ -1,6 +1,6 @@
 import datetime as dt
 
-from deploy.retention import BackupSet, Policy, keep
+from deploy.plan.retention import BackupSet, Policy, keep
 
 T0 = dt.datetime(2026, 11, 28, 3, 0, tzinfo=dt.timezone.utc)
 

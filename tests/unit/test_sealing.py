@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from deploy import sealing as sl
-from deploy.errors import IntegrityError, UsageError
-from deploy.sealing import (Sealing, generate_identity, load_identities, open_sealed_writer, open_unsealed_reader,
+from deploy.backup import sealing as sl
+from deploy.core.errors import IntegrityError, UsageError
+from deploy.backup.sealing import (Sealing, generate_identity, load_identities, open_sealed_writer, open_unsealed_reader,
                             parse_recipients)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,7 +363,7 @@ def test_disk_error_in_the_encryptor_reaches_the_caller(tmp_path, keys, monkeypa
 MEMORY_SCRIPT = r"""
 import hashlib, json, os, resource, sys, tempfile, time
 from pathlib import Path
-from deploy.sealing import Sealing, generate_identity, open_sealed_writer, open_unsealed_reader
+from deploy.backup.sealing import Sealing, generate_identity, open_sealed_writer, open_unsealed_reader
 TOTAL, CHUNK = 256 << 20, 4 << 20
 text = b"".join(b"INSERT INTO readings VALUES (%d, 'patient', 120, 80);\n" % i for i in range(40000))
 block = (os.urandom(CHUNK // 4).hex().encode() + text)[:CHUNK]  # dump-like: compresses about 3.7x

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.errors import SettingsError, UsageError
-from deploy.secret import Secret
-from deploy.settings import build_settings, find_env_for_host, load_settings, parse_env_text
+from deploy.core.errors import SettingsError, UsageError
+from deploy.core.secret import Secret
+from deploy.core.settings import build_settings, find_env_for_host, load_settings, parse_env_text
 
 GOOD_PROD = {
     "HOSTS": "web1,web2", "APP_SOURCE": "/src/app", "DB_PASSWORD": "Zq8!vT3#long-db-pass",
@@ -83,7 +83,7 @@ def test_committed_env_files_are_valid():
     load_settings("sandbox")
     values, bad = parse_env_text(Path("env/example.env").read_text())
     assert not bad
-    from deploy.settings import KEYS_BY_NAME
+    from deploy.core.settings import KEYS_BY_NAME
     documented = set(values)
     assert documented == set(KEYS_BY_NAME) - {"SAMPLE_APP_IMAGE"}, "env/example.env must document every key"
 

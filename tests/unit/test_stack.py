@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.settings import load_settings
-from deploy.stack import Target, render_build_files, render_env_files, render_release_files, render_upstream
+from deploy.core.settings import load_settings
+from deploy.stack.render import Target, render_build_files, render_env_files, render_release_files, render_upstream
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 GOLDEN = Path(__file__).parent.parent / "golden"

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deploy import vectors
-from deploy.errors import IntegrityError
+from deploy.backup import vectors
+from deploy.core.errors import IntegrityError
 
 SNAPSHOT = os.urandom(3 << 20)
 

@@ -27,7 +27,7 @@ import zstandard
 from pyrage import ssh as age_ssh
 from pyrage import x25519
 
-from .errors import HealthdeployError, IntegrityError, UsageError
+from deploy.core.errors import HealthdeployError, IntegrityError, UsageError
 
 __all__ = [
     "Sealing", "SealedWriter", "UnsealedReader", "open_sealed_writer", "open_unsealed_reader",

@@ -15,7 +15,7 @@ import json
 from typing import BinaryIO, Callable
 from urllib.parse import quote
 
-from .errors import HealthdeployError, IntegrityError
+from deploy.core.errors import HealthdeployError, IntegrityError
 
 PIECE = 1 << 20
 

@@ -4,16 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Exit codes scripts can act on. 1 is kept for unexpected failures (tracebacks).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # bad settings or arguments: nothing was touched
-EXIT_PREFLIGHT = 3  # refused by preflight: the host is untouched
-EXIT_LOCKED = 4  # another deploy holds the lock
-EXIT_ROLLED_BACK = 5  # the new release was unhealthy and the old one serves again
-EXIT_HOSTKEY = 6  # unknown or changed SSH host key
-EXIT_UNHEALTHY = 7  # health/checklist found failures
-EXIT_INTEGRITY = 8  # a backup or stream failed its checksum/length check
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes scripts can act on (README: "Exit codes"). 1 is kept for unexpected failures."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2  # bad settings or arguments: nothing was touched
+    PREFLIGHT = 3  # refused by preflight: the host is untouched
+    LOCKED = 4  # another operation holds the host's lock
+    ROLLED_BACK = 5  # the new release was unhealthy and the old one serves again
+    HOSTKEY = 6  # unknown or changed SSH host key
+    UNHEALTHY = 7  # health/checklist found failures
+    INTEGRITY = 8  # a backup or stream failed its checksum/length/signature check
+    INTERRUPTED = 130  # SIGINT/SIGTERM: what the plan registered was undone, the lock released
+    # `fab exec`: the remote command's own status N is reported as REMOTE_BASE + N (capped at 255), so a
+    # remote 5 can never read as "rolled back".
+    REMOTE_BASE = 100
+
+
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_USAGE = ExitCode.USAGE
+EXIT_PREFLIGHT = ExitCode.PREFLIGHT
+EXIT_LOCKED = ExitCode.LOCKED
+EXIT_ROLLED_BACK = ExitCode.ROLLED_BACK
+EXIT_HOSTKEY = ExitCode.HOSTKEY
+EXIT_UNHEALTHY = ExitCode.UNHEALTHY
+EXIT_INTEGRITY = ExitCode.INTEGRITY
 
 
 class HealthdeployError(Exception):

@@ -20,9 +20,9 @@ from typing import BinaryIO, Callable, Iterator, Protocol
 import paramiko
 from fabric import Config, Connection
 
-from .commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum
-from .errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError
-from .secret import Secret, redact
+from deploy.commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum
+from deploy.core.errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError
+from deploy.core.secret import Secret, redact
 
 # Streaming tuning measured on this kind of machine (see docs/streaming.md): AES-GCM first,
 # a 4 MiB window with 128 KiB packets, and recv() never smaller than the window (paramiko's

@@ -13,21 +13,14 @@ from urllib.parse import quote
 
 import jinja2
 
-from .settings import APP_SERVICES, Settings
+from deploy.core.settings import APP_SERVICES, Settings
 
-TEMPLATES = Path(__file__).parent / "stack"
+TEMPLATES = Path(__file__).parent / "templates"
 GATEWAY_DIR = "/etc/healthdeploy-gateway"  # where the gateway container sees shared/gateway
 GATEWAY_PORTS = (3000, 3001, 5000, 8001)  # the application's host ports from the deployment report
 
-# Port each application listens on inside its container, and the gateway upstream name.
-APP_PORTS = {"backend": 5000, "ai-service": 8001, "frontend-web": 80, "frontend-patient": 80}
-UPSTREAM_NAMES = {s: s.replace("-", "_") for s in APP_SERVICES}
-# The host port of the gateway site that serves each application (the report's port table).
-GATEWAY_PORT_OF = {"frontend-web": 3000, "frontend-patient": 3001, "backend": 5000, "ai-service": 8001}
-# Roll order: what others depend on goes first.
-ROLL_ORDER = ("backend", "ai-service", "frontend-web", "frontend-patient")
-INFRA_PORTS = {"postgres": (5432,), "redis": (6379,), "influxdb": (8086,), "mongodb": (27017,),
-               "qdrant": (6333,), "emqx": (1883, 18083), "minio": (9000, 9001)}
+from deploy.core.services import (APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS, ROLL_ORDER,  # noqa: F401
+                                  UPSTREAM_NAMES)
 # What the sandbox runs under each infrastructure service's name, and what it cannot run.
 SANDBOX_SUBSTITUTES = {
     "postgres": "PostgreSQL 15 (Debian)", "redis": "Redis 7 (Debian)", "influxdb": "InfluxDB 1.6 (Debian), not 2.x",
@@ -275,7 +268,7 @@ def sandbox_report(settings: Settings) -> list[str]:
     """Human lines naming every substitute and every gap of the sandbox variant."""
     if settings.stack_variant != "sandbox":
         return []
-    lines = ["sandbox stack: the application services run the sample app (deploy/sandbox_app)"]
+    lines = ["sandbox stack: the application services run the sample app (deploy/sandbox/app)"]
     for service, what in SANDBOX_SUBSTITUTES.items():
         if service in settings.enabled_services:
             lines.append(f"sandbox stack: {service} is {what}")

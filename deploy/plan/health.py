@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass, field
 
-from .facts import Container
-from .settings import APP_SERVICES, Settings
-from .stack import APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS
+from deploy.facts.parse import Container
+from deploy.core.settings import APP_SERVICES, Settings
+from deploy.stack.render import APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS
 
 SCHEMA_VERSION = 1
 RESTART_WARN = 3

@@ -94,7 +94,7 @@ def parse_containers(text: str, project: str) -> list[Container]:
 
 def stack_containers(host, project: str) -> list[Container]:
     """The project's containers on ``host`` (an executor), without one-off `compose run` containers."""
-    from .commands.docker import project_containers
+    from deploy.commands.docker import project_containers
 
     return [c for c in parse_containers(host.run(project_containers(project)).text, project) if not c.oneoff]
 

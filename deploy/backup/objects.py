@@ -31,7 +31,7 @@ from minio.commonconfig import Tags
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from .errors import HealthdeployError, IntegrityError
+from deploy.core.errors import HealthdeployError, IntegrityError
 
 PAX = "HEALTHDEPLOY.s3."
 BUCKETS_MEMBER = "healthdeploy-s3/buckets.json"

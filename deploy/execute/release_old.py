@@ -18,17 +18,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import payload as pl
-from .commands import docker as dk
-from .commands import files as fs
-from .console import Console
-from .errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError,
+from deploy.stack import payload as pl
+from deploy.commands import docker as dk
+from deploy.commands import files as fs
+from deploy.core.console import Console
+from deploy.core.errors import (EXIT_LOCKED, EXIT_PREFLIGHT, EXIT_ROLLED_BACK, HealthdeployError, RemoteCommandError,
                      UsageError)
-from .secret import redact
-from .facts import (Container, HostFacts, parse_hashes, parse_image_ids, parse_lock, stack_containers,
+from deploy.core.secret import redact
+from deploy.facts.parse import (Container, HostFacts, parse_hashes, parse_image_ids, parse_lock, stack_containers,
                     version_tuple)
-from .settings import APP_SERVICES, Settings
-from .stack import (APP_PORTS, GATEWAY_DIR, GATEWAY_PORT_OF, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
+from deploy.core.settings import APP_SERVICES, Settings
+from deploy.stack.render import (APP_PORTS, GATEWAY_DIR, GATEWAY_PORT_OF, ROLL_ORDER, UPSTREAM_NAMES, Target, image_prefix, render_env_files, render_upstream,
                     sandbox_report)
 
 MIN_DOCKER = (20, 10)

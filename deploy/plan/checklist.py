@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UsageError
-from .facts import Container, HostFacts, version_tuple
-from .settings import KEYS_BY_NAME, KNOWN_DEFAULT_SECRETS, SCHEMA, Settings
+from deploy.core.errors import UsageError
+from deploy.facts.parse import Container, HostFacts, version_tuple
+from deploy.core.settings import KEYS_BY_NAME, KNOWN_DEFAULT_SECRETS, SCHEMA, Settings
 
 
 @dataclass

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HealthdeployError
-from .local import run_local
-from .settings import PROJECT_ROOT
+from deploy.core.errors import HealthdeployError
+from deploy.execute.local import run_local
+from deploy.core.settings import PROJECT_ROOT
 
 SANDBOX_PORT = 2222
 STATE_DIR = PROJECT_ROOT / ".sandbox"

@@ -14,13 +14,13 @@ from typing import Callable
 
 from invoke.exceptions import Exit
 
-from . import payload as pl
-from .console import Console
-from .errors import EXIT_OK, HealthdeployError, UsageError
-from .release import DeployStopped, HostDeploy, HostOutcome, run_on_hosts
-from .settings import Settings, find_env_for_host, load_settings
-from .ssh import DryRunHost, RemoteHost, add_known_host, fetch_host_key, fingerprint, resolve
-from .stack import Target
+from deploy.stack import payload as pl
+from deploy.core.console import Console
+from deploy.core.errors import EXIT_OK, HealthdeployError, UsageError
+from deploy.execute.release_old import DeployStopped, HostDeploy, HostOutcome, run_on_hosts
+from deploy.core.settings import Settings, find_env_for_host, load_settings
+from deploy.execute.ssh import DryRunHost, RemoteHost, add_known_host, fetch_host_key, fingerprint, resolve
+from deploy.stack.render import Target
 
 
 @dataclass
@@ -142,8 +142,8 @@ def _on_hosts(runtime: Runtime, hosts: list[str], work, as_json: bool) -> int:
 
 def plan(job: HostDeploy, outcome: HostOutcome, files: dict[str, bytes]) -> None:
     """Dry run: facts are read for real; the changes are listed, nothing is written."""
-    from .facts import parse_lock
-    from .commands import files as fs
+    from deploy.facts.parse import parse_lock
+    from deploy.commands import files as fs
 
     facts = job.preflight()
     manifest = pl.manifest_of(files)
@@ -194,7 +194,7 @@ def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> i
 
 def audit(runtime: Runtime, cli_hosts: list[str], lines: int = 20, as_json: bool = False) -> int:
     import json as _json
-    from .commands import files as fs
+    from deploy.commands import files as fs
 
     entries = []
     for alias in choose_hosts(runtime.settings, cli_hosts):
@@ -216,8 +216,8 @@ def audit(runtime: Runtime, cli_hosts: list[str], lines: int = 20, as_json: bool
 
 
 def lock_status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
-    from .commands import files as fs
-    from .facts import parse_lock
+    from deploy.commands import files as fs
+    from deploy.facts.parse import parse_lock
 
     rows = []
     for alias in choose_hosts(runtime.settings, cli_hosts):
@@ -262,7 +262,7 @@ def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
     failed = False
     for alias in choose_hosts(runtime.settings, cli_hosts):
         address = runtime.target(alias).gateway_bind
-        from .stack import GATEWAY_PORT_OF
+        from deploy.stack.render import GATEWAY_PORT_OF
 
         for service, port in GATEWAY_PORT_OF.items():
             url = f"http://{address}:{port}/health"
@@ -300,9 +300,9 @@ def _with_deadline(func, seconds: float):
 
 
 def host_health(runtime: Runtime, alias: str):
-    from . import health as hl
-    from .commands import probe
-    from .facts import stack_containers
+    from deploy.plan import health as hl
+    from deploy.commands import probe
+    from deploy.facts.parse import stack_containers
 
     result = hl.HostHealth(alias)
     with runtime.connect(alias) as host:
@@ -329,7 +329,7 @@ def health(runtime: Runtime, cli_hosts: list[str], as_json: bool = False, timeou
     """Every check on every host, in parallel, each host bounded by ``timeout``; exit 0 only if all pass."""
     import threading
 
-    from . import health as hl
+    from deploy.plan import health as hl
 
     hosts = choose_hosts(runtime.settings, cli_hosts)
     results: dict[str, hl.HostHealth] = {}
@@ -367,11 +367,11 @@ def gather_checklist_facts(runtime: Runtime, items, now=None):
     import datetime as _dt
     import json as _json
 
-    from . import checklist as cl
-    from .commands import docker as dk
-    from .commands import files as fs
-    from .facts import HostFacts, parse_containers
-    from .settings import PROJECT_ROOT
+    from deploy.plan import checklist as cl
+    from deploy.commands import docker as dk
+    from deploy.commands import files as fs
+    from deploy.facts.parse import HostFacts, parse_containers
+    from deploy.core.settings import PROJECT_ROOT
 
     s = runtime.settings
     facts = cl.Facts(settings=s, now=now or _dt.datetime.now(_dt.timezone.utc),
@@ -403,8 +403,8 @@ def gather_checklist_facts(runtime: Runtime, items, now=None):
 def checklist(runtime: Runtime, as_json: bool = False, junit: str | None = None, file: str | None = None) -> int:
     from pathlib import Path
 
-    from . import checklist as cl
-    from .settings import env_dir
+    from deploy.plan import checklist as cl
+    from deploy.core.settings import env_dir
 
     path = Path(file) if file else cl.checklist_path(env_dir(), runtime.settings.env_name)
     items = cl.load_items(path)
@@ -439,8 +439,8 @@ def _age(started: str) -> str:
 
 def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
     """Release, uptime and health of every service on every host, in one screen."""
-    from .commands import files as fs
-    from .facts import HostFacts, stack_containers
+    from deploy.commands import files as fs
+    from deploy.facts.parse import HostFacts, stack_containers
 
     s = runtime.settings
     rows, data = [], []
@@ -464,8 +464,8 @@ def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int
 
 
 def _service_containers(runtime: Runtime, host, service: str) -> list:
-    from .facts import stack_containers
-    from .settings import ALL_SERVICES
+    from deploy.facts.parse import stack_containers
+    from deploy.core.settings import ALL_SERVICES
 
     if service not in ALL_SERVICES:
         raise UsageError(f"unknown service {service!r}", f"one of {', '.join(ALL_SERVICES)}")
@@ -477,7 +477,7 @@ def _service_containers(runtime: Runtime, host, service: str) -> list:
 
 
 def logs(runtime: Runtime, cli_hosts: list[str], service: str, tail: int = 100, follow: bool = False) -> int:
-    from .commands import cmd
+    from deploy.commands import cmd
 
     for alias in choose_hosts(runtime.settings, cli_hosts):
         with runtime.connect(alias) as host:
@@ -490,7 +490,7 @@ def logs(runtime: Runtime, cli_hosts: list[str], service: str, tail: int = 100, 
 
 def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, command: str) -> int:
     """Run ``command`` (a shell string) in the service's first running container on each host."""
-    from .commands import cmd
+    from deploy.commands import cmd
 
     if not command.strip():
         raise UsageError("no command given", "fab -H HOST exec SERVICE -- COMMAND")
@@ -507,8 +507,8 @@ def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, comman
 
 def run_backup(runtime: Runtime, host_alias: str | None, services: tuple[str, ...] | None,
                as_json: bool = False) -> int:
-    from . import backup as bk
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.core.settings import PROJECT_ROOT
 
     s = runtime.settings
     alias = host_alias or s.primary
@@ -539,7 +539,7 @@ def backup_keygen(console, out: str) -> int:
     """Write a new age identity to ``out`` (0600, never overwritten) and print its public key."""
     import os as _os
 
-    from .sealing import generate_identity
+    from deploy.backup.sealing import generate_identity
 
     secret, public = generate_identity()
     try:
@@ -557,8 +557,8 @@ def backup_keygen(console, out: str) -> int:
 
 
 def list_backups(runtime: Runtime, as_json: bool = False) -> int:
-    from . import backup as bk
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.core.settings import PROJECT_ROOT
 
     sets = bk.list_sets(PROJECT_ROOT / "backups", runtime.settings.env_name)
     if as_json:
@@ -575,8 +575,8 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     """Check the set, confirm, lock, take a safety backup, stop writers, restore, restart, check health, audit."""
     import time as _time
 
-    from . import backup as bk
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.core.settings import PROJECT_ROOT
 
     s = runtime.settings
     root = PROJECT_ROOT / "backups"
@@ -623,8 +623,8 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
 
 
 def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
-    from . import backup as bk
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.core.settings import PROJECT_ROOT
 
     s = runtime.settings
     path = bk.resolve_set(PROJECT_ROOT / "backups", s.env_name, set_name)
@@ -683,8 +683,8 @@ def release(runtime: Runtime, checklist_file: str | None = None) -> int:
 
 
 def _backup_and_drill(runtime: Runtime) -> int:
-    from . import backup as bk
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.core.settings import PROJECT_ROOT
 
     s = runtime.settings
     with runtime.connect(s.primary) as host:
@@ -699,9 +699,9 @@ def prune_backups(runtime: Runtime, policy, dry_run: bool = False, as_json: bool
     import datetime as _dt
     import shutil
 
-    from . import backup as bk
-    from . import retention
-    from .settings import PROJECT_ROOT
+    from deploy.backup import run as bk
+    from deploy.plan import retention
+    from deploy.core.settings import PROJECT_ROOT
 
     root = PROJECT_ROOT / "backups"
     env = runtime.settings.env_name

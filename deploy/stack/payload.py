@@ -14,9 +14,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .settings import PROJECT_ROOT, Settings
-from .stack import Target, render_build_files, render_release_files
+from deploy.core.errors import UsageError
+from deploy.core.settings import PROJECT_ROOT, Settings
+from deploy.stack.render import Target, render_build_files, render_release_files
 
 MANIFEST = "MANIFEST"
 RELEASE_ENV = "release.env"  # RELEASE_ID for compose interpolation; excluded from change detection

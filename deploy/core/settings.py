@@ -17,10 +17,10 @@ from typing import Any, Callable
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from .errors import Problem, SettingsError, UsageError
-from .secret import Secret
+from deploy.core.errors import Problem, SettingsError, UsageError
+from deploy.core.secret import Secret
 
-PROJECT_ROOT = Path(os.environ.get("HEALTHDEPLOY_HOME") or Path(__file__).resolve().parent.parent)
+PROJECT_ROOT = Path(os.environ.get("HEALTHDEPLOY_HOME") or Path(__file__).resolve().parents[2])
 
 # Values shipped in the deployment report's examples: refused for production secrets.
 KNOWN_DEFAULT_SECRETS = frozenset(
@@ -32,22 +32,8 @@ KNOWN_DEFAULT_SECRETS = frozenset(
     }
 )
 
-APP_SERVICES = ("backend", "ai-service", "frontend-web", "frontend-patient")
-BACKUPABLE = ("postgres", "influxdb", "mongodb", "minio", "redis", "qdrant")  # what `inv backup` can take
-INFRA_SERVICES = ("postgres", "redis", "influxdb", "mongodb", "qdrant", "emqx", "minio")
-ALL_SERVICES = APP_SERVICES + INFRA_SERVICES + ("gateway",)
-
-# Resource limits from the report's resource table (cpus, memory); gateway and unlisted ones are modest.
-DEFAULT_LIMITS = {
-    "backend": ("0.5", "512m"), "ai-service": ("1.0", "1g"), "frontend-web": ("0.1", "64m"),
-    "frontend-patient": ("0.1", "64m"), "postgres": ("0.5", "512m"), "redis": ("0.2", "128m"),
-    "influxdb": ("0.3", "256m"), "mongodb": ("0.5", "512m"), "qdrant": ("0.5", "512m"),
-    "emqx": ("0.5", "512m"), "minio": ("0.5", "512m"), "gateway": ("0.5", "128m"),
-}
-
-
-def _env_key(service: str) -> str:
-    return service.upper().replace("-", "_")
+from deploy.core.services import (ALL_SERVICES, APP_SERVICES, BACKUPABLE, DEFAULT_LIMITS, INFRA_SERVICES,  # noqa: F401
+                                  env_key as _env_key)
 
 
 @dataclass(frozen=True)
@@ -333,8 +319,8 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
             problems.append(Problem("BACKUP_SERVICES", f"{service!r} cannot be backed up",
                                     f"choose from {', '.join(BACKUPABLE)}"))
     if typed["backup_age_recipients"]:
-        from .sealing import parse_recipients
-        from .errors import UsageError
+        from deploy.backup.sealing import parse_recipients
+        from deploy.core.errors import UsageError
         try:
             parse_recipients(typed["backup_age_recipients"])
         except UsageError as exc:

@@ -2,7 +2,7 @@
 
 1. ``healthdeploy/base:bookworm``: a debootstrap minbase root file system with PostgreSQL, Redis,
    nginx, InfluxDB 1.x, Mosquitto, Python 3 and curl, imported with ``docker import``.
-2. One small image per role, built ``FROM`` the base with ``--network=none`` (deploy/images/<role>/).
+2. One small image per role, built ``FROM`` the base with ``--network=none`` (deploy/sandbox/images_src/<role>/).
 
 Images are reused when their build context is unchanged (a content hash is stored as a label).
 """
@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import HealthdeployError
-from .local import run_local
+from deploy.core.errors import HealthdeployError
+from deploy.execute.local import run_local
 
-IMAGES_DIR = Path(__file__).parent / "images"
+IMAGES_DIR = Path(__file__).parent / "images_src"
 BASE_IMAGE = "healthdeploy/base:bookworm"
 BASE_PACKAGES = ("postgresql", "redis-server", "nginx-light", "python3", "curl", "ca-certificates",
                  "influxdb", "mosquitto", "mosquitto-clients", "procps")

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 
-from .errors import HealthdeployError
+from deploy.core.errors import HealthdeployError
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .commands import backup as bk
-from .commands import docker as dk
-from .commands import files as fs
-from .console import Console
-from .errors import HealthdeployError, IntegrityError, UsageError
-from .facts import parse_containers, parse_published_port, stack_containers
-from .sealing import Sealing, open_sealed_writer, open_unsealed_reader
-from .settings import BACKUPABLE, Settings
-from .ssh import progress_printer
-from .stack import Target
+from deploy import __version__
+from deploy.commands import backup as bk
+from deploy.commands import docker as dk
+from deploy.commands import files as fs
+from deploy.core.console import Console
+from deploy.core.errors import HealthdeployError, IntegrityError, UsageError
+from deploy.facts.parse import parse_containers, parse_published_port, stack_containers
+from deploy.backup.sealing import Sealing, open_sealed_writer, open_unsealed_reader
+from deploy.core.settings import BACKUPABLE, Settings
+from deploy.execute.ssh import progress_printer
+from deploy.stack.render import Target
 
 BACKUP_ENGINES = BACKUPABLE
 S3_PORT = 9000
@@ -102,7 +102,7 @@ def tunnel_to(host, container: str, port: int) -> tuple[str, Callable[[], object
 
 def object_store(settings: Settings, host, container: str):
     """An S3 client for the MinIO container on ``host``, through an SSH tunnel to its loopback port."""
-    from . import objects
+    from deploy.backup import objects
 
     endpoint, open_socket = tunnel_to(host, container, S3_PORT)
     return objects.client_over(open_socket, endpoint, settings.minio_user, settings.minio_password.reveal())
@@ -238,13 +238,13 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
         if artifact.command is None:  # an HTTP API through a tunnel: we hash the content ourselves
             counted = _ContentHash(writer)
             if artifact.service == "qdrant":
-                from . import vectors
+                from deploy.backup import vectors
 
                 endpoint, open_socket = tunnel_to(host, container, QDRANT_PORT)
                 extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress)
                 checked = "size and SHA-256 checked against the server's"
             else:
-                from . import objects
+                from deploy.backup import objects
 
                 extra["objects"] = objects.backup_objects(object_store(settings, host, container), counted,
                                                           progress).record()
@@ -309,7 +309,7 @@ def check_set(path: Path) -> dict:
     """Manifest readable, every artifact present with the recorded size and SHA-256; else IntegrityError."""
     import hashlib
 
-    from .errors import IntegrityError
+    from deploy.core.errors import IntegrityError
 
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -412,7 +412,7 @@ def check_keys(settings: Settings, manifest: dict, services) -> None:
         raise UsageError(f"{encrypted[0]} is encrypted with age and BACKUP_AGE_IDENTITY_FILE is not set",
                          f"set it in env/{settings.env_name}.env to the file holding the private key")
     if encrypted:
-        from .sealing import load_identities
+        from deploy.backup.sealing import load_identities
 
         load_identities(settings.backup_age_identity_file)  # unreadable or invalid: one clear line now
 
@@ -449,7 +449,7 @@ def _send(settings: Settings, host, command, path: Path, record: dict) -> None:
 
 
 def _restore_objects(settings: Settings, client, path: Path, record: dict):
-    from . import objects
+    from deploy.backup import objects
 
     with _unsealed(settings, path, record) as source:
         counted = _ContentRead(source)
@@ -522,7 +522,7 @@ def _wait(host, probe, what: str, seconds: float = 60) -> None:
 def _drill_postgres(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
     import secrets as _secrets
 
-    from .commands import cmd
+    from deploy.commands import cmd
 
     drill_password = _secrets.token_hex(16)  # a throwaway server with no network: not a secret of the system
     host.run(dk.run_throwaway(name, settings.postgres_image, network="none",
@@ -583,7 +583,7 @@ def _drill_influx(settings: Settings, host, console: Console, path: Path, manife
 
 
 def _drill_objects(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
-    from . import objects
+    from deploy.backup import objects
 
     record = artifact_record(manifest, "minio.tar")
     target = Target.of(settings, host.alias, host.address)

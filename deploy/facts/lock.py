@@ -1,0 +1,66 @@
+"""The host lock's state: free, held (its holder process lives) or stale (provably gone).
+
+The holder is a process on the host that lives as long as our SSH channel. Its pid file records the pid,
+the host's boot id and the process's start time, so a lock survives neither a reboot (another boot id)
+nor pid reuse (same pid, another start time): both read as stale, and ``--break-lock`` may remove it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from deploy.commands.base import Command, script
+
+# /proc/<pid> rather than kill -0: a holder of another user is alive even though we may not signal it.
+# A lock directory younger than a minute without its pid file is being taken right now: held.
+# The start time is field 22 of /proc/<pid>/stat, counted after the ")" that ends the command name.
+LOCK_STATE = r"""
+proc_start() { s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }; set -- $s; echo "${20}"; }
+lock_state() {
+  [ -d "$1" ] || { echo free; return; }
+  read -r pid boot start < "$1/holder.pid" 2>/dev/null || pid=""
+  if [ -z "$pid" ]; then
+    if [ -n "$(find "$1" -maxdepth 0 -mmin -1 2>/dev/null)" ]; then echo held; else echo stale; fi
+    return
+  fi
+  if [ -n "$boot" ] && [ "$boot" != "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" ]; then echo stale; return; fi
+  [ -d "/proc/$pid" ] || { echo stale; return; }
+  if [ -n "$start" ] && [ "$start" != "$(proc_start "$pid")" ]; then echo stale; return; fi
+  echo held
+}
+"""
+
+LOCK_STATUS = LOCK_STATE + r"""
+lock_state "$1"
+cat "$1/info.json" 2>/dev/null
+exit 0
+"""
+
+
+def lock_status(lock_dir: str) -> Command:
+    return script(LOCK_STATUS, lock_dir, description="read the host lock", readonly=True)
+
+
+@dataclass(frozen=True)
+class LockState:
+    state: str  # free, held, stale
+    info: dict
+
+    def describe(self) -> str:
+        if self.state == "free":
+            return "free"
+        i = self.info
+        what = i.get("operation", "deploy")
+        who = (f"{i.get('who', '?')} since {i.get('since', '?')} for {what} {i.get('release', '?')} "
+               f"(pid {i.get('pid', '?')} on {i.get('machine', '?')})")
+        return f"{self.state}: {who}"
+
+
+def parse_lock(text: str) -> LockState:
+    first, _, rest = text.strip().partition("\n")
+    try:
+        info = json.loads(rest) if rest.strip() else {}
+    except json.JSONDecodeError:
+        info = {}
+    return LockState(first.strip() or "free", info if isinstance(info, dict) else {})
