@@ -22,9 +22,10 @@ from deploy.core.settings import PROJECT_ROOT
 SANDBOX_ENV = (PROJECT_ROOT / "env" / "sandbox.env").read_text()
 # Tests use their own sandbox hosts (127.0.0.6-8), so the README's demo on `sandbox` (127.0.0.2)
 # can stay up while they run.
-TEST_HOSTS = ("sandbox5", "sandbox6", "sandbox7")
+# HEALTHDEPLOY_TEST_HOSTS=sandbox15,sandbox16,sandbox17 lets a second checkout run its suite beside this one.
+TEST_HOSTS = tuple(os.environ.get("HEALTHDEPLOY_TEST_HOSTS", "sandbox5,sandbox6,sandbox7").split(","))
 MAIN = TEST_HOSTS[0]
-MAIN_ADDRESS = "127.0.0.6"
+MAIN_ADDRESS = sandbox.host_for(MAIN).address
 
 
 def _remove_leftovers() -> None:
@@ -35,15 +36,18 @@ def _remove_leftovers() -> None:
     for cid in out:
         project = subprocess.run(["docker", "inspect", "--format", '{{index .Config.Labels "com.docker.compose.project"}}', cid],
                                  capture_output=True, text=True).stdout.strip()
-        if project.startswith("hd-t"):
+        if project.startswith("hd-t") and project.endswith(tuple(f"-{h}" for h in TEST_HOSTS)):
             ids.append(cid)
     if ids:
         subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
     subprocess.run("docker ps -aq --filter label=healthdeploy.role=drill | xargs -r docker rm -f -v", shell=True,
                    capture_output=True)  # restore drills killed before their clean-up
-    subprocess.run("docker network ls -q --filter name=hd-t | xargs -r docker network rm", shell=True, capture_output=True)
-    subprocess.run("docker volume ls -q --filter name=hd-t | xargs -r docker volume rm", shell=True, capture_output=True)
-    shutil.rmtree("/var/lib/healthdeploy-test", ignore_errors=True)
+    for host in TEST_HOSTS:
+        subprocess.run(f"docker network ls -q --filter name=hd-t | xargs -r -n1 docker network inspect --format '{{{{.Name}}}}' "
+                       f"| grep -- '-{host}_' | xargs -r docker network rm", shell=True, capture_output=True)
+        subprocess.run(f"docker volume ls -q --filter name=hd-t | grep -- '-{host}_' | xargs -r docker volume rm", shell=True,
+                       capture_output=True)
+        shutil.rmtree(f"/var/lib/healthdeploy-test/{host}", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

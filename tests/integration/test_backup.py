@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_env import _cleanup, new_env
+from sandbox_env import TEST_HOSTS, _cleanup, new_env
 
-HOST = "sandbox7"
-PROJECT = "hd-tbk-sandbox7"
+HOST = TEST_HOSTS[2]
+PROJECT = f"hd-tbk-{HOST}"
 PG = f"{PROJECT}-postgres-1"
 INFLUX = f"{PROJECT}-influxdb-1"
 S3 = f"{PROJECT}-minio-1"

@@ -59,7 +59,7 @@ def test_first_deploy_brings_the_stack_up_healthy(env):
         assert get_json(f"http://{HOST}:{port}/health")["service"] == service
     assert get_json(f"http://{HOST}:3000/api/build")["service"] == "backend"  # /api/ goes to the backend
     # The migration made a real schema change in PostgreSQL.
-    tables = subprocess.run(["docker", "exec", "hd-tdep-sandbox5-postgres-1", "psql", "-U", "admin", "-d", "health_mgmt",
+    tables = subprocess.run(["docker", "exec", f"hd-tdep-{MAIN}-postgres-1", "psql", "-U", "admin", "-d", "health_mgmt",
                              "-tAc", "select name from schema_migrations"], capture_output=True, text=True)
     assert tables.stdout.split() == ["001_create_patients.sql"]
     root = env.deploy_root()
@@ -120,7 +120,7 @@ def test_unhealthy_build_is_rolled_back_with_zero_failed_requests(env):
     assert load.failed == 0, load.errors[:5]
     assert get_json(f"http://{HOST}:5000/api/build")["build"] == "backend-v2"
     assert (env.deploy_root() / "current").resolve().name == live
-    running = subprocess.run(["docker", "ps", "--filter", "label=com.docker.compose.project=hd-tdep-sandbox5",
+    running = subprocess.run(["docker", "ps", "--filter", f"label=com.docker.compose.project=hd-tdep-{MAIN}",
                               "--filter", "label=com.docker.compose.service=backend", "-q"], capture_output=True, text=True)
     assert len(running.stdout.split()) == 1  # the new container was removed
     (env.app / "backend" / "health_mode").unlink()

@@ -13,10 +13,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sandbox_env import _cleanup, new_env
+from deploy.sandbox.hosts import host_for
+from sandbox_env import TEST_HOSTS, _cleanup, new_env
 
-HOST = "sandbox6"
-PROJECT = "hd-thl-sandbox6"
+HOST = TEST_HOSTS[1]
+PROJECT = f"hd-thl-{HOST}"
+OTHER = TEST_HOSTS[2]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_a_port_not_listening_fails(env):
         proc, data = health(env)
         assert proc.returncode == 7
         failed = checks_of(data, "fail")
-        assert failed["port.8001"]["detail"] == ("gateway port 8001 is published on 127.0.0.7 but nothing answers "
+        assert failed["port.8001"]["detail"] == (f"gateway port 8001 is published on {host_for(HOST).address} but nothing answers "
                                                   "/health behind it")
         assert failed["ai-service.http.gateway"]["status"] == "fail"
     finally:
@@ -129,23 +131,23 @@ def test_an_infrastructure_port_on_all_interfaces_fails(env):
 def test_table_output_and_a_hung_host_cannot_hang(env, tmp_path):
     proc = env.fab("health", hosts=HOST)
     assert proc.returncode == 0 and "hl: healthy" in proc.stdout and "backend.http.gateway" in proc.stdout
-    # sandbox7's sshd answers TCP but is stopped (SIGSTOP): the probe must give up, not hang.
-    pid = int(open(".sandbox/hosts/sandbox7/sshd.pid").read())
-    env.write(hosts=f"{HOST},sandbox7", SSH_CONNECT_TIMEOUT="3")
+    # The other host's sshd answers TCP but is stopped (SIGSTOP): the probe must give up, not hang.
+    pid = int(open(f".sandbox/hosts/{OTHER}/sshd.pid").read())
+    env.write(hosts=f"{HOST},{OTHER}", SSH_CONNECT_TIMEOUT="3")
     import os
     import signal
     import time
     os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        proc = env.run("fab", "-H", f"{HOST},sandbox7", "health", "--json", "--timeout", "8")
+        proc = env.run("fab", "-H", f"{HOST},{OTHER}", "health", "--json", "--timeout", "8")
         assert time.monotonic() - started < 40
     finally:
         os.kill(pid, signal.SIGCONT)
         env.write(hosts=HOST)
     data = json.loads(proc.stdout)
     assert proc.returncode == 7
-    assert data["hosts"][1]["host"] == "sandbox7" and data["hosts"][1]["error"]
+    assert data["hosts"][1]["host"] == OTHER and data["hosts"][1]["error"]
     assert data["hosts"][0]["healthy"] is True
 
 
