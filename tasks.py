@@ -9,6 +9,10 @@ import sys
 from invoke import Collection, task
 
 from deploy import cli
+from deploy.cli import backup as cli_backup
+from deploy.cli import day2
+from deploy.cli import deploy as cli_deploy
+from deploy.cli import health as cli_health
 from deploy.sandbox import hosts as sandbox_lib
 
 
@@ -58,8 +62,8 @@ def demo(c):
     sandbox_lib.up(["sandbox"])
     images.build_all()
     runtime = cli.Runtime(load_settings("sandbox"), Console())
-    cli.deploy(runtime, ["sandbox"])
-    return cli.show_endpoints(runtime, ["sandbox"])
+    cli_deploy.deploy(runtime, ["sandbox"])
+    return day2.show_endpoints(runtime, ["sandbox"])
 
 
 @task(help={"k": "only tests matching this expression", "unit": "unit tests only (no sshd, no Docker)"})
@@ -81,7 +85,7 @@ def checklist(c, env, json=False, junit=None, file=None):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    return cli.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
+    return cli_health.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
 
 
 @task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
@@ -94,7 +98,7 @@ def backup(c, env, host=None, services=None, json=False):
     from deploy.core.settings import load_settings
 
     wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
-    return cli.run_backup(cli.Runtime(load_settings(env), Console()), host, wanted, as_json=json)
+    return cli_backup.run_backup(cli.Runtime(load_settings(env), Console()), host, wanted, as_json=json)
 
 
 @task(name="list", help={"env": "environment name", "json": "print JSON"})
@@ -104,7 +108,7 @@ def backup_list(c, env, json=False):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    return cli.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
+    return cli_backup.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
 
 
 @task(name="prune", help={"env": "environment name", "last": "keep the newest N sets", "daily": "one per day, N days",
@@ -117,8 +121,9 @@ def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, js
     from deploy.plan.retention import Policy
     from deploy.core.settings import load_settings
 
-    policy = Policy(int(last), int(daily), int(weekly), int(monthly))
-    return cli.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
+    policy = Policy(*(cli.parse_int(v, n) for v, n in ((last, "last"), (daily, "daily"), (weekly, "weekly"),
+                                                        (monthly, "monthly"))))
+    return cli_backup.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
 
 
 @task(name="keygen", help={"out": "where to write the private key (mode 0600; keep it off the servers)"})
@@ -127,7 +132,7 @@ def backup_keygen(c, out):
     """Make an age key pair for encrypted backups: prints the BACKUP_AGE_RECIPIENTS value, writes the private key."""
     from deploy.core.console import Console
 
-    return cli.backup_keygen(Console(), out)
+    return cli_backup.backup_keygen(Console(), out)
 
 
 @task(name="verify", help={"env": "environment name", "from": "set name (or latest)", "json": "print JSON"})
@@ -137,21 +142,23 @@ def backup_verify(c, env, from_="latest", json=False):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    return cli.run_verify(cli.Runtime(load_settings(env), Console()), from_, as_json=json)
+    return cli_backup.run_verify(cli.Runtime(load_settings(env), Console()), from_, as_json=json)
 
 
 @task(help={"env": "environment name", "from": "backup set name, path, or latest", "host": "default: PRIMARY_HOST",
             "services": "comma-separated subset (postgres,influxdb,mongodb,minio)", "yes": "do not ask (production)",
-            "no-safety-backup": "skip the backup of the current data taken first", "break-lock": "remove a stale lock"})
+            "no-safety-backup": "skip the backup of the current data taken first", "break-lock": "remove a stale lock",
+            "other-host": "restore a set taken on another host (on purpose)"})
 @cli.entry
-def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False):
+def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False,
+            other_host=False):
     """Restore a backup set (checksums first; safety backup; writers stopped; health checked; audited)."""
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
     wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
-    return cli.run_restore(cli.Runtime(load_settings(env), Console()), from_, host, wanted, yes=yes,
-                           safety_backup=not no_safety_backup, break_lock=break_lock)
+    return cli_backup.run_restore(cli.Runtime(load_settings(env), Console()), from_, host, wanted, yes=yes,
+                           safety_backup=not no_safety_backup, break_lock=break_lock, other_host=other_host)
 
 
 @task(name="release", help={"env": "environment name", "checklist": "checklist file (default env/[NAME.]checklist.toml)"})
@@ -161,7 +168,7 @@ def release_(c, env, checklist=None):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    return cli.release(cli.Runtime(load_settings(env), Console()), checklist_file=checklist)
+    return cli_health.release(cli.Runtime(load_settings(env), Console()), checklist_file=checklist)
 
 
 @task(help={"which": "deploy, backup or streaming"})

@@ -7,8 +7,12 @@ Without -H a task acts on the environment's HOSTS; without --env the environment
 from invoke import Collection, task
 
 from deploy import cli
+from deploy.cli import backup as cli_backup  # noqa: F401  (keeps the import graph the same for inv and fab)
+from deploy.cli import day2, health as cli_health
+from deploy.cli import deploy as cli_deploy
 from deploy.core.console import Console
-from deploy.execute.fabric_executor import cli_hosts, remainder
+from deploy.core.errors import UsageError
+from deploy.execute.fabric_executor import cli_hosts, remainder_words
 
 
 def _runtime(c, env, quiet=False):
@@ -18,23 +22,26 @@ def _runtime(c, env, quiet=False):
 
 
 @task(help={"env": "environment name (env/NAME.env); found from -H when omitted",
-            "dry-run": "show the plan (files, rebuilds, commands); change nothing",
+            "dry-run": "show the plan (files, rebuilds, rolls, each with its reason); change nothing",
             "break-lock": "remove a stale lock whose holder is gone",
             "json": "print the summary as JSON"})
 @cli.entry
 def deploy(c, env=None, dry_run=False, break_lock=False, json=False):
     """Deploy the stack with zero-downtime rolls; roll back by itself when the new release is unhealthy."""
     runtime, hosts = _runtime(c, env, quiet=False)
-    return cli.deploy(runtime, hosts, dry_run=dry_run, break_lock=break_lock, as_json=json)
+    return cli_deploy.deploy(runtime, hosts, dry_run=dry_run, break_lock=break_lock, as_json=json)
 
 
-@task(help={"env": "environment name", "to": "release id (default: the one before the live one)",
+@task(help={"env": "environment name", "to": "release id (default: the one live before the current one)",
+            "with-secrets": "also put back the secrets that release ran with (default: the current secrets stay)",
+            "dry-run": "show the plan; change nothing",
             "break-lock": "remove a stale lock", "json": "print the summary as JSON"})
 @cli.entry
-def rollback(c, env=None, to=None, break_lock=False, json=False):
+def rollback(c, env=None, to=None, with_secrets=False, dry_run=False, break_lock=False, json=False):
     """Return to the previous (or a named) release without rebuilding."""
     runtime, hosts = _runtime(c, env)
-    return cli.rollback(runtime, hosts, to=to, break_lock=break_lock, as_json=json)
+    return cli_deploy.rollback(runtime, hosts, to=to, break_lock=break_lock, as_json=json, with_secrets=with_secrets,
+                               dry_run=dry_run)
 
 
 @task(help={"env": "environment name", "json": "print JSON"})
@@ -42,7 +49,7 @@ def rollback(c, env=None, to=None, break_lock=False, json=False):
 def releases(c, env=None, json=False):
     """List the releases kept on each host; * marks the live one."""
     runtime, hosts = _runtime(c, env)
-    return cli.releases(runtime, hosts, as_json=json)
+    return day2.releases(runtime, hosts, as_json=json)
 
 
 @task(help={"env": "environment name", "lines": "entries per host", "json": "print JSON"})
@@ -50,15 +57,15 @@ def releases(c, env=None, json=False):
 def audit(c, env=None, lines=20, json=False):
     """Show the recent audit entries (deploys, rollbacks, locks, restores) of each host."""
     runtime, hosts = _runtime(c, env)
-    return cli.audit(runtime, hosts, lines=int(lines), as_json=json)
+    return day2.audit(runtime, hosts, lines=cli.parse_int(lines, "lines"), as_json=json)
 
 
 @task(name="status", help={"env": "environment name", "json": "print JSON"})
 @cli.entry
 def lock_status(c, env=None, json=False):
-    """Who holds the deploy lock on each host (free, held, or stale)."""
+    """Who holds the host lock on each host (free, held, or stale)."""
     runtime, hosts = _runtime(c, env)
-    return cli.lock_status(runtime, hosts, as_json=json)
+    return day2.lock_status(runtime, hosts, as_json=json)
 
 
 @task(help={"env": "environment name", "fingerprint": "expected SHA256:... fingerprint (checked before trusting)",
@@ -68,9 +75,9 @@ def trust(c, env=None, fingerprint=None, yes=False):
     """Show a host's SSH key fingerprint and add it to known_hosts (strict checking refuses unknown keys)."""
     hosts = cli_hosts(c)
     if len(hosts) != 1:
-        raise cli.UsageError("hosts.trust takes exactly one host", "fab -H HOST hosts.trust")
+        raise UsageError("hosts.trust takes exactly one host", "fab -H HOST hosts.trust")
     settings = cli.settings_for(env, hosts)
-    return cli.trust_host(settings, hosts[0], fingerprint, yes, Console())
+    return day2.trust_host(settings, hosts[0], fingerprint, yes, Console())
 
 
 @task(help={"env": "environment name", "json": "print JSON (schema: docs/health.md)",
@@ -79,15 +86,15 @@ def trust(c, env=None, fingerprint=None, yes=False):
 def health(c, env=None, json=False, timeout=60):
     """Containers, health checks, HTTP/TCP probes and published ports on every host; exit 7 when unhealthy."""
     runtime, hosts = _runtime(c, env)
-    return cli.health(runtime, hosts, as_json=json, timeout=float(timeout))
+    return cli_health.health(runtime, hosts, as_json=json, timeout=cli.parse_float(timeout, "timeout"))
 
 
 @task(help={"env": "environment name", "json": "print JSON"})
 @cli.entry
 def status(c, env=None, json=False):
-    """Release, uptime and health of every service on every host, in one screen."""
+    """Release, uptime and health of every service on every host, by role, in one screen."""
     runtime, hosts = _runtime(c, env)
-    return cli.status(runtime, hosts, as_json=json)
+    return day2.status(runtime, hosts, as_json=json)
 
 
 @task(help={"env": "environment name", "tail": "lines from the end", "follow": "keep following"})
@@ -95,15 +102,15 @@ def status(c, env=None, json=False):
 def logs(c, service, env=None, tail=100, follow=False):
     """Logs of a service on each host: `fab -H prod logs backend --follow`."""
     runtime, hosts = _runtime(c, env)
-    return cli.logs(runtime, hosts, service, tail=int(tail), follow=follow)
+    return day2.logs(runtime, hosts, service, tail=cli.parse_int(tail, "tail"), follow=follow)
 
 
 @task(name="exec", help={"env": "environment name"})
 @cli.entry
 def exec_(c, service, env=None):
-    """Run a command in a service: `fab -H prod exec backend -- node -v` (exit code passed on)."""
+    """Run a command in a service: `fab -H prod exec backend -- node -v` (exit 100+N when it exits N)."""
     runtime, hosts = _runtime(c, env)
-    return cli.exec_in_service(runtime, hosts, service, remainder(c))
+    return day2.exec_in_service(runtime, hosts, service, remainder_words())
 
 
 ns = Collection(deploy, rollback, releases, audit, health, status, logs, exec_)

@@ -23,13 +23,15 @@ from typing import Callable
 from deploy import __version__
 from deploy.commands import backup as bk
 from deploy.commands import docker as dk
-from deploy.commands import files as fs
+from deploy.backup.sealing import Sealing, open_sealed_writer, open_unsealed_reader
 from deploy.core.console import Console
 from deploy.core.errors import HealthdeployError, IntegrityError, UsageError
-from deploy.facts.parse import parse_containers, parse_published_port, stack_containers
-from deploy.backup.sealing import Sealing, open_sealed_writer, open_unsealed_reader
+from deploy.core.services import RESTORABLE, WRITERS
 from deploy.core.settings import BACKUPABLE, Settings
 from deploy.execute.ssh import progress_printer
+from deploy.facts.containers import inspect_named, parse_containers, project_containers, stack_only
+from deploy.facts.host import current_release
+from deploy.facts.ports import parse_published_port, published_port
 from deploy.stack.render import Target
 
 BACKUP_ENGINES = BACKUPABLE
@@ -92,7 +94,7 @@ class _ContentHash:
 
 def tunnel_to(host, container: str, port: int) -> tuple[str, Callable[[], object]]:
     """("address:port", socket factory) for ``container``'s ``port`` as published on the host's loopback."""
-    published = parse_published_port(host.run(dk.published_port(container, port), check=False).text)
+    published = parse_published_port(host.run(published_port(container, port), check=False).text)
     if published is None:
         raise HealthdeployError(f"{host.alias}: {container} does not publish port {port} on the host",
                                 "deploy again: the compose file publishes it on 127.0.0.1")
@@ -108,7 +110,12 @@ def object_store(settings: Settings, host, container: str):
     return objects.client_over(open_socket, endpoint, settings.minio_user, settings.minio_password.reveal())
 
 
-def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None) -> Path:
+def stack_containers(host, project: str):
+    return stack_only(parse_containers(host.run(project_containers(project)).text, project))
+
+
+def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None,
+           role: str = "both", kind: str = "backup") -> Path:
     """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path.
 
     The artifacts stream concurrently over the one SSH connection (each engine dumps in its own container,
@@ -139,8 +146,8 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
             futures = [pool.submit(_take, settings, host, console, partial, artifact, names[service], listing,
                                    progress) for service, artifact in artifacts]
             try:  # in this thread, while the streams run
-                release = host.run(fs.current_release(target.deploy_path)).text.strip()
-                inspected = host.run(dk.inspect_named(tuple(names.values()))).text or "[]"
+                release = host.run(current_release(target.deploy_path)).text.strip()
+                inspected = host.run(inspect_named(tuple(names.values()))).text or "[]"
                 listing.set_result({c.name: c for c in parse_containers(inspected, target.project)
                                     if c.state == "running"})
             except BaseException as exc:
@@ -154,7 +161,8 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
                 _check_running(host, listing, names)  # "not running: X" says more than a failed docker exec
                 raise
             manifest = {
-                "format": 2, "env": settings.env_name, "host": host.alias, "release": release,
+                "format": 2, "env": settings.env_name, "host": host.alias, "role": role, "kind": kind,
+                "release": release,
                 "started": _utc(started), "finished": _utc(), "tool": f"healthdeploy {__version__}",
                 "encryption": "age" if settings.backup_age_recipients else None,
                 "compression": "zstd" if settings.backup_compression == "zstd" else "engine-native",
@@ -333,8 +341,6 @@ def check_set(path: Path) -> dict:
     return manifest
 
 
-RESTORABLE = ("postgres", "influxdb", "mongodb", "minio")
-WRITERS = ("backend", "ai-service")  # stopped during a restore so nothing writes half-restored data
 
 
 def artifact_record(manifest: dict, name: str) -> dict | None:
@@ -343,7 +349,7 @@ def artifact_record(manifest: dict, name: str) -> dict | None:
 
 
 def restore(settings: Settings, host, console: Console, path: Path, manifest: dict,
-            services: tuple[str, ...] | None, job=None) -> list[str]:
+            services: tuple[str, ...] | None, session=None) -> list[str]:
     """Restore the set's artifacts into the running stack on ``host``. The caller holds the deploy lock."""
     wanted = restore_plan(settings, manifest, services)
     target = Target.of(settings, host.alias, host.address)
@@ -382,12 +388,12 @@ def restore(settings: Settings, host, console: Console, path: Path, manifest: di
     except BaseException:
         if writers:  # bring the application back, but report the restore's own error, not this
             try:
-                _restart_writers(host, settings, console, writers, job)
+                _restart_writers(host, settings, console, writers, session)
             except HealthdeployError as exc:
                 console.warn(f"{host.alias}: restarting the application after the failed restore: {exc.message}")
         raise
     if writers:
-        _restart_writers(host, settings, console, writers, job)
+        _restart_writers(host, settings, console, writers, session)
     return list(wanted)
 
 
@@ -417,17 +423,24 @@ def check_keys(settings: Settings, manifest: dict, services) -> None:
         load_identities(settings.backup_age_identity_file)  # unreadable or invalid: one clear line now
 
 
-def _restart_writers(host, settings: Settings, console: Console, writers: tuple[str, ...], job) -> None:
+def _restart_writers(host, settings: Settings, console: Console, writers: tuple[str, ...], session) -> None:
+    from deploy.execute.gateway import Gateway
+    from deploy.execute.wait import wait_for
+
     host.run(dk.start_containers(writers))
-    if job is not None:
-        job.wait_running_healthy(set(writers))
-        job.refresh_gateway(facts_release(host, settings))  # a restarted container may have a new address
+    if session is not None:
+        def healthy():
+            current = [c for c in session.containers() if c.id in writers]
+            return True if current and all(c.healthy for c in current) else None
+        wait_for(healthy, settings.health_timeout, "the application's writers healthy again",
+                 hint="`fab health` and `fab logs SERVICE` show why")
+        Gateway(session).refresh(facts_release(host, settings))  # a restarted container may have a new address
     console.phase(host.alias, "application writers started again and back in the gateway")
 
 
 def facts_release(host, settings: Settings) -> str:
     target = Target.of(settings, host.alias, host.address)
-    return host.run(fs.current_release(target.deploy_path)).text.strip()
+    return host.run(current_release(target.deploy_path)).text.strip()
 
 
 def _unsealed(settings: Settings, path: Path, record: dict):
@@ -589,7 +602,7 @@ def _drill_objects(settings: Settings, host, console: Console, path: Path, manif
     target = Target.of(settings, host.alias, host.address)
     arguments = () if settings.stack_variant == "sandbox" else ("server", "/data")
     host.run(dk.run_throwaway(name, settings.minio_image, *arguments, publish=S3_PORT, tmpfs=("/tmp",),
-                              env_file=f"{target.deploy_path}/shared/env/minio.env",
+                              env_files=(f"{target.current}/env/minio.env", f"{target.env_dir}/minio.env"),
                               description="start a throwaway object store"))
     client = object_store(settings, host, name)
 

@@ -11,7 +11,7 @@ Rules enforced here, so no builder can break them:
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Union
 
 from deploy.core.secret import Secret
@@ -47,6 +47,12 @@ class Command:
     description: str = ""
     readonly: bool = False
     stdin: bytes | None = field(default=None, repr=False)
+    # What the command does, machine-readable: (name, *args). The recording executor of the tests answers
+    # by it, so orchestration is tested without parsing shell text.
+    intent: tuple = ()
+    timeout: float | None = None  # the command's own deadline (the executor's default applies otherwise)
+    # Run on the host when the command is killed at its deadline (e.g. remove a one-off container).
+    on_timeout: "Command | None" = field(default=None, repr=False)
 
     def render(self) -> str:
         out = []
@@ -65,21 +71,37 @@ class Command:
         return text
 
     def with_stdin(self, data: bytes) -> "Command":
-        return Command(self.parts, self.description, self.readonly, data)
+        return replace(self, stdin=data)
+
+    def tagged(self, *intent, timeout: float | None = None, on_timeout: "Command | None" = None) -> "Command":
+        return replace(self, intent=tuple(intent), timeout=timeout if timeout is not None else self.timeout,
+                       on_timeout=on_timeout or self.on_timeout)
 
     def __str__(self) -> str:
         return self.display()
 
 
-def cmd(*argv: str, description: str = "", readonly: bool = False, stdin: bytes | None = None) -> Command:
+def cmd(*argv: str, description: str = "", readonly: bool = False, stdin: bytes | None = None,
+        intent: tuple = (), timeout: float | None = None) -> Command:
     words = _words(argv)
-    return Command((words,), description or words[0], readonly, stdin)
+    return Command((words,), description or words[0], readonly, stdin, intent, timeout)
 
 
 def script(body: str, *args: str, description: str, readonly: bool = False, shell: str = "sh",
-           stdin: bytes | None = None) -> Command:
+           stdin: bytes | None = None, intent: tuple = (), timeout: float | None = None) -> Command:
     """``sh -c BODY sh ARGS...``: BODY must be a constant; values go in ARGS ($1, $2, ...)."""
-    return cmd(shell, "-c", body, shell, *args, description=description, readonly=readonly, stdin=stdin)
+    return cmd(shell, "-c", body, shell, *args, description=description, readonly=readonly, stdin=stdin,
+               intent=intent, timeout=timeout)
+
+
+def with_env(command: Command, environment: dict[str, str]) -> Command:
+    """``env K=V ... <command>`` for values that are not secret (compose interpolation of labels)."""
+    if not environment:
+        return command
+    words = tuple(f"{k}={v}" for k, v in sorted(environment.items()))
+    for value in environment.values():
+        _words((value,))
+    return replace(command, parts=(("env",) + words,) + command.parts)
 
 
 def _join(op: str, commands: tuple[Command, ...], description: str | None) -> Command:
@@ -95,6 +117,7 @@ def _join(op: str, commands: tuple[Command, ...], description: str | None) -> Co
         description or " then ".join(c.description for c in commands),
         all(c.readonly for c in commands),
         stdin,
+        commands[0].intent,
     )
 
 

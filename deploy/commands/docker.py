@@ -2,86 +2,100 @@
 
 from __future__ import annotations
 
-from .base import Command, cmd, script
+from .base import Command, cmd, script, with_env
 from .probe import HTTP_GET_FUNCTION
+
+BUILD_TIMEOUT = 3600
+MIGRATE_TIMEOUT = 1800
 
 
 def compose(project: str, compose_file: str, env_file: str, *args: str, description: str,
-            readonly: bool = False) -> Command:
-    return cmd("docker", "compose", "--project-name", project, "--file", compose_file, "--env-file", env_file,
-               *args, description=description, readonly=readonly)
+            readonly: bool = False, environment: dict[str, str] | None = None, intent: tuple = (),
+            timeout: float | None = None) -> Command:
+    base = cmd("docker", "compose", "--project-name", project, "--file", compose_file, "--env-file", env_file,
+               *args, description=description, readonly=readonly, intent=intent, timeout=timeout)
+    return with_env(base, environment or {})
 
 
 def compose_config_check(project: str, compose_file: str, env_file: str) -> Command:
     return compose(project, compose_file, env_file, "config", "--quiet",
-                   description="validate the compose file", readonly=True)
+                   description="validate the compose file", readonly=True, intent=("compose-config",))
 
 
 def compose_build(project: str, compose_file: str, env_file: str, services: tuple[str, ...]) -> Command:
-    return compose(project, compose_file, env_file, "build", *services, description="build images")
+    return compose(project, compose_file, env_file, "build", *services, description="build images",
+                   intent=("build", *services), timeout=BUILD_TIMEOUT)
 
 
-def compose_up_infra(project: str, compose_file: str, env_file: str, services: tuple[str, ...],
-                     timeout: int) -> Command:
-    # --no-recreate: a deploy never changes running infrastructure; it only starts what is absent.
-    return compose(project, compose_file, env_file, "up", "--detach", "--no-recreate", "--wait",
-                   "--wait-timeout", str(timeout), *services, description="start infrastructure")
+def compose_up(project: str, compose_file: str, env_file: str, services: tuple[str, ...], timeout: int,
+               environment: dict[str, str] | None = None) -> Command:
+    # --no-recreate: starting what is absent or stopped never recreates what runs.
+    return compose(project, compose_file, env_file, "up", "--detach", "--no-recreate", "--no-deps", "--wait",
+                   "--wait-timeout", str(timeout), *services, description=f"start {', '.join(services)}",
+                   environment=environment, intent=("start", *services), timeout=timeout + 120)
 
 
-def compose_scale_up(project: str, compose_file: str, env_file: str, service: str, count: int) -> Command:
+def compose_recreate(project: str, compose_file: str, env_file: str, service: str, timeout: int,
+                     environment: dict[str, str] | None = None) -> Command:
+    # A stateful service is stopped before its new container starts: never two copies on one volume.
+    return compose(project, compose_file, env_file, "up", "--detach", "--force-recreate", "--no-deps", "--wait",
+                   "--wait-timeout", str(timeout), service, description=f"recreate {service}",
+                   environment=environment, intent=("recreate", service), timeout=timeout + 120)
+
+
+def compose_scale_up(project: str, compose_file: str, env_file: str, service: str, count: int,
+                     environment: dict[str, str] | None = None) -> Command:
     # New containers beside the old ones; --no-recreate keeps the old ones untouched.
     return compose(project, compose_file, env_file, "up", "--detach", "--no-deps", "--no-recreate",
-                   "--scale", f"{service}={count}", service, description=f"start new {service} containers")
+                   "--scale", f"{service}={count}", service, description=f"start new {service} containers",
+                   environment=environment, intent=("scale", service, count), timeout=300)
 
 
 def compose_run(project: str, compose_file: str, env_file: str, service: str, shell_command: str,
-                description: str) -> Command:
-    return compose(project, compose_file, env_file, "run", "--rm", "--no-deps", "-T", service,
-                   "sh", "-c", shell_command, description=description)
+                description: str, name: str = "", environment: dict[str, str] | None = None) -> Command:
+    named = ("--name", name) if name else ()
+    command = compose(project, compose_file, env_file, "run", "--rm", "--no-deps", "-T", *named, service,
+                      "sh", "-c", shell_command, description=description, environment=environment,
+                      intent=("run", service), timeout=MIGRATE_TIMEOUT)
+    # Killed at its deadline, the one-off container must go too, or it would overlap the next attempt.
+    return command.tagged("run", service, on_timeout=remove_force(name) if name else None)
 
 
-def project_containers(project: str) -> Command:
-    """JSON array of ``docker inspect`` for every container of the project (one round trip)."""
-    return script(
-        'ids=$(docker ps -aq --filter "label=com.docker.compose.project=$1"); '
-        'if [ -n "$ids" ]; then docker inspect $ids; else echo "[]"; fi',
-        project, description="list containers", readonly=True,
-    )
-
-
-def inspect_named(names: tuple[str, ...]) -> Command:
-    """JSON array of ``docker inspect`` for the named containers that exist (one CLI call, no listing)."""
-    return script('docker inspect "$@" 2>/dev/null || true', *names, description="inspect containers", readonly=True)
-
-
-def image_ids(refs: tuple[str, ...]) -> Command:
-    """``ref id`` per line; a missing image prints ``ref -``."""
-    return script(
-        'for ref in "$@"; do id=$(docker image inspect --format "{{.Id}}" "$ref" 2>/dev/null) || id=-; '
-        'echo "$ref $id"; done',
-        *refs, description="inspect images", readonly=True,
-    )
+def tag_images(pairs: tuple[tuple[str, str], ...]) -> Command:
+    """``docker tag SRC DST`` for each pair (unchanged services keep their image under the new release)."""
+    words: list[str] = []
+    for source, target in pairs:
+        words += [source, target]
+    return script('while [ $# -ge 2 ]; do docker tag "$1" "$2" || exit 1; shift 2; done', *words,
+                  description="tag unchanged images", intent=("tag", *(t for _, t in pairs)))
 
 
 def stop_containers(ids: tuple[str, ...], timeout: int = 15) -> Command:
-    return cmd("docker", "stop", "--time", str(timeout), *ids, description="stop old containers")
+    return cmd("docker", "stop", "--time", str(timeout), *ids, description="stop old containers",
+               intent=("stop", *ids), timeout=timeout + 60)
 
 
 def start_containers(ids: tuple[str, ...]) -> Command:
-    return cmd("docker", "start", *ids, description="start containers again")
+    return cmd("docker", "start", *ids, description="start containers again", intent=("start-ids", *ids))
+
+
+def restart_containers(ids: tuple[str, ...], timeout: int = 30) -> Command:
+    return cmd("docker", "restart", "--time", str(timeout), *ids, description="restart containers",
+               intent=("restart", *ids), timeout=timeout + 60)
 
 
 def remove_containers(ids: tuple[str, ...]) -> Command:
-    return cmd("docker", "rm", "--force", "--volumes", *ids, description="remove containers")
+    return cmd("docker", "rm", "--force", "--volumes", *ids, description="remove containers", intent=("rm", *ids))
 
 
 def remove_images(refs: tuple[str, ...]) -> Command:
     # Images still used by a container are kept (docker refuses); that is what we want.
-    return script('docker image rm "$@" >/dev/null 2>&1; exit 0', *refs, description="remove images of pruned releases")
+    return script('docker image rm "$@" >/dev/null 2>&1; exit 0', *refs, description="remove images of pruned releases",
+                  intent=("rmi",))
 
 
-def exec_in(container: str, *argv: str, description: str, readonly: bool = False) -> Command:
-    return cmd("docker", "exec", container, *argv, description=description, readonly=readonly)
+def exec_in(container: str, *argv: str, description: str, readonly: bool = False, intent: tuple = ()) -> Command:
+    return cmd("docker", "exec", container, *argv, description=description, readonly=readonly, intent=intent)
 
 
 HTTP_GET = 'timeout_s="$2"' + HTTP_GET_FUNCTION + 'http_get "$1"'
@@ -90,16 +104,27 @@ HTTP_GET = 'timeout_s="$2"' + HTTP_GET_FUNCTION + 'http_get "$1"'
 def http_probe(container: str, url: str, timeout: int = 3) -> Command:
     """GET ``url`` from inside ``container`` (curl or busybox wget, whichever the image has)."""
     return exec_in(container, "sh", "-c", HTTP_GET, "sh", url, str(timeout),
-                   description=f"probe {url}", readonly=True)
+                   description=f"probe {url}", readonly=True, intent=("probe", url))
+
+
+# Several GETs in one round trip: "ok URL" or "fail URL" per line (warming new containers, checking each).
+HTTP_GETS = 'timeout_s="$1"; shift' + HTTP_GET_FUNCTION + 'for u in "$@"; do if http_get "$u"; then echo "ok $u"; else echo "fail $u"; fi; done'
+
+
+def http_probes(container: str, urls: tuple[str, ...], timeout: int = 3) -> Command:
+    return exec_in(container, "sh", "-c", HTTP_GETS, "sh", str(timeout), *urls,
+                   description="probe new containers", readonly=True, intent=("probes", *urls))
 
 
 def nginx_test(container: str, conf: str) -> Command:
-    return exec_in(container, "nginx", "-t", "-q", "-c", conf, description="check gateway config", readonly=True)
+    return exec_in(container, "nginx", "-t", "-q", "-c", conf, description="check gateway config", readonly=True,
+                   intent=("nginx-test",))
 
 
 def nginx_reload(container: str, conf: str) -> Command:
     # A graceful reload: old workers finish their requests; never a restart.
-    return exec_in(container, "nginx", "-s", "reload", "-c", conf, description="reload gateway")
+    return exec_in(container, "nginx", "-s", "reload", "-c", conf, description="reload gateway",
+                   intent=("nginx-reload",))
 
 
 def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mount_at: str, conf: str,
@@ -110,36 +135,36 @@ def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mo
                "--volume", f"{upstreams_host}:{mount_at}/upstreams:ro",
                "--volume", f"{tls_host}:{mount_at}/tls:ro",
                image, "nginx", "-t", "-q", "-c", conf,
-               description="check new gateway config", readonly=True)
+               description="check new gateway config", readonly=True, intent=("nginx-check",))
 
 
 def logs_tail(container: str, lines: int = 30) -> Command:
-    return cmd("docker", "logs", "--tail", str(lines), container, description="container logs", readonly=True)
-
-
-def published_port(container: str, port: int) -> Command:
-    return cmd("docker", "port", container, f"{port}/tcp", description=f"published address of {port}/tcp",
-               readonly=True)
+    return cmd("docker", "logs", "--tail", str(lines), container, description="container logs", readonly=True,
+               intent=("logs", container))
 
 
 # The service env files are written for Compose (values in single quotes); `docker run --env-file` keeps
-# quotes, so a 0600 unquoted copy is made for the run and removed right after.
+# quotes, so a 0600 unquoted copy of each given file is made for the run and removed right after.
 RUN_WITH_ENV_FILE = r"""set -e
 umask 077
 f=$(mktemp)
 trap 'rm -f "$f"' EXIT
-sed -n "s/^\([A-Za-z_][A-Za-z0-9_]*\)='\(.*\)'\$/\1=\2/p" "$1" > "$f"
-shift
+n="$1"; shift
+i=0; while [ "$i" -lt "$n" ]; do
+  sed -n "s/^\([A-Za-z_][A-Za-z0-9_]*\)='\(.*\)'\$/\1=\2/p" "$1" >> "$f"; shift; i=$((i + 1))
+done
 docker run --env-file "$f" "$@"
 """
 
 
-def run_throwaway(name: str, image: str, *args: str, env_file: str = "", publish: int | None = None,
+def run_throwaway(name: str, image: str, *args: str, env_files: tuple[str, ...] = (), publish: int | None = None,
                   network: str | None = None, tmpfs: tuple[str, ...] = (), environment: tuple[str, ...] = (),
-                  description: str) -> Command:
-    """A detached, self-removing container for a restore drill. Credentials come from a service env file on
+                  memory: str = "", description: str) -> Command:
+    """A detached, self-removing container for a restore drill. Credentials come from service env files on
     the host, never from argv; a published port is on host loopback with an ephemeral number."""
     options = ["-d", "--rm", "--name", name, "--label", "healthdeploy.role=drill"]
+    if memory:
+        options += ["--memory", memory]
     if publish:
         options += ["-p", f"127.0.0.1::{publish}"]
     if network:
@@ -148,10 +173,11 @@ def run_throwaway(name: str, image: str, *args: str, env_file: str = "", publish
         options += ["--tmpfs", path]
     for assignment in environment:  # only values that are not secrets of the system
         options += ["-e", assignment]
-    if env_file:
-        return cmd("bash", "-c", RUN_WITH_ENV_FILE, "bash", env_file, *options, image, *args, description=description)
-    return cmd("docker", "run", *options, image, *args, description=description)
+    if env_files:
+        return cmd("bash", "-c", RUN_WITH_ENV_FILE, "bash", str(len(env_files)), *env_files, *options, image, *args,
+                   description=description, intent=("drill", name))
+    return cmd("docker", "run", *options, image, *args, description=description, intent=("drill", name))
 
 
 def remove_force(name: str, description: str = "remove the throwaway container") -> Command:
-    return cmd("docker", "rm", "-f", "-v", name, description=description)
+    return cmd("docker", "rm", "-f", "-v", name, description=description, intent=("rm", name))

@@ -33,7 +33,7 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 )
 
 from deploy.core.services import (ALL_SERVICES, APP_SERVICES, BACKUPABLE, DEFAULT_LIMITS, INFRA_SERVICES,  # noqa: F401
-                                  env_key as _env_key)
+                                  Role, env_key as _env_key)
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("ENV_KIND", "choice", "production", "production | staging | sandbox. Production refuses missing or example secrets.",
         choices=("production", "staging", "sandbox")),
     Key("HOSTS", "list", None, "Comma-separated SSH host aliases (resolved through SSH_CONFIG).", required=True),
-    Key("PRIMARY_HOST", "str", "", "Host that runs migrations once per deploy (default: first of HOSTS)."),
-    Key("BATCH_SIZE", "int", 1, "How many hosts a deploy updates at a time."),
+    Key("PRIMARY_HOST", "str", "", "Host that runs migrations once per deploy (default: the first application host)."),
+    Key("BATCH_SIZE", "int", 1, "How many application hosts a deploy updates at a time."),
+    Key("TOPOLOGY", "choice", "shared", "shared: one data layer (data hosts) for every application host; cells: every host "
+        "keeps its own data (one clinic per host): migrations, backups and restores then act on every host.",
+        choices=("shared", "cells")),
+    Key("ROLES", "list", (), "Role of each host with TOPOLOGY=shared and several hosts: host=data, host=app or host=both "
+        "(e.g. db1=data,web1=app,web2=app). A single host runs everything (both)."),
+    Key("DATA_ADDRESS", "str", "", "Private address the application hosts reach the data host on (default: its SSH "
+        "HostName). The data host publishes its databases on this address only; it must not be a public address."),
     Key("SSH_CONFIG", "path", "~/.ssh/config", "OpenSSH client config honoured for HostName, Port, User, IdentityFile."),
     Key("SSH_KNOWN_HOSTS", "path", "~/.ssh/known_hosts", "known_hosts used for strict host key checking."),
     Key("SSH_CONNECT_TIMEOUT", "int", 10, "Seconds to wait for the SSH connection."),
@@ -78,7 +85,9 @@ SCHEMA: tuple[Key, ...] = (
     # -- deploy behaviour -------------------------------------------------------------------------
     Key("MIN_FREE_DISK_MB", "int", 2048, "Preflight refuses a host with less free disk under DEPLOY_PATH."),
     Key("HEALTH_TIMEOUT", "int", 120, "Seconds new containers get to become healthy before rollback."),
-    Key("DRAIN_SECONDS", "float", 2.0, "Seconds old containers keep serving in-flight requests after the gateway switch."),
+    Key("DRAIN_SECONDS", "float", 2.0, "Seconds old containers stay in the gateway as a fallback after the switch."),
+    Key("DRAIN_LIMIT", "float", 30.0, "Seconds a roll waits for connections still open to the old containers (slow "
+        "requests, WebSockets) before it stops them; those still open then are counted and closed."),
     Key("MIGRATE_COMMAND", "str", "pnpm prisma migrate deploy", "Run once per deploy in a new backend container before any traffic moves."),
     # -- gateway and ports ------------------------------------------------------------------------
     Key("GATEWAY_BIND", "str", "0.0.0.0", "Address the gateway publishes ports 3000, 3001, 5000, 8001 on; {address} = the host's address."),
@@ -218,7 +227,30 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
 
     @property
     def primary(self) -> str:
-        return self.primary_host or self.hosts[0]
+        """The host that migrates: PRIMARY_HOST, else the first application host."""
+        return self.primary_host or next((h for h in self.hosts if self.role_of(h).runs_app), self.hosts[0])
+
+    def role_of(self, host: str) -> Role:
+        if self.topology == "cells" or len(self.hosts) == 1:
+            return Role.BOTH
+        for entry in self.roles:
+            name, _, role = entry.partition("=")
+            if name.strip() == host:
+                return Role(role.strip())
+        return Role.BOTH
+
+    @property
+    def data_hosts(self) -> tuple[str, ...]:
+        return tuple(h for h in self.hosts if self.role_of(h).runs_data)
+
+    @property
+    def app_hosts(self) -> tuple[str, ...]:
+        return tuple(h for h in self.hosts if self.role_of(h).runs_app)
+
+    @property
+    def data_host(self) -> str:
+        """With TOPOLOGY=shared, the one host that keeps the data (validated: exactly one)."""
+        return self.data_hosts[0]
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
@@ -238,10 +270,18 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
 
 
 def parse_env_text(text: str) -> tuple[dict[str, str | None], list[int]]:
-    """Parse .env text with python-dotenv; return (values, line numbers that failed to parse)."""
-    bad_lines = [b.original.line for b in parse_stream(io.StringIO(text)) if b.error]
-    values = dotenv_values(stream=io.StringIO(text), interpolate=True)
-    return dict(values), bad_lines
+    """Parse .env text with python-dotenv; return (values, line numbers that failed to parse).
+
+    ``KEY=   # comment`` is an empty value with a comment (as env/example.env writes it): python-dotenv
+    reads the comment as the value when nothing precedes it."""
+    bindings = list(parse_stream(io.StringIO(text)))
+    bad_lines = [b.original.line for b in bindings if b.error]
+    empty_with_comment = {b.key for b in bindings if b.key and b.value is not None
+                          and b.original.string.partition("=")[2].strip().startswith("#")}
+    values = dict(dotenv_values(stream=io.StringIO(text), interpolate=True))
+    for key in empty_with_comment:
+        values[key] = ""
+    return values, bad_lines
 
 
 def build_settings(env_name: str, values: dict[str, str | None], source: str = "<memory>",
@@ -301,6 +341,7 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
             problems.append(Problem(key.name, "contains a single quote or newline",
                                     "remove it (values are written into single-quoted env files)"))
     hosts = typed["hosts"] or ()
+    problems += _topology_problems(typed, hosts)
     if typed["primary_host"] and hosts and typed["primary_host"] not in hosts:
         problems.append(Problem("PRIMARY_HOST", f"{typed['primary_host']!r} is not in HOSTS", "name one of HOSTS"))
     if bool(typed["tls_cert_file"]) != bool(typed["tls_key_file"]):
@@ -331,6 +372,39 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if problems:
         raise SettingsError(env_name, problems)
     return Settings(env_name=env_name, source=source, **typed)
+
+
+def _topology_problems(typed: dict, hosts: tuple[str, ...]) -> list[Problem]:
+    problems = []
+    roles: dict[str, str] = {}
+    for entry in typed["roles"] or ():
+        name, sep, role = entry.partition("=")
+        name, role = name.strip(), role.strip()
+        if not sep or role not in ("data", "app", "both"):
+            problems.append(Problem("ROLES", f"{entry!r} is not host=data, host=app or host=both",
+                                    "e.g. ROLES=db1=data,web1=app,web2=app"))
+        elif name not in hosts:
+            problems.append(Problem("ROLES", f"{name!r} is not in HOSTS", "name hosts of HOSTS"))
+        else:
+            roles[name] = role
+    if typed["topology"] == "cells":
+        if roles:
+            problems.append(Problem("ROLES", "has no meaning with TOPOLOGY=cells (every host keeps its own data)",
+                                    "remove ROLES, or use TOPOLOGY=shared"))
+        return problems
+    if len(hosts) > 1 and not problems:
+        missing = [h for h in hosts if h not in roles]
+        if missing:
+            problems.append(Problem("ROLES", f"no role for {', '.join(missing)}: with several hosts, say which one keeps the data",
+                                    "e.g. ROLES=db1=data,web1=app,web2=app; or TOPOLOGY=cells if every host keeps its own data"))
+        data = [h for h, r in roles.items() if r in ("data", "both")]
+        app = [h for h, r in roles.items() if r in ("app", "both")]
+        if not missing and len(data) != 1:
+            problems.append(Problem("ROLES", f"{len(data)} data hosts ({', '.join(data) or 'none'}); TOPOLOGY=shared needs exactly one",
+                                    "give exactly one host the role data (or both)"))
+        if not missing and not app:
+            problems.append(Problem("ROLES", "no application host", "give at least one host the role app (or both)"))
+    return problems
 
 
 def env_dir() -> Path:

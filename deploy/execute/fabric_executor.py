@@ -34,3 +34,12 @@ def remainder(context) -> str:
         return context.config.healthdeploy.remainder or ""
     except AttributeError:
         return ""
+
+
+def remainder_words(argv: list[str] | None = None) -> list[str]:
+    """The words after ``--`` exactly as the operator's shell split them (Fabric's remainder is one string
+    joined with spaces, which loses the quoting)."""
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    return list(argv[argv.index("--") + 1:]) if "--" in argv else []

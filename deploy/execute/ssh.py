@@ -13,16 +13,17 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator
 
 import paramiko
 from fabric import Config, Connection
 
-from deploy.commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum
+from deploy.commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum, script
 from deploy.core.errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError
 from deploy.core.secret import Secret, redact
+from deploy.execute.executor import (DEFAULT_TIMEOUT, ConnectionLost, HeldCommand, Result, StreamResult,
+                                     check_cancelled)
 
 # Streaming tuning measured on this kind of machine (see docs/streaming.md): AES-GCM first,
 # a 4 MiB window with 128 KiB packets, and recv() never smaller than the window (paramiko's
@@ -38,52 +39,17 @@ NO_CLIENT_REKEY = 2**40
 
 STDERR_KEEP = 64 << 10  # bytes of stderr kept per command (the tail, for error messages)
 
-
-@dataclass(frozen=True)
-class Result:
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode("utf-8", "replace")
-
-    @property
-    def err(self) -> str:
-        return self.stderr.decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class StreamResult:
-    bytes: int
-    sha256: str
-    remote_sha256: str | None
-    exit_status: int
-    seconds: float
-    stderr: str
-
-
-class Executor(Protocol):
-    """What the rest of the library needs from a host. ``RemoteHost`` and ``DryRunHost`` provide it."""
-
-    alias: str
-    address: str
-
-    def open_tcp(self, address: str, port: int, timeout: float = 10): ...
-
-    def run(self, command: Command, check: bool = True, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result: ...
-
-    def stream_to_file(self, command: Command, target: BinaryIO,
-                       progress: Callable[[int], None] | None = None) -> StreamResult: ...
-
-    def stream_from_file(self, command: Command, source: BinaryIO,
-                         progress: Callable[[int], None] | None = None) -> StreamResult: ...
+# Every command that changes something runs under this wrapper. It reports its process group, so at a
+# deadline the whole group is killed on the host (not only our channel closed), and a watchdog kills the
+# group when the channel's stdin closes: our process died or the connection dropped. The command itself
+# reads /dev/null.
+PGID_MARKER = "HEALTHDEPLOY-PGID "
+WATCHED = r"""read -r _ _ _ _ pgid _ < /proc/$$/stat
+printf 'HEALTHDEPLOY-PGID %s\n' "$pgid" >&2
+( trap '' TERM; cat >/dev/null 2>&1; kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null ) >/dev/null 2>&1 &
+sh -c "$1" </dev/null
+"""
+KILL_GROUP = 'kill -TERM -- "-$1" 2>/dev/null; sleep 2; kill -KILL -- "-$1" 2>/dev/null; exit 0'
 
 
 def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
@@ -254,7 +220,7 @@ class RemoteHost:
         Used for the S3 API of the object store, published on the host's loopback only."""
         transport = self.connection.transport
         if transport is None or not transport.is_active():
-            raise HealthdeployError(f"connection to {self.alias} was lost", "run the task again")
+            raise ConnectionLost(f"connection to {self.alias} was lost", "run the task again")
         try:
             return transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
                                           window_size=STREAM_WINDOW, max_packet_size=STREAM_PACKET, timeout=timeout)
@@ -267,7 +233,7 @@ class RemoteHost:
     def _open(self, command_line: str, window: int | None = None) -> paramiko.Channel:
         transport = self.connection.transport
         if transport is None or not transport.is_active():
-            raise HealthdeployError(f"connection to {self.alias} was lost", "run the task again")
+            raise ConnectionLost(f"connection to {self.alias} was lost", "run the task again")
         if window:
             channel = transport.open_session(window_size=window, max_packet_size=STREAM_PACKET)
         else:
@@ -279,58 +245,85 @@ class RemoteHost:
             on_line: Callable[[str], None] | None = None) -> Result:
         """Run to completion; stdout is kept whole (facts are small), stderr's tail is kept.
 
-        ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress.
+        ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress. Every command
+        has a deadline (its own, ``timeout``, or DEFAULT_TIMEOUT); at the deadline a command that changes
+        something is killed on the host with its whole process group, and its ``on_timeout`` runs.
         """
-        channel = self._open(command.render())
+        timeout = timeout or command.timeout or DEFAULT_TIMEOUT
+        watched = not command.readonly and command.stdin is None
+        line = script(WATCHED, command.render(), description=command.description).render() if watched else command.render()
+        channel = self._open(line)
         if command.stdin is not None:
             channel.sendall(command.stdin)
-        channel.shutdown_write()
-        deadline = time.monotonic() + timeout if timeout else None
+        if not watched:
+            channel.shutdown_write()
+        deadline = time.monotonic() + timeout
         stdout = bytearray()
         stderr = bytearray()
         pending = b""
+        pgid = ""
+        marker = watched
         channel.settimeout(0.1)
         stdout_open = True
-        while True:
-            got_stderr = False
-            while channel.recv_stderr_ready():
-                chunk = channel.recv_stderr(1 << 16)
-                if not chunk:
-                    break
-                got_stderr = True
-                stderr += chunk
-                if len(stderr) > STDERR_KEEP:
-                    del stderr[: len(stderr) - STDERR_KEEP]
-                if on_line:
-                    pending = self._emit(pending + chunk, on_line)
-            if stdout_open:
-                try:
-                    chunk = channel.recv(1 << 20)
-                except socket.timeout:
-                    chunk = None
-                if chunk:
-                    stdout += chunk
-                    if on_line:
-                        pending = self._emit(pending + chunk, on_line)
-                elif chunk == b"":
-                    stdout_open = False
-            else:
-                # stdout is done; stderr ends with its own EOF (it may outlive the exit status).
-                try:
+        try:
+            while True:
+                got_stderr = False
+                while channel.recv_stderr_ready():
                     chunk = channel.recv_stderr(1 << 16)
-                except socket.timeout:
-                    chunk = None
-                if chunk == b"" and not got_stderr:
-                    break
-                if chunk:
+                    if not chunk:
+                        break
+                    got_stderr = True
+                    if marker:  # the wrapper's first line: its process group, not output
+                        head = bytes(stderr) + chunk
+                        if b"\n" not in head:
+                            stderr[:] = head
+                            continue
+                        first, _, chunk = head.partition(b"\n")
+                        pgid = first.decode(errors="replace").removeprefix(PGID_MARKER).strip()
+                        stderr.clear()
+                        marker = False
                     stderr += chunk
-                    del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+                    if len(stderr) > STDERR_KEEP:
+                        del stderr[: len(stderr) - STDERR_KEEP]
                     if on_line:
                         pending = self._emit(pending + chunk, on_line)
-            if deadline and time.monotonic() > deadline:
-                channel.close()
-                raise HealthdeployError(f"{command.description} on {self.alias} timed out after {timeout:.0f}s",
-                                        "the host may be overloaded; raise the timeout or investigate")
+                if stdout_open:
+                    try:
+                        chunk = channel.recv(1 << 20)
+                    except socket.timeout:
+                        chunk = None
+                    if chunk:
+                        stdout += chunk
+                        if on_line:
+                            pending = self._emit(pending + chunk, on_line)
+                    elif chunk == b"":
+                        stdout_open = False
+                else:
+                    # stdout is done; stderr ends with its own EOF (it may outlive the exit status).
+                    try:
+                        chunk = channel.recv_stderr(1 << 16)
+                    except socket.timeout:
+                        chunk = None
+                    if chunk == b"" and not got_stderr:
+                        break
+                    if chunk:
+                        stderr += chunk
+                        del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+                        if on_line:
+                            pending = self._emit(pending + chunk, on_line)
+                if time.monotonic() > deadline:
+                    self._kill_group(pgid, command)
+                    raise HealthdeployError(
+                        f"{command.description} on {self.alias} timed out after {timeout:.0f}s"
+                        + (" and was killed on the host" if pgid else ""),
+                        "the host may be overloaded or a server hangs; investigate, then run it again")
+                if not self._active():
+                    raise ConnectionLost(f"connection to {self.alias} was lost during {command.description}",
+                                         "check the network and the host, then run the task again")
+                check_cancelled()
+        except BaseException:
+            channel.close()
+            raise
         if on_line and pending:
             on_line(redact(pending.decode("utf-8", "replace"), self.secrets))
         status = channel.recv_exit_status()
@@ -340,6 +333,54 @@ class RemoteHost:
             raise RemoteCommandError(f"{command.description} on {self.alias}", status,
                                      redact(result.err or result.text[-2000:], self.secrets))
         return result
+
+    def _active(self) -> bool:
+        transport = self.connection.transport
+        return transport is not None and transport.is_active()
+
+    def _kill_group(self, pgid: str, command: Command) -> None:
+        """At a deadline: the command's process group dies on the host, then its own clean-up runs."""
+        if not self._active():
+            return
+        for cleanup in ([script(KILL_GROUP, pgid, description="kill a timed-out command")] if pgid.isdigit() else []) + (
+                [command.on_timeout] if command.on_timeout else []):
+            try:
+                channel = self._open(cleanup.render())
+                channel.shutdown_write()
+                channel.settimeout(30)
+                while channel.recv(4096):
+                    pass
+                channel.close()
+            except (OSError, paramiko.SSHException, socket.timeout, HealthdeployError):
+                pass
+
+    def hold(self, command: Command, timeout: float = 30) -> HeldCommand:
+        """Start ``command`` and read its first line; it keeps running until the HeldCommand is closed (or our
+        process dies: its stdin closes). If it ends on its own, everything it printed is returned."""
+        channel = self._open(command.render())
+        channel.settimeout(timeout)
+        data = b""
+        try:
+            while b"\n" not in data:
+                chunk = channel.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            channel.close()
+            raise HealthdeployError(f"{command.description} on {self.alias}: no answer within {timeout:.0f}s",
+                                    "the host may be overloaded; run it again") from None
+        first, _, rest = data.partition(b"\n")
+        if first.strip() != b"acquired":
+            while True:  # the command ended: collect the rest of its output
+                chunk = channel.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+            channel.close()
+            return HeldCommand(None, first.decode().strip(), rest.decode("utf-8", "replace"))
+        channel.settimeout(None)
+        return HeldCommand(channel.close, "acquired", "")
 
     def _emit(self, data: bytes, on_line: Callable[[str], None]) -> bytes:
         *lines, rest = data.split(b"\n")
@@ -470,39 +511,6 @@ class RemoteHost:
                                  "the stream was corrupted or truncated; run it again")
 
 
-class DryRunHost:
-    """Plans instead of acting: read-only commands (facts) run for real, the rest are printed."""
-
-    def __init__(self, real: RemoteHost | None, alias: str, printer: Callable[[str], None] = print):
-        self.real = real
-        self.alias = alias
-        self.address = real.address if real else alias
-        self.printer = printer
-        self.planned: list[Command] = []
-
-    def run(self, command: Command, check: bool = True, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result:
-        if command.readonly and self.real is not None:
-            return self.real.run(command, check=check, timeout=timeout)
-        self.planned.append(command)
-        self.printer(f"[{self.alias}] would run: {command.display()}")
-        return Result(0, b"", b"")
-
-    def stream_to_file(self, command, target, progress=None) -> StreamResult:
-        self.planned.append(command)
-        self.printer(f"[{self.alias}] would stream: {command.display()}")
-        return StreamResult(0, hashlib.sha256().hexdigest(), None, 0, 0.0, "")
-
-    def stream_from_file(self, command, source, progress=None) -> StreamResult:
-        self.planned.append(command)
-        self.printer(f"[{self.alias}] would send to: {command.display()}")
-        return StreamResult(0, hashlib.sha256().hexdigest(), None, 0, 0.0, "")
-
-    def close(self) -> None:
-        if self.real is not None:
-            self.real.close()
-
-
 def progress_printer(label: str, stream=None) -> Callable[[int], None] | None:
     """Bytes and rate on a terminal; nothing when output is not a terminal (scripts, CI)."""
     stream = stream or sys.stderr
@@ -516,56 +524,3 @@ def progress_printer(label: str, stream=None) -> Callable[[int], None] | None:
         stream.flush()
 
     return report
-
-
-class HeldCommand:
-    """A command kept running for as long as we hold something (the deploy lock's holder process)."""
-
-    def __init__(self, channel: paramiko.Channel | None, first_line: str, rest: str):
-        self.channel = channel
-        self.first_line = first_line
-        self.rest = rest
-
-    def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-
-
-def _hold(host: RemoteHost, command: Command, timeout: float = 30) -> HeldCommand:
-    """Start ``command`` and read its first line; if it ends, return everything it printed."""
-    channel = host._open(command.render())
-    channel.settimeout(timeout)
-    data = b""
-    try:
-        while b"\n" not in data:
-            chunk = channel.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except socket.timeout:
-        channel.close()
-        raise HealthdeployError(f"{command.description} on {host.alias}: no answer within {timeout:.0f}s",
-                                "the host may be overloaded; run it again") from None
-    first, _, rest = data.partition(b"\n")
-    if first.strip() != b"acquired":
-        while True:  # the command ended: collect the rest of its output
-            chunk = channel.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        channel.close()
-        return HeldCommand(None, first.decode().strip(), rest.decode("utf-8", "replace"))
-    channel.settimeout(None)
-    return HeldCommand(channel, "acquired", "")
-
-
-RemoteHost.hold = _hold  # type: ignore[attr-defined]
-
-
-def _dry_hold(self: DryRunHost, command: Command, timeout: float = 30) -> HeldCommand:
-    self.printer(f"[{self.alias}] would take the deploy lock")
-    return HeldCommand(None, "acquired", "")
-
-
-DryRunHost.hold = _dry_hold  # type: ignore[attr-defined]

@@ -19,7 +19,8 @@ LOCK_STATE = r"""
 proc_start() { s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }; set -- $s; echo "${20}"; }
 lock_state() {
   [ -d "$1" ] || { echo free; return; }
-  read -r pid boot start < "$1/holder.pid" 2>/dev/null || pid=""
+  pid=""; boot=""; start=""
+  [ -f "$1/holder.pid" ] && read -r pid boot start < "$1/holder.pid"
   if [ -z "$pid" ]; then
     if [ -n "$(find "$1" -maxdepth 0 -mmin -1 2>/dev/null)" ]; then echo held; else echo stale; fi
     return

@@ -36,6 +36,9 @@ echo "=== release-env"; [ -n "$current" ] && cat "$base/$current/release.env" 2>
 echo "=== secrets-env"; ( cd "$base/shared/env" 2>/dev/null && for f in *.env; do [ -f "$f" ] && sha256sum "$f" | sed 's|  |  env/|'; done )
 echo "=== secrets-tls"; ( cd "$base/shared/gateway/tls" 2>/dev/null && for f in *.pem; do [ -f "$f" ] && sha256sum "$f" | sed 's|  |  tls/|'; done )
 echo "=== secret-versions"; ls -1 "$base/shared/env/.versions" 2>/dev/null
+echo "=== secret-version-files"; ( cd "$base/shared/env/.versions" 2>/dev/null && find . -mindepth 3 -maxdepth 3 -type f -name '*.env' -print0 | xargs -0 -r sha256sum | sed "s| \./| |" )
+echo "=== releases-meta"; for r in "$base"/releases/*/; do [ -d "$r" ] || continue; n=$(basename "$r")
+  echo "--- $n"; cat "$r/release.env" 2>/dev/null; ( cd "$r" && for f in env/*.env gateway/nginx.conf; do [ -f "$f" ] && sha256sum "$f" | sed 's/^/# /'; done ); done
 echo "=== gateway-conf"; ( file_hashes "$base/shared/gateway" nginx.conf )
 echo "=== upstreams"; ( read_upstreams "$base/shared/gateway/upstreams" )
 echo "=== state"; cat "$base/shared/state.json" 2>/dev/null; echo
@@ -64,6 +67,9 @@ class Observed:
     containers: tuple[Container, ...] = ()
     images: Mapping[str, str] = field(default_factory=dict)  # repository:tag -> image id
     state: Mapping = field(default_factory=dict)  # shared/state.json: live release history
+    # Per release: its release.env values and the SHA-256 of its env files and gateway config.
+    releases_meta: Mapping[str, "ReleaseMeta"] = field(default_factory=dict)
+    secret_version_files: Mapping[str, str] = field(default_factory=dict)  # "<version>/env/<svc>.env" -> sha256
 
     @property
     def current(self) -> str:
@@ -78,6 +84,39 @@ class Observed:
     @property
     def history(self) -> list[dict]:
         return list(self.state.get("history", [])) if isinstance(self.state, dict) else []
+
+
+@dataclass(frozen=True)
+class ReleaseMeta:
+    release: str
+    values: Mapping[str, str]  # release.env: RELEASE_ID, ENV_DIGEST_*, DEFINITION_*, SECRETS_VERSION
+    hashes: Mapping[str, str]  # env/<svc>.env, gateway/nginx.conf -> sha256
+
+    def definition(self, service: str) -> str:
+        return self.values.get("DEFINITION_" + service.upper().replace("-", "_"), "")
+
+    @property
+    def secrets_version(self) -> str:
+        return self.values.get("SECRETS_VERSION", "")
+
+
+def parse_releases_meta(text: str) -> dict[str, ReleaseMeta]:
+    metas: dict[str, tuple[dict, dict]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("--- "):
+            name = line[4:].strip()
+            metas[name] = ({}, {})
+        elif name is None:
+            continue
+        elif line.startswith("# "):
+            digest, _, path = line[2:].partition(" ")
+            metas[name][1][path.strip()] = digest
+        else:
+            key, sep, value = line.partition("=")
+            if sep:
+                metas[name][0][key.strip()] = value.strip()
+    return {n: ReleaseMeta(n, v, h) for n, (v, h) in metas.items()}
 
 
 def split_sections(text: str) -> dict[str, str]:
@@ -124,4 +163,6 @@ def parse_observation(text: str, project: str) -> Observed:
         containers=containers,
         images=images,
         state=state if isinstance(state, dict) else {},
+        releases_meta=parse_releases_meta(s.get("releases-meta", "")),
+        secret_version_files=parse_hashes(s.get("secret-version-files", "")),
     )

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deploy.core.errors import UsageError
-from deploy.facts.parse import Container, HostFacts, version_tuple
+from deploy.facts.containers import Container
+from deploy.facts.host import HostFacts, version_tuple
 from deploy.core.settings import KEYS_BY_NAME, KNOWN_DEFAULT_SECRETS, SCHEMA, Settings
 
 

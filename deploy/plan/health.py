@@ -11,9 +11,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass, field
 
-from deploy.facts.parse import Container
-from deploy.core.settings import APP_SERVICES, Settings
-from deploy.stack.render import APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS
+from deploy.core.services import APP_PORTS, APP_SERVICES, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS, Role
+from deploy.core.settings import Settings
+from deploy.facts.containers import Container
+from deploy.stack.render import Target, services_on
 
 SCHEMA_VERSION = 1
 RESTART_WARN = 3
@@ -31,6 +32,7 @@ class Check:
 @dataclass
 class HostHealth:
     host: str
+    role: str = "both"
     release: str = ""
     checks: list[Check] = field(default_factory=list)
     error: str = ""
@@ -40,9 +42,9 @@ class HostHealth:
         return not self.error and all(c.status != "fail" for c in self.checks)
 
 
-def container_checks(host: str, settings: Settings, containers: list[Container]) -> list[Check]:
+def container_checks(host: str, settings: Settings, target: Target, containers: list[Container]) -> list[Check]:
     checks = []
-    for service in settings.enabled_services:
+    for service in services_on(settings, target):
         mine = [c for c in containers if c.service == service]
         running = [c for c in mine if c.state == "running"]
         name = f"{service}.container"
@@ -66,16 +68,23 @@ def container_checks(host: str, settings: Settings, containers: list[Container])
     return checks
 
 
-def probe_targets(settings: Settings, containers: list[Container]) -> list[tuple[str, str, str]]:
+def probe_targets(settings: Settings, target: Target, containers: list[Container]) -> list[tuple[str, str, str]]:
+    """Probes run from inside the gateway (application hosts): each app container directly and through the
+    gateway, and each data service: by name on a single host, at the data host's private address from an
+    application host (the path the application itself takes)."""
+    if not target.role.runs_app:
+        return []
     targets = []
     for service in APP_SERVICES:
         for c in containers:
             if c.service == service and c.state == "running" and c.ip:
                 targets.append(("http", f"{service}.http.direct", f"http://{c.ip}:{APP_PORTS[service]}/health"))
         targets.append(("http", f"{service}.http.gateway", f"http://127.0.0.1:{GATEWAY_PORT_OF[service]}/health"))
+    remote = target.role is Role.APP
     for service in settings.enabled_infra:
         for port in INFRA_PORTS[service][:1]:
-            targets.append(("tcp", f"{service}.tcp", f"{service}:{port}"))
+            where = target.data_address if remote else service
+            targets.append(("tcp", f"{service}.tcp", f"{where}:{port}"))
     return targets
 
 
@@ -116,13 +125,18 @@ def parse_listeners(text: str) -> list[tuple[str, int]]:
     return listeners
 
 
-def _public(address: str) -> bool:
+def _public(address: str, private_ok: bool = False) -> bool:
+    """Is a listener reachable from outside the host? Loopback never is; a private (RFC 1918 / ULA) address
+    is allowed only where the data host serves the application hosts over the private network."""
     if address in ("*", "0.0.0.0", "::", ""):
         return True
     try:
-        return not ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return True
+    if ip.is_loopback:
+        return False
+    return not (private_ok and ip.is_private)
 
 
 def published_targets(gateway_bind: str) -> list[tuple[str, str, str]]:
@@ -132,11 +146,12 @@ def published_targets(gateway_bind: str) -> list[tuple[str, str, str]]:
     return [("http", f"port.{port}", f"http://{address}:{port}/health") for port in GATEWAY_PORTS]
 
 
-def port_checks(host: str, settings: Settings, gateway_bind: str, listeners: list[tuple[str, int]],
+def port_checks(host: str, settings: Settings, target: Target, listeners: list[tuple[str, int]],
                 published_output: str | None = None) -> list[Check]:
     checks = []
+    gateway_bind = target.gateway_bind
     answered = {line.split(" ", 1)[1] for line in (published_output or "").splitlines() if line.startswith("ok ")}
-    for port in GATEWAY_PORTS:
+    for port in (GATEWAY_PORTS if target.role.runs_app else ()):
         bound = [a for a, p in listeners if p == port]
         socket_ok = any(a == gateway_bind or a in ("0.0.0.0", "*", "::") for a in bound) or (
             gateway_bind in ("0.0.0.0", "*") and bound)
@@ -148,16 +163,18 @@ def port_checks(host: str, settings: Settings, gateway_bind: str, listeners: lis
                                 "nothing answers /health behind it", "gateway"))
         else:
             checks.append(Check(host, f"port.{port}", "pass", f"gateway port {port} answers on {gateway_bind}", "gateway"))
-    for service in settings.enabled_infra:
+    data_host = target.role is Role.DATA
+    for service in (settings.enabled_infra if target.role.runs_data else ()):
         for port in INFRA_PORTS[service]:
             bound = [a for a, p in listeners if p == port]
-            public = [a for a in bound if _public(a)]
+            public = [a for a in bound if _public(a, private_ok=data_host)]
             if public:
-                status = "warn" if settings.publish_infra == "all" else "fail"
+                # In production a database or broker on a public interface is a failure whatever PUBLISH_INFRA says.
+                status = "warn" if settings.publish_infra == "all" and settings.env_kind != "production" else "fail"
                 checks.append(Check(host, f"port.{port}", status,
                                     f"{service} port {port} listens on a public interface ({', '.join(public)}); "
                                     f"PUBLISH_INFRA={settings.publish_infra}", service))
-            elif bound and settings.publish_infra == "none":
+            elif bound and settings.publish_infra == "none" and not data_host:
                 checks.append(Check(host, f"port.{port}", "warn",
                                     f"{service} port {port} listens on {', '.join(bound)} though PUBLISH_INFRA=none",
                                     service))
@@ -173,6 +190,6 @@ def to_json(results: list[HostHealth], env: str) -> dict:
         "schema": SCHEMA_VERSION,
         "env": env,
         "healthy": all(r.healthy for r in results),
-        "hosts": [{"host": r.host, "healthy": r.healthy, "release": r.release, "error": r.error,
+        "hosts": [{"host": r.host, "role": r.role, "healthy": r.healthy, "release": r.release, "error": r.error,
                    "checks": [asdict(c) for c in r.checks]} for r in results],
     }

@@ -109,6 +109,27 @@ class PayloadDiff:
         return touched
 
 
+def image_inputs(manifest: dict[str, str], services: tuple[str, ...], variant: str) -> dict[str, str]:
+    """Per service, a digest of the release files its image is built from.
+
+    Production: the service's own build context, src/<service>/. Sandbox: one context for all four, in
+    which src/<service>/ is the service's own and every other file under src/ (app.py, the Dockerfile)
+    belongs to all of them. A git source stands for its whole tree (the SOURCE file names the commit).
+    """
+    out = {}
+    for service in services:
+        own = f"src/{service}/"
+        others = tuple(f"src/{s}/" for s in services if s != service)
+        picked = []
+        for path, digest in sorted(manifest.items()):
+            if path == SOURCE_FILE or path.startswith(own):
+                picked.append(f"{path} {digest}")
+            elif variant == "sandbox" and path.startswith("src/") and not path.startswith(others):
+                picked.append(f"{path} {digest}")
+        out[service] = hashlib.sha256("\n".join(picked).encode()).hexdigest()[:16]
+    return out
+
+
 def diff(new: dict[str, str], live: dict[str, str]) -> PayloadDiff:
     changed = tuple(sorted(p for p, digest in new.items() if live.get(p) != digest))
     removed = tuple(sorted(p for p in live if p not in new))

@@ -1,26 +1,34 @@
 """Render the stack healthdeploy ships (compose file, Dockerfiles, nginx configs, env files) from settings.
 
-Pure: settings and a target in, ``{relative path: bytes}`` out. Templates live in ``deploy/stack/``.
+Pure: settings and a target in, ``{relative path: bytes}`` out. Templates live in ``deploy/stack/templates``.
+
+Env files come in two halves per service: the *release* half (``env/<svc>.env`` inside the release, no
+secret in it, versioned with the release) and the *secret* half (``shared/env/<svc>.env``, 0600, versioned
+apart from releases). A rollback takes the target release's settings with the current secrets, so a key
+rotated after a leak stays rotated. A variable is secret when its value contains a secret setting.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import jinja2
+import yaml
 
-from deploy.core.settings import APP_SERVICES, Settings
+from deploy.core.services import (APP_DEPENDS, APP_PORTS, APP_SERVICES, GATEWAY, GATEWAY_PORT_OF,  # noqa: F401
+                                  GATEWAY_PORTS, INFRA_PORTS, ROLL_ORDER, UPSTREAM_NAMES, Role, services_of)
+from deploy.core.settings import Settings
 
 TEMPLATES = Path(__file__).parent / "templates"
 GATEWAY_DIR = "/etc/healthdeploy-gateway"  # where the gateway container sees shared/gateway
-GATEWAY_PORTS = (3000, 3001, 5000, 8001)  # the application's host ports from the deployment report
+SECRETS_MOUNT = "/run/healthdeploy"  # where a data service reads its own secret env file at run time
+DEFINITION_LABEL = "healthdeploy.definition"
 
-from deploy.core.services import (APP_PORTS, GATEWAY_PORT_OF, GATEWAY_PORTS, INFRA_PORTS, ROLL_ORDER,  # noqa: F401
-                                  UPSTREAM_NAMES)
 # What the sandbox runs under each infrastructure service's name, and what it cannot run.
 SANDBOX_SUBSTITUTES = {
     "postgres": "PostgreSQL 15 (Debian)", "redis": "Redis 7 (Debian)", "influxdb": "InfluxDB 1.6 (Debian), not 2.x",
@@ -32,22 +40,32 @@ SANDBOX_GAPS = {"mongodb": "no offline MongoDB server exists here", "qdrant": "n
 
 @dataclass(frozen=True)
 class Target:
-    """One host of an environment, with its per-host settings expanded."""
+    """One host of an environment, with its per-host settings expanded.
+
+    ``data_address``: on an application-only host, the private address of the data host (the app services'
+    connection settings point there); on a data-only host, the private address it publishes its databases
+    on. Empty on a host that runs both (the services reach each other by name on the compose network).
+    """
 
     alias: str
     address: str
     deploy_path: str
     project: str
     gateway_bind: str
+    role: Role = Role.BOTH
+    data_address: str = ""
 
     @classmethod
-    def of(cls, settings: Settings, alias: str, address: str) -> "Target":
+    def of(cls, settings: Settings, alias: str, address: str, data_address: str = "") -> "Target":
+        role = settings.role_of(alias)
         return cls(
             alias=alias,
             address=address,
             deploy_path=settings.expand(settings.deploy_path, alias, address).rstrip("/"),
             project=settings.expand(settings.compose_project, alias, address),
             gateway_bind=settings.expand(settings.gateway_bind, alias, address),
+            role=role,
+            data_address="" if role is Role.BOTH else (data_address or (address if role is Role.DATA else "")),
         )
 
     @property
@@ -69,6 +87,27 @@ class Target:
     def gateway_dir(self) -> str:
         return f"{self.shared}/gateway"
 
+    @property
+    def env_dir(self) -> str:
+        return f"{self.shared}/env"
+
+    @property
+    def lock_dir(self) -> str:
+        return f"{self.deploy_path}/.lock"
+
+
+def services_on(settings: Settings, target: Target) -> tuple[str, ...]:
+    """The services that run on ``target``'s host."""
+    return services_of(target.role, settings.enabled_infra)
+
+
+def app_services_on(settings: Settings, target: Target) -> tuple[str, ...]:
+    return tuple(s for s in services_on(settings, target) if s in APP_SERVICES)
+
+
+def infra_services_on(settings: Settings, target: Target) -> tuple[str, ...]:
+    return tuple(s for s in services_on(settings, target) if s in settings.enabled_infra)
+
 
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
@@ -89,16 +128,11 @@ def _images(settings: Settings) -> dict[str, str]:
     }
 
 
-def _depends(service: str, infra: tuple[str, ...]) -> tuple[str, ...]:
-    if service == "backend":
-        return tuple(s for s in ("postgres", "redis", "influxdb", "mongodb", "qdrant", "emqx", "minio") if s in infra)
-    if service == "ai-service":
-        return tuple(s for s in ("qdrant",) if s in infra)
-    return ("backend",)
-
-
-def _ports_block(settings: Settings):
+def _ports_block(settings: Settings, target: Target):
     def ports(service: str, *container_ports: int) -> str:
+        if target.role is Role.DATA:
+            # The application hosts reach the databases over the private network, on this address only.
+            return "\n".join(["    ports:"] + [f'      - "{target.data_address}:{p}:{p}"' for p in container_ports])
         if settings.publish_infra == "none":
             if service in ("minio", "qdrant"):  # `inv backup` reaches their APIs through an SSH tunnel to loopback
                 return f'    ports:\n      - "127.0.0.1::{container_ports[0]}"'
@@ -113,24 +147,49 @@ def image_prefix(settings: Settings, target: Target) -> str:
     return f"healthdeploy/{target.project}"
 
 
-def render_compose(settings: Settings, target: Target) -> str:
+def _render_compose(settings: Settings, target: Target, definitions: dict[str, str]) -> str:
     sandbox = settings.stack_variant == "sandbox"
-    infra = settings.enabled_infra
+    here = services_on(settings, target)
+    infra = tuple(s for s in settings.enabled_infra if s in here)
     apps = [
-        {"name": s, "port_is_80": APP_PORTS[s] == 80, "depends": _depends(s, infra)}
-        for s in APP_SERVICES
+        {"name": s, "port_is_80": APP_PORTS[s] == 80, "depends": tuple(d for d in APP_DEPENDS[s] if d in here)}
+        for s in APP_SERVICES if s in here
     ]
     template = _environment().get_template("compose.yaml.j2")
     return template.render(
         env=settings.env_name, variant=settings.stack_variant, project=target.project, sandbox=sandbox,
         images=_images(settings), image_prefix=image_prefix(settings, target), apps=apps, infra=infra,
+        gateway=GATEWAY in here,
         deploy_path=target.deploy_path, gateway_dir=GATEWAY_DIR, gateway_bind=target.gateway_bind,
         gateway_ports=GATEWAY_PORTS + ((80, 443) if settings.tls_cert_file else ()),
         limits={s: settings.limits(s) for s in (*APP_SERVICES, *infra, "gateway")},
-        influx_version=settings.influx_version, release_path_var=".",
+        influx_version=settings.influx_version, release_path_var=".", secrets_mount=SECRETS_MOUNT,
         health_interval="1s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
-        log_max_size="10m", log_max_file="5", ports=_ports_block(settings),
+        log_max_size="10m", log_max_file="5", ports=_ports_block(settings, target),
+        definitions=definitions, definition_label=DEFINITION_LABEL,
     )
+
+
+def service_definitions(compose_text: str) -> dict[str, str]:
+    """Digest of each service's compose definition (limits, ports, volumes, image, command, env files...),
+    without healthdeploy's own definition label: a change of any of it means the service must be recreated."""
+    data = yaml.safe_load(compose_text) or {}
+    digests = {}
+    for name, definition in (data.get("services") or {}).items():
+        definition = dict(definition)
+        labels = dict(definition.get("labels") or {})
+        labels.pop(DEFINITION_LABEL, None)
+        if labels:
+            definition["labels"] = labels
+        else:
+            definition.pop("labels", None)
+        digests[name] = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+    return digests
+
+
+def render_compose(settings: Settings, target: Target) -> str:
+    """The compose file, each service labelled with the digest of its own definition."""
+    return _render_compose(settings, target, service_definitions(_render_compose(settings, target, {})))
 
 
 def render_gateway_conf(settings: Settings) -> str:
@@ -149,10 +208,12 @@ def render_gateway_conf(settings: Settings) -> str:
     )
 
 
-def render_upstream(service: str, addresses: list[str], release: str, now: _dt.datetime | None = None) -> str:
+def render_upstream(service: str, addresses: list[str], release: str, now: _dt.datetime | None = None,
+                    backups: list[str] | tuple[str, ...] = ()) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return _environment().get_template("gateway/upstream.conf.j2").render(
         service=service, name=UPSTREAM_NAMES[service], addresses=addresses, port=APP_PORTS[service],
+        backups=[b for b in backups if b not in addresses] if addresses else [],
         release=release, written_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 
@@ -177,11 +238,17 @@ def render_build_files(settings: Settings) -> dict[str, str]:
 
 
 def render_release_files(settings: Settings, target: Target) -> dict[str, bytes]:
-    """Everything of a release that is not secret and not application source."""
-    files = {"compose.yaml": render_compose(settings, target), "gateway/nginx.conf": render_gateway_conf(settings)}
-    if settings.stack_variant == "production":
+    """Everything of a release that is not secret and not application source: the compose file, the gateway
+    config (on application hosts), the release half of every env file, the production build files."""
+    files = {"compose.yaml": render_compose(settings, target)}
+    if target.role.runs_app:
+        files["gateway/nginx.conf"] = render_gateway_conf(settings)
+    if settings.stack_variant == "production" and target.role.runs_app:
         files.update({f"build/{path}": text for path, text in render_build_files(settings).items()})
-    return {path: text.encode() for path, text in sorted(files.items())}
+    release_env, _ = env_halves(settings, target)
+    out = {path: text.encode() for path, text in files.items()}
+    out.update(release_env)
+    return dict(sorted(out.items()))
 
 
 # -- env files (secret) ----------------------------------------------------------------------------
@@ -189,29 +256,32 @@ def _url_password(secret) -> str:
     return quote(secret.reveal(), safe="")
 
 
-def service_environment(settings: Settings) -> dict[str, dict[str, str]]:
-    """Per-service container environment. Each service gets only what it needs."""
+def service_environment(settings: Settings, target: Target | None = None) -> dict[str, dict[str, str]]:
+    """Per-service container environment of the services on ``target``. Each service gets only what it needs.
+    On an application-only host the data services are reached at the data host's private address."""
     s = settings
     sandbox = s.stack_variant == "sandbox"
     infra = set(s.enabled_infra)
-    influx_url = "http://influxdb:8086"
+    remote = target is not None and target.role is Role.APP
+    at = (lambda service: target.data_address) if remote else (lambda service: service)
+    influx_url = f"http://{at('influxdb')}:8086"
     backend = {
         "NODE_ENV": "production", "PORT": "5000",
-        "DATABASE_URL": f"postgresql://{quote(s.db_user, safe='')}:{_url_password(s.db_password)}@postgres:5432/{s.db_name}?schema=public",
-        "REDIS_HOST": "redis", "REDIS_PORT": "6379", "REDIS_PASSWORD": s.redis_password.reveal(),
+        "DATABASE_URL": f"postgresql://{quote(s.db_user, safe='')}:{_url_password(s.db_password)}@{at('postgres')}:5432/{s.db_name}?schema=public",
+        "REDIS_HOST": at("redis"), "REDIS_PORT": "6379", "REDIS_PASSWORD": s.redis_password.reveal(),
         "INFLUX_URL": influx_url, "INFLUX_TOKEN": s.influx_token.reveal(), "INFLUX_ORG": s.influx_org,
         "INFLUX_BUCKET": s.influx_bucket,
-        "MQTT_BROKER_URL": "mqtt://emqx:1883", "MQTT_USERNAME": s.emqx_username, "MQTT_PASSWORD": s.emqx_password.reveal(),
-        "MINIO_ENDPOINT": "minio", "MINIO_PORT": "9000", "MINIO_ACCESS_KEY": s.minio_user,
+        "MQTT_BROKER_URL": f"mqtt://{at('emqx')}:1883", "MQTT_USERNAME": s.emqx_username, "MQTT_PASSWORD": s.emqx_password.reveal(),
+        "MINIO_ENDPOINT": at("minio"), "MINIO_PORT": "9000", "MINIO_ACCESS_KEY": s.minio_user,
         "MINIO_SECRET_KEY": s.minio_password.reveal(), "MINIO_BUCKETS": ",".join(s.minio_buckets),
         "AI_SERVICE_URL": "http://ai-service:8001",
         "JWT_SECRET": s.jwt_secret.reveal(), "JWT_EXPIRES_IN": s.jwt_expires_in,
     }
     if "mongodb" in infra:
         backend["MONGO_URI"] = (f"mongodb://{quote(s.mongo_user, safe='')}:{_url_password(s.mongo_password)}"
-                                f"@mongodb:27017/{s.mongo_db}?authSource=admin")
+                                f"@{at('mongodb')}:27017/{s.mongo_db}?authSource=admin")
     ai = {
-        "PORT": "8001", "QDRANT_HOST": "qdrant", "QDRANT_PORT": "6333",
+        "PORT": "8001", "QDRANT_HOST": at("qdrant"), "QDRANT_PORT": "6333",
         "DEEPSEEK_API_KEY": s.deepseek_api_key.reveal(), "DEEPSEEK_API_BASE": s.deepseek_api_base,
         "BACKEND_URL": "http://backend:5000", "JWT_SECRET": s.jwt_secret.reveal(),
     }
@@ -239,12 +309,15 @@ def service_environment(settings: Settings) -> dict[str, dict[str, str]]:
                         "EMQX_AUTHENTICATION__1__MECHANISM": "password_based",
                         "EMQX_AUTHENTICATION__1__BACKEND": "built_in_database"}
     envs["minio"] = {"MINIO_ROOT_USER": s.minio_user, "MINIO_ROOT_PASSWORD": s.minio_password.reveal()}
-    return {name: env for name, env in envs.items() if name in APP_SERVICES or name in infra}
+    here = set(services_on(settings, target)) if target is not None else set(APP_SERVICES) | infra
+    return {name: env for name, env in envs.items() if name in here}
 
 
-def format_env_file(values: dict[str, str]) -> str:
-    """KEY='value' lines for Compose's env_file (single quotes: no interpolation of $ in passwords)."""
-    lines = ["# Written by healthdeploy. Secret: mode 0600, never committed."]
+def format_env_file(values: dict[str, str], secret: bool = True) -> str:
+    """KEY='value' lines for Compose's env_file (single quotes: no interpolation of $ in passwords).
+    The format is also valid POSIX shell: a data service sources its mounted secret half at start."""
+    lines = ["# Written by healthdeploy. Secret: mode 0600, never committed." if secret else
+             "# Written by healthdeploy: the settings of this release (its secrets live in shared/env)."]
     for key, value in values.items():
         if "\n" in value or "'" in value:
             raise ValueError(f"{key}: newlines and single quotes are not allowed in values")
@@ -252,9 +325,58 @@ def format_env_file(values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_env_files(settings: Settings) -> dict[str, bytes]:
-    return {f"env/{name}.env": format_env_file(values).encode()
-            for name, values in service_environment(settings).items()}
+def _is_secret(value: str, secrets: tuple[str, ...]) -> bool:
+    return any(s and (s in value or quote(s, safe="") in value) for s in secrets)
+
+
+def env_halves(settings: Settings, target: Target | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(release half, secret half) of every env file on ``target``, each ``{"env/<svc>.env": bytes}``."""
+    secrets = tuple(s.reveal() for s in settings.secrets)
+    release, secret = {}, {}
+    for name, values in service_environment(settings, target).items():
+        public = {k: v for k, v in values.items() if not _is_secret(v, secrets)}
+        hidden = {k: v for k, v in values.items() if _is_secret(v, secrets)}
+        release[f"env/{name}.env"] = format_env_file(public, secret=False).encode()
+        secret[f"env/{name}.env"] = format_env_file(hidden).encode()
+    return release, secret
+
+
+def render_env_files(settings: Settings, target: Target | None = None) -> dict[str, bytes]:
+    """The secret half of every env file (what goes to shared/env)."""
+    return env_halves(settings, target)[1]
+
+
+def render_secret_files(settings: Settings, target: Target) -> dict[str, bytes]:
+    """Everything secret a host gets: the secret env halves and, on application hosts, the TLS material;
+    keyed ``env/<svc>.env`` and ``tls/cert.pem`` / ``tls/key.pem``."""
+    files = dict(env_halves(settings, target)[1])
+    if settings.tls_cert_file and target.role.runs_app:
+        files["tls/cert.pem"] = Path(settings.tls_cert_file).read_bytes()
+        files["tls/key.pem"] = Path(settings.tls_key_file).read_bytes()
+    return files
+
+
+def secrets_version(secret_files: dict[str, bytes]) -> str:
+    """A version id for a set of secret files: their content hash (the same secrets make the same version)."""
+    return "s" + content_hash(secret_files)[:15]
+
+
+def env_digest(release_half_sha256: str, secret_half_sha256: str) -> str:
+    """Digest of a service's whole environment from the SHA-256 of its two env files (computable from file
+    hashes on the host alone, which a rollback needs)."""
+    return hashlib.sha256(f"{release_half_sha256} {secret_half_sha256}".encode()).hexdigest()[:16]
+
+
+def env_digests(settings: Settings, target: Target) -> dict[str, str]:
+    """Per application service: digest of its whole environment (both halves), the label that makes new
+    settings or rotated secrets roll the service."""
+    release, secret = env_halves(settings, target)
+    return {s: env_digest(_sha(release[f"env/{s}.env"]), _sha(secret[f"env/{s}.env"]))
+            for s in APP_SERVICES if f"env/{s}.env" in release}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def content_hash(files: dict[str, bytes]) -> str:

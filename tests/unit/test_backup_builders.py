@@ -84,17 +84,19 @@ def test_drill_containers_take_credentials_from_the_env_file_not_argv():
     from deploy.commands import docker as dk
 
     text = dk.run_throwaway("hd-verify-x-minio", "minio/minio:RELEASE", "server", "/data", publish=9000,
-                            tmpfs=("/tmp",), env_file="/srv/hd/shared/env/minio.env", description="d").render()
+                            tmpfs=("/tmp",), env_files=("/srv/hd/current/env/minio.env", "/srv/hd/shared/env/minio.env"),
+                            description="d").render()
     assert text.startswith("bash -c ")
     assert "--env-file \"$f\"" in text and "umask 077" in text and "rm -f \"$f\"" in text  # unquoted 0600 copy
-    assert "/srv/hd/shared/env/minio.env -d --rm --name hd-verify-x-minio --label healthdeploy.role=drill" in text
+    assert ("bash 2 /srv/hd/current/env/minio.env /srv/hd/shared/env/minio.env -d --rm --name hd-verify-x-minio "
+            "--label healthdeploy.role=drill") in text  # both halves of the env file, never a value on argv
     assert "-p 127.0.0.1::9000" in text and text.endswith("minio/minio:RELEASE server /data")
     plain = dk.run_throwaway("n", "img", network="none", environment=("A=1",), description="d").render()
     assert plain == "docker run -d --rm --name n --label healthdeploy.role=drill --network none -e A=1 img"
 
 
 def test_published_port_parser_prefers_loopback():
-    from deploy.facts.parse import parse_published_port
+    from deploy.facts.ports import parse_published_port
 
     assert parse_published_port("127.0.0.1:32768\n") == ("127.0.0.1", 32768)
     assert parse_published_port("0.0.0.0:9000\n[::]:9000\n") == ("127.0.0.1", 9000)

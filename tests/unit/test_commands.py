@@ -5,6 +5,8 @@ import pytest
 from deploy.commands import and_then, cmd, pipe
 from deploy.commands import docker as dk
 from deploy.commands import files as fs
+from deploy.facts.containers import project_containers
+from deploy.facts.host import host_facts
 from deploy.commands.base import checksummed_stdout, parse_checksum, script
 from deploy.core.secret import Secret, redact
 
@@ -48,7 +50,7 @@ def test_migration_command_is_one_word_for_sh():
 
 
 def test_facts_are_readonly_and_actions_are_not():
-    assert fs.host_facts("/srv/x").readonly and dk.project_containers("p").readonly
+    assert host_facts("/srv/x").readonly and project_containers("p").readonly
     assert dk.http_probe("gw", "http://10.0.0.2:5000/health").readonly
     assert not dk.nginx_reload("gw", "/etc/nginx.conf").readonly
     assert not fs.switch_symlink("/srv/current", "releases/1").readonly

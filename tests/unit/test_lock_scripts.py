@@ -4,8 +4,8 @@ import json
 import os
 import subprocess
 
-from deploy.commands import files as fs
-from deploy.facts.parse import parse_lock
+from deploy.commands import lock as lk
+from deploy.facts.lock import lock_status, parse_lock
 
 
 def sh(command):
@@ -14,28 +14,28 @@ def sh(command):
 
 def test_free_held_stale_and_break(tmp_path):
     lock = tmp_path / ".lock"
-    status = sh(fs.lock_status(str(lock)))
+    status = sh(lock_status(str(lock)))
     assert status.returncode == 0 and parse_lock(status.stdout).state == "free"
     lock.mkdir()
     (lock / "holder.pid").write_text(str(os.getpid()))  # alive
     (lock / "info.json").write_text(json.dumps({"who": "alice@laptop", "release": "r1"}))
-    state = parse_lock(sh(fs.lock_status(str(lock))).stdout)
+    state = parse_lock(sh(lock_status(str(lock))).stdout)
     assert state.state == "held" and state.info["who"] == "alice@laptop"
-    assert sh(fs.lock_break(str(lock))).stdout.strip() == "held" and lock.exists()  # never breaks a live lock
+    assert sh(lk.lock_break(str(lock))).stdout.strip() == "held" and lock.exists()  # never breaks a live lock
     (lock / "holder.pid").write_text("999999999")  # gone
-    assert parse_lock(sh(fs.lock_status(str(lock))).stdout).state == "stale"
-    assert sh(fs.lock_break(str(lock))).stdout.strip() == "broken" and not lock.exists()
+    assert parse_lock(sh(lock_status(str(lock))).stdout).state == "stale"
+    assert sh(lk.lock_break(str(lock))).stdout.strip() == "broken" and not lock.exists()
 
 
 def test_a_lock_being_taken_right_now_is_held(tmp_path):
     lock = tmp_path / ".lock"
     lock.mkdir()  # the directory exists, its pid file is not written yet
-    assert parse_lock(sh(fs.lock_status(str(lock))).stdout).state == "held"
+    assert parse_lock(sh(lock_status(str(lock))).stdout).state == "held"
 
 
 def test_acquire_prints_held_with_the_owner(tmp_path):
     lock = tmp_path / ".lock"
     lock.mkdir()
     (lock / "info.json").write_text(json.dumps({"who": "bob"}))
-    out = sh(fs.lock_hold(str(lock)))
+    out = sh(lk.lock_hold(str(lock)))
     assert out.stdout.splitlines()[0] == "held" and '"who": "bob"' in out.stdout

@@ -11,7 +11,7 @@ from deploy.core.secret import Secret
 from deploy.core.settings import build_settings, find_env_for_host, load_settings, parse_env_text
 
 GOOD_PROD = {
-    "HOSTS": "web1,web2", "APP_SOURCE": "/src/app", "DB_PASSWORD": "Zq8!vT3#long-db-pass",
+    "HOSTS": "web1,web2", "ROLES": "web1=both,web2=app", "APP_SOURCE": "/src/app", "DB_PASSWORD": "Zq8!vT3#long-db-pass",
     "REDIS_PASSWORD": "r3dis-0a9f8e7d", "INFLUX_PASSWORD": "infl-9d8c7b6a", "INFLUX_TOKEN": "tok-5e4d3c2b1a",
     "MONGO_PASSWORD": "mongo-1a2b3c4d", "MINIO_PASSWORD": "minio-9z8y7x6w", "EMQX_PASSWORD": "emqx-5v4u3t2s",
     "JWT_SECRET": "j" * 40, "DEEPSEEK_API_KEY": "sk-live-123456789",
@@ -36,7 +36,7 @@ def test_every_problem_reported_with_key_and_hint():
     with pytest.raises(SettingsError) as info:
         build_settings("prod", values)
     lines = info.value.lines()
-    assert "error: BATCH_SIZE: expected a whole number, got 'two' (How many hosts a deploy updates at a time.)" in lines
+    assert "error: BATCH_SIZE: expected a whole number, got 'two' (How many application hosts a deploy updates at a time.)" in lines
     assert any(line.startswith("error: REDIS_PASSWORD: is an example value from the deployment report") for line in lines)
     assert any(line.startswith("error: JWT_SECRET: required for env 'prod'") for line in lines)
     assert any("DB_PASWORD: unknown setting (did you mean DB_PASSWORD?)" in line for line in lines)
@@ -96,7 +96,7 @@ def test_bad_settings_exit_nonzero_without_connecting(tmp_path):
                           capture_output=True, text=True, env={**__import__("os").environ, "HEALTHDEPLOY_ENV_DIR": str(tmp_path)})
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert "error: BATCH_SIZE: expected a whole number, got 'x' (How many hosts a deploy updates at a time.)" in errors
+    assert "error: BATCH_SIZE: expected a whole number, got 'x' (How many application hosts a deploy updates at a time.)" in errors
     assert any(line.startswith("error: KEEP_RELEASES: must be at least 1") for line in errors)
     assert any(line.startswith("error: JWT_SECRET: required for env 'prod'") for line in errors)
     assert "cannot reach" not in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,205 @@
+"""Day-two tasks: releases, audit, lock status, status, logs, exec, hosts.trust, the demo's endpoints."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import urllib.request
+
+from deploy.cli import Runtime, choose_hosts
+from deploy.commands.base import cmd, script
+from deploy.core.console import Console
+from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
+from deploy.core.services import ALL_SERVICES, GATEWAY_PORT_OF
+from deploy.core.settings import Settings
+from deploy.execute.session import Session
+from deploy.execute.ssh import add_known_host, fetch_host_key, fingerprint
+from deploy.facts.containers import Container
+from deploy.facts.files import read_file
+from deploy.facts.host import HostFacts, host_facts
+from deploy.facts.lock import lock_status as lock_status_fact
+from deploy.facts.lock import parse_lock
+
+
+def _sessions(runtime: Runtime, cli_hosts: list[str]):
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        host = runtime.connect(alias)
+        try:
+            yield Session(host, runtime.settings, runtime.target(alias, host.address), runtime.console)
+        finally:
+            host.close()
+
+
+def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    rows = []
+    for session in _sessions(runtime, cli_hosts):
+        facts = HostFacts.parse(session.run(host_facts(session.t.deploy_path)).text)
+        for release in facts.releases:
+            rows.append({"host": session.alias, "release": release, "live": release == facts.current})
+    if as_json:
+        runtime.console.json({"releases": rows})
+    else:
+        runtime.console.table(["host", "release", "live"], [[r["host"], r["release"], "*" if r["live"] else ""] for r in rows])
+    return EXIT_OK
+
+
+def audit(runtime: Runtime, cli_hosts: list[str], lines: int = 20, as_json: bool = False) -> int:
+    entries = []
+    for session in _sessions(runtime, cli_hosts):
+        text = session.run(read_file(f"{session.t.shared}/audit.log")).text
+        for line in text.splitlines()[-lines:]:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    if as_json:
+        runtime.console.json({"entries": entries})
+    else:
+        runtime.console.table(["ts", "host", "event", "release", "result", "who", "key", "seconds"],
+                              [[e.get("ts"), e.get("host"), e.get("event"), e.get("release", ""), e.get("result", ""),
+                                e.get("who"), e.get("key", ""), e.get("duration_s", "")] for e in entries])
+    return EXIT_OK
+
+
+def lock_status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    rows = []
+    for session in _sessions(runtime, cli_hosts):
+        state = parse_lock(session.run(lock_status_fact(session.t.lock_dir)).text)
+        rows.append({"host": session.alias, "state": state.state, **state.info})
+    if as_json:
+        runtime.console.json({"locks": rows})
+    else:
+        runtime.console.table(["host", "state", "operation", "who", "since", "release"],
+                              [[r["host"], r["state"], r.get("operation", ""), r.get("who", ""), r.get("since", ""),
+                                r.get("release", "")] for r in rows])
+    return EXIT_OK
+
+
+def trust_host(settings: Settings, alias: str, expected: str | None, yes: bool, console: Console) -> int:
+    name, key = fetch_host_key(alias, settings.ssh_config)
+    shown = f"{key.get_name()} {fingerprint(key)}"
+    console.result(f"{alias} ({name}) presents {shown}")
+    if expected:
+        if expected.strip() != fingerprint(key):
+            raise HealthdeployError(f"fingerprint of {alias} is {fingerprint(key)}, not {expected}",
+                                    "do not trust this host until you know why")
+    elif not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("not trusting a host key without confirmation",
+                             "pass --fingerprint SHA256:... (compare out of band) or --yes")
+        answer = input(f"Trust {shown} for {alias}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UsageError("not trusted", "nothing was written")
+    add_known_host(settings.ssh_known_hosts, name, key)
+    console.result(f"trusted: {name} added to {settings.ssh_known_hosts}")
+    return EXIT_OK
+
+
+def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
+    """After the demo deploy: each application endpoint through the gateway, probed from here."""
+    rows = []
+    failed = False
+    for alias in choose_hosts(runtime.settings, cli_hosts):
+        if not runtime.settings.role_of(alias).runs_app:
+            continue
+        address = runtime.target(alias).gateway_bind
+        for service, port in GATEWAY_PORT_OF.items():
+            url = f"http://{address}:{port}/health"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body = json.loads(response.read() or b"{}")
+                    rows.append([alias, service, url, response.status, body.get("build", "")])
+            except Exception as exc:  # report every endpoint, then fail
+                failed = True
+                rows.append([alias, service, url, f"error: {exc}", ""])
+    runtime.console.table(["host", "service", "url", "status", "build"], rows)
+    return ExitCode.UNHEALTHY if failed else EXIT_OK
+
+
+def _age(started: str) -> str:
+    try:
+        when = _dt.datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00")
+    except ValueError:
+        return "-"
+    seconds = int((_dt.datetime.now(_dt.timezone.utc) - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    """Release, uptime and health of every service on every host, by role, in one screen."""
+    rows, data = [], []
+    for session in _sessions(runtime, cli_hosts):
+        facts = HostFacts.parse(session.run(host_facts(session.t.deploy_path)).text)
+        role = session.t.role.value
+        for c in session.containers():
+            entry = {"host": session.alias, "role": role, "release": facts.current, "service": c.service,
+                     "container": c.name, "state": c.state, "health": c.health,
+                     "uptime": _age(c.started) if c.running else "-", "restarts": c.restart_count, "image": c.image_ref}
+            data.append(entry)
+            rows.append([session.alias, role, facts.current or "-", c.service, c.state, c.health or "-", entry["uptime"],
+                         c.restart_count, c.image_ref.rsplit("/", 1)[-1]])
+    if as_json:
+        runtime.console.json({"services": data})
+    else:
+        runtime.console.table(["host", "role", "release", "service", "state", "health", "uptime", "restarts", "image"], rows)
+    return EXIT_OK
+
+
+def _service_containers(session: Session, service: str) -> list[Container]:
+    if service not in ALL_SERVICES:
+        raise UsageError(f"unknown service {service!r}", f"one of {', '.join(ALL_SERVICES)}")
+    found = [c for c in session.containers() if c.service == service and c.running]
+    if not found:
+        raise HealthdeployError(f"{session.alias}: no running {service} container", "see `fab status`")
+    return found
+
+
+def _services_here(runtime: Runtime, cli_hosts: list[str], service: str) -> list[str]:
+    if service not in ALL_SERVICES:
+        raise UsageError(f"unknown service {service!r}", f"one of {', '.join(ALL_SERVICES)}")
+    from deploy.core.services import services_of
+
+    s = runtime.settings
+    hosts = [h for h in choose_hosts(s, cli_hosts) if service in services_of(s.role_of(h), s.enabled_infra)]
+    if not hosts:
+        raise UsageError(f"no host of env '{s.env_name}' runs {service}", "see `fab status`")
+    return hosts
+
+
+def logs(runtime: Runtime, cli_hosts: list[str], service: str, tail: int = 100, follow: bool = False) -> int:
+    for session in _sessions(runtime, _services_here(runtime, cli_hosts, service)):
+        for container in _service_containers(session, service):
+            argv = ["docker", "logs", "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
+            session.run(cmd(*argv, container.name, description=f"logs of {container.name}", readonly=True),
+                        timeout=10 ** 9 if follow else None,
+                        on_line=lambda line, a=session.alias, n=container.name: runtime.console.result(f"[{a} {n}] {line}"))
+    return EXIT_OK
+
+
+# `fab exec SERVICE -- WORDS...`: the words are taken exactly as the operator's shell split them (Fabric's
+# remainder joins them with spaces and loses the quoting) and passed to `docker exec` as separate argv
+# words, never through the host's shell, so quoted arguments survive and nothing is interpreted twice.
+EXEC = 'c="$1"; shift; exec docker exec "$c" "$@"'
+
+
+def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, words: list[str]) -> int:
+    """Run ``words`` in the service's first running container on each host.
+
+    Exit code: 0 when it succeeded everywhere, else 100 + the first non-zero remote status (capped at 255),
+    so a remote 5 never reads as healthdeploy's "rolled back"; the remote status is printed too."""
+    if not words:
+        raise UsageError("no command given", "fab -H HOST exec SERVICE -- COMMAND [ARGS...]")
+    worst = 0
+    for session in _sessions(runtime, _services_here(runtime, cli_hosts, service)):
+        container = _service_containers(session, service)[0]
+        result = session.run(script(EXEC, container.name, *words, description=f"exec in {container.name}",
+                                    readonly=True), check=False,
+                             on_line=lambda line, a=session.alias: runtime.console.result(f"[{a}] {line}"))
+        if result.exit_status:
+            print(f"{session.alias}: the command exited with status {result.exit_status}", file=sys.stderr)
+            worst = worst or result.exit_status
+    return min(255, ExitCode.REMOTE_BASE + worst) if worst else EXIT_OK

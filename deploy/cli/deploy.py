@@ -1,0 +1,359 @@
+"""`fab deploy` and `fab rollback`: resolve -> connect every host -> lock -> observe -> plan -> apply -> render.
+
+A dry run is the same plan, printed: it observes with an executor that refuses anything but facts and never
+reaches ``apply``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deploy.cli import Runtime, choose_hosts
+from deploy.cli.render import print_plan, summary
+from deploy.commands.git import git_resolve
+from deploy.core.errors import EXIT_OK, HealthdeployError
+from deploy.core.services import Role
+from deploy.execute.apply import DeployApply, RolledBack, apply_rollback
+from deploy.execute.executor import Interrupted, shielded
+from deploy.execute.fleet import FleetStopped, HostOutcome, HostResult, batches, in_parallel
+from deploy.execute.readonly import ReadOnlyHost
+from deploy.execute.roll import RollFailure
+from deploy.execute.session import Session
+from deploy.facts.observe import Observed
+from deploy.plan.deploy import DeployPlan, Desired, PreflightError, plan_deploy, preflight_problems
+from deploy.plan.desired import Payload, desired_for
+from deploy.plan.rollback import plan_rollback
+from deploy.plan.steps import StepKind
+from deploy.stack import payload as pl
+from deploy.stack.render import app_services_on, image_prefix
+
+
+@dataclass
+class HostJob:
+    """One host of a deploy: its session, what it should run, what runs, the plan, the apply."""
+
+    alias: str
+    outcome: HostOutcome
+    session: Session | None = None
+    desired: Desired | None = None
+    payload: Payload | None = None
+    observed: Observed | None = None
+    plan: DeployPlan | None = None
+    apply: DeployApply | None = None
+    held: object = None
+    steps_done: int = 0
+    switched: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.host.close()
+
+
+def resolve_source(runtime: Runtime, hosts: list[str]) -> tuple[dict[str, bytes], str]:
+    s = runtime.settings
+    if s.app_source and pl.is_git(s.app_source):
+        # Resolved once, on the primary host, so every host deploys the same commit (`git ls-remote` reads only).
+        with runtime.connect(s.primary if s.primary in hosts else hosts[0]) as primary:
+            out = primary.run(git_resolve(s.app_source, s.app_ref), timeout=300).text.split()
+        if not out or len(out[0]) < 40:
+            raise HealthdeployError(f"cannot resolve {s.app_ref} in {pl.display_url(s.app_source)}",
+                                    "check APP_SOURCE and APP_REF")
+        runtime.console.info(f"source: {pl.display_url(s.app_source)} {s.app_ref} = {out[0]}")
+        return pl.git_source_files(s.app_source, out[0]), out[0]
+    return (pl.collect_source(s.app_source) if s.app_source else {}), ""
+
+
+def _connect_all(runtime: Runtime, jobs: list[HostJob]) -> None:
+    errors: list = []
+
+    def connect(job: HostJob) -> None:
+        host = runtime.connect(job.alias)
+        job.session = Session(host, runtime.settings, runtime.target(job.alias, host.address), runtime.console)
+
+    in_parallel(jobs, connect, errors)
+    if errors:
+        for job, exc in errors:
+            if job is not None:
+                job.outcome.fail(exc)
+        raise errors[0][1]
+
+
+def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_lock: bool = False,
+           as_json: bool = False) -> int:
+    s = runtime.settings
+    hosts = choose_hosts(s, cli_hosts)
+    jobs = [HostJob(a, HostOutcome(a, role=s.role_of(a).value)) for a in hosts]
+    try:
+        source, commit = resolve_source(runtime, hosts)
+        release = pl.new_release_id(pl.manifest_of(source))
+        runtime.console.info(f"deploy {s.env_name} release {release} to {', '.join(hosts)}"
+                             + (" (dry run: nothing will change)" if dry_run else ""))
+        # Every host is reached and checked before any is changed.
+        _connect_all(runtime, jobs)
+        for job in jobs:
+            migrate_here = s.role_of(job.alias).runs_app and (s.topology == "cells" or job.alias == s.primary)
+            job.desired, job.payload = desired_for(s, job.session.t, source, release, migrate_here, commit)
+        if dry_run:
+            return _dry_run(runtime, jobs, as_json)
+        return _deploy(runtime, jobs, break_lock, as_json)
+    except FleetStopped as stopped:
+        summary(runtime.console, stopped.outcomes, as_json)
+        raise
+    except HealthdeployError as exc:
+        for job in jobs:
+            if job.outcome.result == HostResult.PENDING.value:
+                job.outcome.result = HostResult.SKIPPED.value if job.outcome.message == "" else job.outcome.result
+        summary(runtime.console, [j.outcome for j in jobs], as_json)
+        raise exc
+    finally:
+        for job in jobs:
+            job.close()
+
+
+def _observe_and_plan(job: HostJob, readonly: bool = False) -> None:
+    session = job.session
+    if readonly:
+        session = Session(ReadOnlyHost(session.host), session.s, session.t, session.console)
+    job.observed = session.observe()
+    job.plan = plan_deploy(job.desired, job.observed)
+
+
+def _dry_run(runtime: Runtime, jobs: list[HostJob], as_json: bool) -> int:
+    for job in jobs:
+        _observe_and_plan(job, readonly=True)
+        problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
+        print_plan(runtime.console, job.plan, problems)
+        o = job.outcome
+        o.result = HostResult.PLANNED.value if job.plan.action != "unchanged" else HostResult.UNCHANGED.value
+        o.previous, o.release = job.plan.previous, job.plan.release
+        o.services = list(job.plan.rolls)
+        o.migrated = False
+        o.steps = [st.to_json() for st in job.plan.steps]
+        if problems:
+            o.result, o.message = HostResult.REFUSED.value, "; ".join(problems)
+    summary(runtime.console, [j.outcome for j in jobs], as_json)
+    return EXIT_OK
+
+
+def _lock_all(jobs: list[HostJob], release: str, break_lock: bool) -> None:
+    taken = []
+    try:
+        for job in jobs:
+            job.held = job.session.acquire("deploy", release, break_lock)
+            taken.append(job)
+    except BaseException as exc:
+        for job in taken:
+            job.session.release(job.held, "deploy", release)
+            job.held = None
+        failed = jobs[len(taken)]
+        failed.outcome.fail(exc)
+        raise
+
+
+def _unlock_all(jobs: list[HostJob]) -> None:
+    for job in jobs:
+        if job.held is not None:
+            job.session.release(job.held, "deploy", job.plan.release if job.plan else "")
+            job.held = None
+
+
+def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bool) -> int:
+    release = jobs[0].desired.release
+    _lock_all(jobs, release, break_lock)
+    try:
+        for job in jobs:  # observed under the lock: what the plan sees is what it changes
+            _observe_and_plan(job)
+            problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
+            if problems:
+                job.outcome.result = HostResult.REFUSED.value
+                raise PreflightError(f"{job.alias}: " + "; ".join(problems), "fix the host, nothing was changed")
+            job.session.say(f"preflight ok: docker {job.observed.host.docker}, compose {job.observed.host.compose}, "
+                            f"{job.observed.host.free_mb} MB free, live release {job.observed.current or '(none)'}")
+            job.apply = DeployApply(job.session, job.plan, job.desired, job.payload, job.observed)
+            job.outcome.previous = job.plan.previous
+            job.session.say(f"plan: {job.plan.action} ({len(job.plan.steps)} step(s))")
+            if job.plan.action != "unchanged":
+                job.session.audit({"event": "lock", "operation": "deploy", "release": job.plan.release})
+        data = [j for j in jobs if j.session.t.role is Role.DATA]
+        apps = [j for j in jobs if j.session.t.role is not Role.DATA]
+        size = runtime.settings.batch_size
+        # Data hosts first. Their changes are committed at once: the application hosts depend on them, and a
+        # later application failure must not take them away from hosts that already switched.
+        for job in data:
+            _run_phase([job], lambda j: _steps(j, before_apps=True), commit=True, final=False)
+        for batch in batches(apps, size):
+            # Prepared in parallel, migrated once, then rolled: no host switches before the migration.
+            _run_phase(batch, lambda j: _split(j)[0], commit=False, final=False)
+            _run_phase(batch, lambda j: _split(j)[1], commit=False, final=False)
+            _run_phase(batch, lambda j: _split(j)[2], commit=True, final=True)
+        for job in data:
+            _run_phase([job], lambda j: _steps(j, before_apps=False), commit=True, final=True)
+    except BaseException as exc:
+        with shielded():
+            for job in jobs:
+                if job.apply is not None and not job.apply.committed and len(job.session.undo):
+                    job.apply.abort()
+                if job.outcome.result == HostResult.PENDING.value:
+                    job.outcome.result = HostResult.SKIPPED.value
+                    job.outcome.message = job.outcome.message or "an earlier host failed"
+            _unlock_all(jobs)
+        raise FleetStopped([j.outcome for j in jobs], exc) from None
+    _unlock_all(jobs)
+    summary(runtime.console, [j.outcome for j in jobs], as_json)
+    return EXIT_OK
+
+
+def _steps(job: HostJob, before_apps: bool):
+    return [s for s in job.plan.steps if (s.phase == "after-apps") != before_apps]
+
+
+def _split(job: HostJob):
+    """(preparation, migration, the rest) of an application host's plan."""
+    steps = list(job.plan.steps)
+    cut = next((i for i, s in enumerate(steps) if s.kind in (StepKind.MIGRATE, StepKind.ROLL, StepKind.SWITCH)),
+               len(steps))
+    before, rest = steps[:cut], steps[cut:]
+    migrate = [s for s in rest if s.kind is StepKind.MIGRATE]
+    return before, migrate, [s for s in rest if s.kind is not StepKind.MIGRATE]
+
+
+def _run_phase(batch: list[HostJob], steps_of, commit: bool, final: bool) -> None:
+    """Run a phase on every host of a batch; on any failure every host of the batch that has not committed
+    undoes its changes, and the first failure stops the deploy."""
+    errors: list = []
+
+    def work(job: HostJob) -> None:
+        steps = steps_of(job)
+        if steps:
+            job.apply.run(steps)
+        if commit:
+            job.apply.commit()
+        if final:
+            _finish(job)
+
+    in_parallel(batch, work, errors)
+    if not errors:
+        return
+    first = next((exc for j, exc in errors if j is not None), errors[0][1])
+    raised = None
+    with shielded():
+        for job in batch:
+            failed_here = next((exc for j, exc in errors if j is job), None)
+            if job.apply is not None and not job.apply.committed:
+                job.apply.abort()
+                error = _record_failure(job, failed_here or first)
+                raised = raised or (error if failed_here is not None else None)
+    raise raised or first
+
+
+def _finish(job: HostJob) -> None:
+    """The host's plan ran to its end: audit and fill its outcome."""
+    apply, plan, o = job.apply, job.plan, job.outcome
+    o.release = plan.release
+    o.services = [r.service for r in apply.report.rolls]
+    o.migrated = apply.report.migrated
+    o.uploaded_bytes, o.uploaded_files = apply.report.uploaded_bytes, apply.report.uploaded_files
+    o.steps = [{"step": key, "outcome": outcome} for key, outcome in apply.report.applied.done]
+    o.closed_at_drain_limit = sum(r.closed_at_limit for r in apply.report.rolls)
+    o.result = {"deploy": HostResult.DEPLOYED, "converge": HostResult.CONVERGED,
+                "unchanged": HostResult.UNCHANGED}[plan.action].value
+    if plan.action == "unchanged":
+        job.session.say(f"nothing to do: release {plan.release} is live with the same files and settings")
+        return
+    if plan.has(StepKind.REPAIR_UPSTREAMS) and plan.action == "converge":
+        o.message = "gateway upstreams repaired"
+    job.session.audit({"event": "deploy", "release": plan.release, "previous": plan.previous, "result": o.result,
+                       "services": o.services, "migrated": o.migrated, "steps": [k for k, _ in apply.report.applied.done]})
+
+
+def _record_failure(job: HostJob, exc: BaseException) -> BaseException:
+    """Fill the failed host's outcome and audit it; return the error to report (a failed roll becomes the
+    documented "rolled back" error with the new containers' last log lines)."""
+    o, plan = job.outcome, job.plan
+    o.undo = [list(u) for u in (job.apply.report.undo if job.apply else [])]
+    error: BaseException = exc
+    if isinstance(exc, KeyboardInterrupt):
+        o.result, o.message = HostResult.INTERRUPTED.value, "interrupted: this host's changes were undone"
+    elif isinstance(exc, RollFailure):
+        o.result = HostResult.ROLLED_BACK.value
+        o.message = f"{exc.service}: {exc.reason}"
+        error = RolledBack(f"{job.alias}: {exc.service} failed: {exc.reason}; release {plan.previous or '(none)'} keeps "
+                           f"serving" + (f"\n--- last log lines of {exc.service} ---\n{exc.logs}" if exc.logs else ""))
+    elif isinstance(exc, HealthdeployError):
+        o.result = RESULT_FOR(exc)
+        o.message = exc.message.splitlines()[0]
+    else:
+        o.result, o.message = HostResult.FAILED.value, f"{type(exc).__name__}: {exc}"
+    try:
+        job.session.audit({"event": "deploy", "release": plan.release if plan else "", "result": o.result,
+                           "previous": plan.previous if plan else "", "reason": o.message, "undo": o.undo})
+    except HealthdeployError:
+        pass
+    return error
+
+
+def RESULT_FOR(exc: HealthdeployError) -> str:
+    from deploy.execute.fleet import RESULT_OF_EXIT
+
+    return RESULT_OF_EXIT.get(exc.exit_code, HostResult.FAILED).value
+
+
+# -- rollback -------------------------------------------------------------------------------------------
+def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock: bool = False,
+             as_json: bool = False, with_secrets: bool = False, dry_run: bool = False) -> int:
+    s = runtime.settings
+    hosts = [h for h in choose_hosts(s, cli_hosts) if s.role_of(h).runs_app]
+    outcomes = [HostOutcome(h, role=s.role_of(h).value) for h in hosts]
+    try:
+        for outcome in outcomes:
+            with runtime.connect(outcome.host) as host:
+                session = Session(host, s, runtime.target(outcome.host, host.address), runtime.console)
+                if dry_run:
+                    observed = Session(ReadOnlyHost(host), s, session.t, runtime.console).observe()
+                    plan = plan_rollback(observed, outcome.host, app_services_on(s, session.t),
+                                         image_prefix(s, session.t), to, with_secrets)
+                    print_plan(runtime.console, plan, [])
+                    outcome.result, outcome.release, outcome.previous = HostResult.PLANNED.value, plan.target, plan.previous
+                    outcome.steps = [st.to_json() for st in plan.steps]
+                    continue
+                _rollback_host(runtime, session, outcome, to, break_lock, with_secrets)
+    except HealthdeployError as exc:
+        for o in outcomes:
+            if o.result == HostResult.PENDING.value:
+                o.result, o.message = HostResult.SKIPPED.value, "an earlier host failed"
+        raise FleetStopped(outcomes, exc) from None
+    finally:
+        pass
+    summary(runtime.console, outcomes, as_json)
+    return EXIT_OK
+
+
+def _rollback_host(runtime: Runtime, session: Session, outcome: HostOutcome, to: str | None, break_lock: bool,
+                   with_secrets: bool) -> None:
+    s = runtime.settings
+    with session.locked("rollback", to or "", break_lock):
+        observed = session.observe()
+        plan = plan_rollback(observed, outcome.host, app_services_on(s, session.t), image_prefix(s, session.t), to,
+                             with_secrets)
+        outcome.previous = plan.previous
+        for note in plan.notes:
+            session.say(note)
+        try:
+            applied, reports = apply_rollback(session, plan, observed)
+        except BaseException as exc:
+            session.undo.run(session.warn)
+            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            outcome.result, outcome.message = HostResult.ROLLED_BACK.value, reason
+            session.audit({"event": "rollback", "release": plan.target, "previous": plan.previous, "result": "failed",
+                           "reason": reason})
+            if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+                raise
+            raise RolledBack(f"{outcome.host}: rollback to {plan.target} failed: {reason}; every service is back "
+                             f"on {plan.previous}") from None
+        outcome.result, outcome.release = HostResult.ROLLED_BACK_TO.value, plan.target
+        outcome.services = [r.service for r in reports]
+        outcome.steps = [{"step": k, "outcome": v} for k, v in applied.done]
+        session.audit({"event": "rollback", "release": plan.target, "previous": plan.previous, "result": "ok",
+                       "services": outcome.services, "with_secrets": with_secrets})
+        session.say(f"release {plan.target} is live again")

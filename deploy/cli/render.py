@@ -1,0 +1,49 @@
+"""Renderers: one per result type, rows for the console or JSON for release scripts."""
+
+from __future__ import annotations
+
+from deploy.core.console import Console
+from deploy.execute.fleet import HostOutcome
+from deploy.plan.deploy import DeployPlan
+from deploy.plan.steps import StepKind
+
+
+def summary(console: Console, outcomes: list[HostOutcome], as_json: bool) -> None:
+    if as_json:
+        console.json({"hosts": [o.__dict__ for o in outcomes]})
+        return
+    console.table(["host", "role", "result", "release", "previous", "services", "migrated", "sent", "seconds", "message"],
+                  [[o.host, o.role, o.result, o.release, o.previous, ",".join(o.services) or "-",
+                    "yes" if o.migrated else "no", f"{o.uploaded_files} files/{o.uploaded_bytes} B", o.seconds, o.message]
+                   for o in outcomes])
+
+
+def plan_lines(plan) -> list[str]:
+    """The plan as the dry run prints it: every step with its reason, in the order apply runs them."""
+    lines = []
+    if isinstance(plan, DeployPlan):
+        lines.append(f"plan: {plan.action}" + (f" release {plan.release}" if plan.action == "deploy" else "")
+                     + f" (live: {plan.previous or 'none'}; lock: {plan.lock})")
+        for path, how in plan.files:
+            lines.append(f"would send {path} ({how})")
+        build = plan.step(StepKind.BUILD)
+        if build:
+            lines.append(f"would rebuild: {', '.join(build.items)}")
+    else:
+        lines.append(f"plan: rollback to {plan.target} (live: {plan.previous})")
+    for step in plan.steps:
+        if step.kind is StepKind.SEND_FILES:
+            continue
+        lines.append(f"would {step.describe()}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    if isinstance(plan, DeployPlan) and not plan.steps:
+        lines.append("nothing to do: the live release runs with the same files, settings and containers")
+    return lines
+
+
+def print_plan(console: Console, plan, problems: list[str]) -> None:
+    for line in plan_lines(plan):
+        console.phase(plan.host, line)
+    for problem in problems:
+        console.phase(plan.host, f"preflight would refuse: {problem}")

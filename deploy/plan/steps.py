@@ -1,0 +1,99 @@
+"""Plan steps: what a plan says it will do, each with its reason. Shared by deploy, rollback and restore.
+
+A plan is a list of ``Step``s in the order ``apply`` runs them. The dry run prints exactly this list; the
+apply reports, for each step, whether it ran or (for a conditional step) why it was skipped, so a test can
+hold the two side by side.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class StepKind(str, enum.Enum):
+    NEW_RELEASE = "new-release"  # releases/<id> as a host-local copy of the live release
+    EXPORT_SOURCE = "export-source"  # git archive of the commit into src/
+    SEND_FILES = "send-files"  # the files whose SHA-256 changed, as one checksummed tar
+    REMOVE_FILES = "remove-files"
+    WRITE_RELEASE = "write-release"  # release.env + MANIFEST
+    STAGE_SECRETS = "stage-secrets"  # a new secrets version under shared/env/.versions
+    VALIDATE = "validate"  # compose config, nginx -t of the new gateway config with the staged TLS files
+    BUILD = "build"
+    TAG = "tag"  # unchanged source: the live image gets the new release's tag, no build
+    ROTATE_PREPARE = "rotate-prepare"  # a server accepts the new credential beside the old one
+    INSTALL_SECRETS = "install-secrets"
+    INSTALL_GATEWAY_CONF = "install-gateway-conf"
+    START = "start"  # a service that is not running (never recreated)
+    RECREATE = "recreate"  # a changed definition or credentials read at start (stop first: one copy per volume)
+    RESTART = "restart"
+    ROTATE = "rotate"  # the server's credential changed in place (ALTER ROLE, ...)
+    RELOAD_GATEWAY = "reload-gateway"
+    MIGRATE = "migrate"
+    REMOVE_ORPHANS = "remove-orphans"
+    ROLL = "roll"  # zero-downtime: new containers beside the old, gateway switch, drain, old removed
+    REPAIR_UPSTREAMS = "repair-upstreams"
+    ROTATE_FINISH = "rotate-finish"  # the old credential is refused from now on
+    SWITCH = "switch"  # `current` -> the release
+    RECORD = "record"  # state.json: which release is live, with which secrets version
+    PRUNE = "prune"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    target: str = ""  # a service, a release id, a secrets version
+    reason: str = ""
+    items: tuple[str, ...] = ()  # files, services or containers the step acts on
+    # Non-empty: the step runs only if this holds when apply reaches it (e.g. "image-changed:backend").
+    condition: str = ""
+    phase: str = ""  # "after-apps": on a data host, run after every application host has rolled
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind.value}:{self.target}" if self.target else self.kind.value
+
+    def describe(self) -> str:
+        what = self.kind.value.replace("-", " ")
+        text = f"{what} {self.target}".strip()
+        if self.items:
+            shown = ", ".join(self.items[:8]) + (f" (+{len(self.items) - 8} more)" if len(self.items) > 8 else "")
+            text += f": {shown}"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.condition:
+            text += f" [only {condition_text(self.condition)}]"
+        return text
+
+    def to_json(self) -> dict:
+        out = {"step": self.kind.value, "target": self.target, "reason": self.reason}
+        if self.items:
+            out["items"] = list(self.items)
+        if self.condition:
+            out["condition"] = self.condition
+        if self.phase:
+            out["phase"] = self.phase
+        return out
+
+
+def condition_text(condition: str) -> str:
+    kind, _, arg = condition.partition(":")
+    if kind == "image-changed":
+        return f"if the {arg} image changed"
+    return condition
+
+
+@dataclass
+class Applied:
+    """What apply did: the key of every step, in order, with ``ran`` or ``skipped: why``."""
+
+    done: list[tuple[str, str]] = field(default_factory=list)
+
+    def ran(self, step: Step) -> None:
+        self.done.append((step.key, "ran"))
+
+    def skipped(self, step: Step, why: str) -> None:
+        self.done.append((step.key, f"skipped: {why}"))
+
+    def keys(self, only_ran: bool = False) -> list[str]:
+        return [k for k, outcome in self.done if not only_ran or outcome == "ran"]
