@@ -67,7 +67,7 @@ def tag_images(pairs: tuple[tuple[str, str], ...]) -> Command:
     for source, target in pairs:
         words += [source, target]
     return script('while [ $# -ge 2 ]; do docker tag "$1" "$2" || exit 1; shift 2; done', *words,
-                  description="tag unchanged images", intent=("tag", *(t for _, t in pairs)))
+                  description="tag unchanged images", intent=("tag", *words))
 
 
 def stop_containers(ids: tuple[str, ...], timeout: int = 15) -> Command:

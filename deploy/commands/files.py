@@ -6,7 +6,7 @@ from .base import Command, cmd, script
 
 
 def mkdirs(*paths: str, mode: str = "0755") -> Command:
-    return cmd("mkdir", "-p", "-m", mode, *paths, description="create directories")
+    return cmd("mkdir", "-p", "-m", mode, *paths, description="create directories", intent=("mkdir", *paths))
 
 
 def write_file(path: str, content: bytes, mode: str = "0644") -> Command:
@@ -14,21 +14,22 @@ def write_file(path: str, content: bytes, mode: str = "0644") -> Command:
     return script(
         'set -e; umask 077; mkdir -p "$(dirname "$1")"; tmp=$(mktemp "$1.XXXXXX"); '
         'cat > "$tmp"; chmod "$2" "$tmp"; mv -f "$tmp" "$1"',
-        path, mode, description=f"write {path}", stdin=content,
+        path, mode, description=f"write {path}", stdin=content, intent=("write", path),
     )
 
 
 def append_line(path: str, line: bytes) -> Command:
     """Append to a log file, creating its directory (0700) and the file (0600) when missing: one round trip."""
     return script('umask 077; mkdir -p "$(dirname "$1")" && cat >> "$1"', path, description="append to audit log",
-                  stdin=line)
+                  stdin=line, intent=("append", path))
 
 
 def extract_tar(directory: str) -> Command:
     """Unpack the tar arriving on stdin into ``directory`` (which must exist)."""
     # -m: files get the time of extraction (nanoseconds): BuildKit skips re-sending a context file whose
     # size and mtime look unchanged, so a same-size edit with an old mtime would build from a stale copy.
-    return cmd("tar", "-x", "-m", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files")
+    return cmd("tar", "-x", "-m", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files",
+               intent=("extract", directory))
 
 
 def copy_release(source: str, target: str) -> Command:
@@ -40,7 +41,8 @@ def copy_release(source: str, target: str) -> Command:
 
 
 def remove_paths(directory: str, names: tuple[str, ...]) -> Command:
-    return script('cd "$1" && shift && rm -f -- "$@"', directory, *names, description="remove stale files")
+    return script('cd "$1" && shift && rm -f -- "$@"', directory, *names, description="remove stale files",
+                  intent=("remove", directory, *names))
 
 
 def switch_symlink(link: str, target: str) -> Command:
@@ -98,6 +100,6 @@ def prune_secret_versions(env_dir: str, keep: tuple[str, ...]) -> Command:
 
 
 def remove_tree(path: str) -> Command:
-    return cmd("rm", "-rf", "--one-file-system", "--", path, description=f"remove {path}")
+    return cmd("rm", "-rf", "--one-file-system", "--", path, description=f"remove {path}", intent=("rmtree", path))
 
 

@@ -17,7 +17,7 @@ printf "ALTER ROLE \"%s\" PASSWORD '"'"'%s'"'"';\n" "$POSTGRES_USER" "$POSTGRES_
 
 def postgres_set_password(container: str, env_file: str) -> Command:
     return script(POSTGRES_SET_PASSWORD, container, env_file, description="set the PostgreSQL password",
-                  intent=("rotate", "postgres"))
+                  intent=("rotate", "postgres", env_file))
 
 
 # Redis: $2 the env file with the password now in force (to authenticate), $3 the one with the new password.
@@ -32,12 +32,12 @@ printf "ACL SETUSER default %s\n" "$rule" | REDISCLI_AUTH="$OLD" redis-cli -h 12
 
 def redis_add_password(container: str, current_file: str, new_file: str) -> Command:
     return script(REDIS_PASSWORDS, container, current_file, new_file, "add",
-                  description="let Redis accept the new password too", intent=("rotate-prepare", "redis"))
+                  description="let Redis accept the new password too", intent=("rotate-prepare", "redis", new_file))
 
 
 def redis_only_password(container: str, current_file: str, new_file: str) -> Command:
     return script(REDIS_PASSWORDS, container, current_file, new_file, "finish",
-                  description="let Redis accept only the new password", intent=("rotate-finish", "redis"))
+                  description="let Redis accept only the new password", intent=("rotate-finish", "redis", new_file))
 
 
 MONGO_SET_PASSWORD = r"""set -e
@@ -50,4 +50,4 @@ mongosh --quiet admin "$c"' < "$2"
 
 def mongo_set_password(container: str, env_file: str) -> Command:
     return script(MONGO_SET_PASSWORD, container, env_file, description="set the MongoDB password",
-                  intent=("rotate", "mongodb"))
+                  intent=("rotate", "mongodb", env_file))

@@ -161,9 +161,9 @@ class DeployApply:
     def do_new_release(self, step: Step) -> None:
         self.run_cmd(fs.mkdirs(self.t.releases, mode="0750"))
         source = self.t.release_dir(self.previous) if self.previous else ""
-        self.run_cmd(fs.copy_release(source, self.rdir))
         self.session.undo.push(f"remove release {self.release}", lambda: self.run_cmd(fs.remove_tree(self.rdir), check=False),
                                FILES)
+        self.run_cmd(fs.copy_release(source, self.rdir))
         self.say(f"release {self.release}: started from {self.previous or 'nothing'}")
 
     def do_export_source(self, step: Step) -> None:
@@ -190,11 +190,11 @@ class DeployApply:
         data = pl.tar_of(self.payload.secrets, tuple(self.payload.secrets), 0o600)
         command = script(STAGE_SECRETS, self.t.env_dir, self.d.secrets_version, description="stage secrets",
                          intent=("stage-secrets", self.d.secrets_version))
-        self.session.host.stream_from_file(command, io.BytesIO(data))
-        self.report.uploaded_bytes += len(data)
         version_dir = fs.stage_dir(self.t.env_dir, self.d.secrets_version)
         self.session.undo.push(f"remove staged secrets {self.d.secrets_version}",
                                lambda: self.run_cmd(fs.remove_tree(version_dir), check=False), FILES)
+        self.session.host.stream_from_file(command, io.BytesIO(data))
+        self.report.uploaded_bytes += len(data)
 
     def do_validate(self, step: Step) -> None:
         project, compose_file, env_file = self.compose_files(self.release)
@@ -236,20 +236,18 @@ class DeployApply:
 
     def do_rotate_prepare(self, step: Step) -> None:
         container = self.container_of(step.target)
-        current, new = f"{self.t.env_dir}/{step.target}.env", self.version_file(self.d.secrets_version, step.target)
-        self.run_cmd(rot.redis_add_password(container, current, new))
         old_copy = self._snapshot_version()
+        old_file, new = self.version_file(old_copy, step.target), self.version_file(self.d.secrets_version, step.target)
         self.session.undo.push("redis: accept only the old password again",
-                               lambda: self.run_cmd(rot.redis_only_password(container, self.version_file(old_copy, "redis"),
-                                                                            self.version_file(old_copy, "redis"))),
-                               SETTINGS)
+                               lambda: self.run_cmd(rot.redis_only_password(container, old_file, old_file)), SETTINGS)
+        self.run_cmd(rot.redis_add_password(container, old_file, new))
 
     def _snapshot_version(self) -> str:
         """The secrets version live now, staged as a version dir (older deploys installed secrets without one)."""
         version = self.prev_secrets if self.prev_secrets in self.o.secret_versions else "s-before-" + self.release.lower()
         if version not in self.o.secret_versions:
             self.run_cmd(script(SNAPSHOT_SECRETS, self.t.env_dir, version, self.t.gateway_dir,
-                                description="keep the current secrets as a version", intent=("snapshot-secrets",)))
+                                description="keep the current secrets as a version", intent=("snapshot-secrets", version)))
         self.prev_secrets = version
         self.o = _with_version(self.o, version)
         return version
@@ -257,35 +255,37 @@ class DeployApply:
     def do_install_secrets(self, step: Step) -> None:
         had = bool(self.o.secrets)
         previous = self._snapshot_version() if had else ""
-        self.run_cmd(fs.install_secrets(self.t.env_dir, step.target, self.t.gateway_dir))
-        self.say(f"secrets {step.target} installed: {', '.join(step.items)}")
         if previous:
             self.session.undo.push(f"reinstall secrets {previous}",
                                    lambda: self.run_cmd(fs.install_secrets(self.t.env_dir, previous, self.t.gateway_dir)),
                                    SETTINGS)
+        self.run_cmd(fs.install_secrets(self.t.env_dir, step.target, self.t.gateway_dir))
+        self.say(f"secrets {step.target} installed: {', '.join(step.items)}")
 
     def do_install_gateway_conf(self, step: Step) -> None:
         source = f"{self.rdir}/gateway/nginx.conf"
         target = f"{self.t.gateway_dir}/nginx.conf"
         self.run_cmd(fs.mkdirs(self.t.gateway_dir, f"{self.t.gateway_dir}/upstreams"))
-        self.run_cmd(script(INSTALL_FILE, source, target, description="install gateway config", intent=("install-conf",)))
         if self.previous and self.o.gateway_conf:
             old = f"{self.t.release_dir(self.previous)}/gateway/nginx.conf"
 
             def undo():
-                self.run_cmd(script(INSTALL_FILE, old, target, description="reinstall gateway config"))
+                self.run_cmd(script(INSTALL_FILE, old, target, description="reinstall gateway config",
+                                    intent=("install-conf", old, target)))
                 gateway = self.gateway.container()
                 if gateway:
                     self.gateway.reload(gateway)
             self.session.undo.push("reinstall the previous gateway config", undo, SETTINGS)
+        self.run_cmd(script(INSTALL_FILE, source, target, description="install gateway config",
+                            intent=("install-conf", source, target)))
 
     def do_start(self, step: Step) -> None:
         project, compose_file, env_file = self.compose_files(self.release)
-        if step.target == GATEWAY:
+        if GATEWAY in step.items:
             self.run_cmd(fs.mkdirs(f"{self.t.gateway_dir}/upstreams", f"{self.t.gateway_dir}/tls"))
             self.gateway.ensure_upstream_files(self.session.containers(), self.release)
-        self.say(f"starting {step.target} ({step.reason})")
-        self.run_cmd(dk.compose_up(project, compose_file, env_file, (step.target,), self.s.health_timeout,
+        self.say(f"starting {', '.join(step.items)} ({step.reason})")
+        self.run_cmd(dk.compose_up(project, compose_file, env_file, step.items, self.s.health_timeout,
                                    self.environment()))
 
     def do_recreate(self, step: Step) -> None:
@@ -308,12 +308,12 @@ class DeployApply:
     def do_rotate(self, step: Step) -> None:
         container = self.container_of(step.target)
         setter = {"postgres": rot.postgres_set_password, "mongodb": rot.mongo_set_password}[step.target]
-        self.run_cmd(setter(container, self.version_file(self.d.secrets_version, step.target)))
-        self.say(f"{step.target}: password changed on the running server")
         old = self.prev_secrets
-        if old:
+        if old:  # registered first: a command cut mid-way may have changed it (setting the old one again is harmless)
             self.session.undo.push(f"{step.target}: the old password back",
                                    lambda: self.run_cmd(setter(container, self.version_file(old, step.target))), SETTINGS)
+        self.run_cmd(setter(container, self.version_file(self.d.secrets_version, step.target)))
+        self.say(f"{step.target}: password changed on the running server")
 
     def do_reload_gateway(self, step: Step) -> None:
         gateway = self.gateway.container()
@@ -343,20 +343,36 @@ class DeployApply:
     def do_roll(self, step: Step) -> None:
         service = step.target
         old = [c for c in self.session.containers() if c.service == service and c.running]
+        if self.previous and old:
+            # Registered before the roll: interrupted half-way (after the switch, during the drain), the service
+            # must still come back. It does nothing when the old containers are what serves.
+            self.session.undo.push(f"{service} back on {self.previous}", self._roll_back(service, old), SERVICES)
         roll = ServiceRoll(self.session, self.gateway, service, self.release, self.compose_files(self.release),
                            self.environment(), old)
-        report = roll.run()
-        self.report.rolls.append(report)
-        if self.previous and old:
-            previous = self.previous
-            old_env = {f"ENV_DIGEST_{service.upper().replace('-', '_')}": old[0].env_digest or "none"}
+        self.report.rolls.append(roll.run())
 
-            def undo():
-                self.say(f"{service}: rolling back to {previous}")
-                current = [c for c in self.session.containers() if c.service == service and c.running]
-                ServiceRoll(self.session, self.gateway, service, previous, self.compose_files(previous), old_env,
-                            current).run()
-            self.session.undo.push(f"{service} back on {previous}", undo, SERVICES)
+    def _roll_back(self, service: str, old: list):
+        previous, old_ids = self.previous, {c.id for c in old}
+        old_env = {f"ENV_DIGEST_{service.upper().replace('-', '_')}": old[0].env_digest or "none"}
+
+        def undo():
+            current = [c for c in self.session.containers() if c.service == service and c.running]
+            if {c.id for c in current} == old_ids:
+                return  # the roll switched back by itself: the old containers serve
+            if old_ids & {c.id for c in current}:
+                # The old containers still run beside new ones: point the gateway back at them, drop the new.
+                extra = tuple(c.id for c in current if c.id not in old_ids)
+                self.gateway.write_upstream(service, [c.ip for c in current if c.id in old_ids and c.ip], previous)
+                gateway = self.gateway.container()
+                if gateway:
+                    self.gateway.reload(gateway)
+                if extra:
+                    self.run_cmd(dk.remove_containers(extra), check=False)
+                return
+            self.say(f"{service}: rolling back to {previous}")
+            ServiceRoll(self.session, self.gateway, service, previous, self.compose_files(previous), old_env,
+                        current).run()
+        return undo
 
     def do_repair_upstreams(self, step: Step) -> None:
         self.say(f"gateway upstreams out of date for {', '.join(step.items)}: repairing")
@@ -365,20 +381,20 @@ class DeployApply:
     def do_rotate_finish(self, step: Step) -> None:
         container = self.container_of(step.target)
         new = self.version_file(self.d.secrets_version, step.target)
-        self.run_cmd(rot.redis_only_password(container, new, new))
         old = self.prev_secrets
         if old:
             self.session.undo.push("redis: accept the old password again",
                                    lambda: self.run_cmd(rot.redis_add_password(container, new, self.version_file(old, "redis"))),
                                    SETTINGS)
+        self.run_cmd(rot.redis_only_password(container, new, new))
 
     def do_switch(self, step: Step) -> None:
-        self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{self.release}"))
-        self.say(f"release {self.release} is live")
         if self.previous:
             previous = self.previous
             self.session.undo.push(f"current back to {previous}",
                                    lambda: self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{previous}")), FILES)
+        self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{self.release}"))
+        self.say(f"release {self.release} is live")
 
     def do_record(self, step: Step) -> None:
         write_state(self.session, self.o, step.target, self.d.secrets_version, "deploy")
@@ -433,12 +449,14 @@ def apply_rollback(session: Session, plan: RollbackPlan, observed: Observed) -> 
                                   lambda: session.run(fs.install_secrets(t.env_dir, live_secrets, t.gateway_dir)), SETTINGS)
         elif step.kind is StepKind.INSTALL_GATEWAY_CONF:
             target = f"{t.gateway_dir}/nginx.conf"
-            session.run(script(INSTALL_FILE, f"{t.release_dir(plan.target)}/gateway/nginx.conf", target,
-                               description="install gateway config", intent=("install-conf",)))
+            source = f"{t.release_dir(plan.target)}/gateway/nginx.conf"
+            session.run(script(INSTALL_FILE, source, target, description="install gateway config",
+                               intent=("install-conf", source, target)))
             old = f"{t.release_dir(plan.previous)}/gateway/nginx.conf"
 
             def undo_conf(old=old, target=target):
-                session.run(script(INSTALL_FILE, old, target, description="reinstall gateway config"))
+                session.run(script(INSTALL_FILE, old, target, description="reinstall gateway config",
+                                   intent=("install-conf", old, target)))
                 gw = gateway.container()
                 if gw:
                     gateway.reload(gw)

@@ -82,17 +82,11 @@ class ServiceRoll:
         old_ids = {c.id for c in self.old}
         count = max(1, len(self.old))
         self.say(f"starting {count} new container(s) beside {len(self.old)} old")
+        switched = False
         try:
             self.session.run(dk.compose_scale_up(self.project, self.compose_file, self.env_file, self.service,
                                                  len(self.old) + count, self.environment))
-        except BaseException as exc:
-            self._remove_new(old_ids)
-            if isinstance(exc, HealthdeployError):
-                raise RollFailure(self.service, exc.message) from None
-            raise
-        new_ids = {c.id for c in self.session.containers() if c.service == self.service and c.id not in old_ids}
-        switched = False
-        try:
+            new_ids = {c.id for c in self.session.containers() if c.service == self.service and c.id not in old_ids}
             new = self._wait_healthy(new_ids, gateway)
             self.report.new = [c.name for c in new]
             self.say(f"new container(s) healthy: {', '.join(c.name for c in new)}")
@@ -123,7 +117,11 @@ class ServiceRoll:
             with shielded():
                 ids = tuple(c.id for c in self.old)
                 for command in (dk.stop_containers(ids), dk.remove_containers(ids)):
-                    result = self.session.run(command, check=False)
+                    try:
+                        result = self.session.run(command, check=False)
+                    except HealthdeployError as exc:  # rm --force still ends them; else the next deploy does
+                        self.session.warn(f"{command.description} failed: {exc.message}")
+                        continue
                     if not result.ok:
                         self.session.warn(f"{command.description} failed: {result.err.strip()[:200]}")
             self.report.removed = [c.name for c in self.old]
@@ -137,8 +135,8 @@ class ServiceRoll:
             current = [c for c in self.session.containers() if c.id in ids]
             bad = [c for c in current if c.health == "unhealthy" or c.state in ("exited", "dead")]
             if bad:
-                raise RollFailure(self.service, f"new container {bad[0].name} is {bad[0].health or bad[0].state}",
-                                  self.logs(bad[0]))
+                what = bad[0].state if bad[0].state in ("exited", "dead") else bad[0].health
+                raise RollFailure(self.service, f"new container {bad[0].name} is {what}", self.logs(bad[0]))
             if current and all(c.healthy for c in current):
                 return current
             check.last = current

@@ -130,6 +130,10 @@ class Session:
         lock_dir = self.t.lock_dir
         status = parse_lock(self.host.run(lock_status(lock_dir)).text)
         if status.state == "stale":
+            # A backup changes nothing on the host: one that died leaves nothing half-done, so its stale lock
+            # is broken without asking (and audited like any broken lock).
+            if status.info.get("operation") == "backup":
+                break_lock = True
             if not break_lock:
                 raise LockHeld(f"{self.t.alias}: the host lock is stale ({status.describe()})",
                                "its holder is gone; rerun with --break-lock to remove it")

@@ -15,7 +15,7 @@ PROJECT_CONTAINERS = (
 
 def project_containers(project: str) -> Command:
     """JSON array of ``docker inspect`` for every container of the project (one round trip)."""
-    return script(PROJECT_CONTAINERS, project, description="list containers", readonly=True)
+    return script(PROJECT_CONTAINERS, project, description="list containers", readonly=True, intent=("containers",))
 
 
 def inspect_named(names: tuple[str, ...]) -> Command:

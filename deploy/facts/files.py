@@ -13,11 +13,12 @@ FILE_HASHES = (
 
 def file_hashes(directory: str, names: tuple[str, ...] = ()) -> Command:
     """``sha256  relative/path`` for each file under ``directory`` (or just ``names``); nothing if absent."""
-    return script(FILE_HASHES, directory, *names, description="hash files", readonly=True)
+    return script(FILE_HASHES, directory, *names, description="hash files", readonly=True,
+                  intent=("hashes", directory, *names))
 
 
 def read_file(path: str) -> Command:
-    return script('cat "$1" 2>/dev/null || true', path, description=f"read {path}", readonly=True)
+    return script('cat "$1" 2>/dev/null || true', path, description=f"read {path}", readonly=True, intent=("read", path))
 
 
 def parse_hashes(text: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ PROJECT_IMAGES = 'docker images --no-trunc --format "{{.Repository}}:{{.Tag}} {{
 
 def image_ids(refs: tuple[str, ...]) -> Command:
     """``ref id`` per line; a missing image prints ``ref -``."""
-    return script(IMAGE_IDS, *refs, description="inspect images", readonly=True)
+    return script(IMAGE_IDS, *refs, description="inspect images", readonly=True, intent=("image-ids", *refs))
 
 
 def project_images(prefix: str) -> Command:

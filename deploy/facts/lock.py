@@ -40,7 +40,7 @@ exit 0
 
 
 def lock_status(lock_dir: str) -> Command:
-    return script(LOCK_STATUS, lock_dir, description="read the host lock", readonly=True)
+    return script(LOCK_STATUS, lock_dir, description="read the host lock", readonly=True, intent=("lock-status",))
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class LockState:
             return "free"
         i = self.info
         what = i.get("operation", "deploy")
-        who = (f"{i.get('who', '?')} since {i.get('since', '?')} for {what} {i.get('release', '?')} "
-               f"(pid {i.get('pid', '?')} on {i.get('machine', '?')})")
+        who = (f"{i.get('who', '?')} since {i.get('since', '?')} for release {i.get('release', '?') or '-'}"
+               + (f" ({what})" if what != "deploy" else "") + f" (pid {i.get('pid', '?')} on {i.get('machine', '?')})")
         return f"{self.state}: {who}"
 
 

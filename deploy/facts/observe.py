@@ -22,11 +22,11 @@ SECTION = "=== "
 
 # $1 deploy path, $2 compose project, $3 image prefix. Each section is one fact's own script, run as a
 # function so `exit` inside it ends only that section.
-OBSERVE = ("host_facts() {" + HOST_FACTS + "\n}\n"
-           "file_hashes() {" + FILE_HASHES + "\n}\n"
-           "project_containers() {" + PROJECT_CONTAINERS + "\n}\n"
-           "project_images() {" + PROJECT_IMAGES + "\n}\n"
-           "read_upstreams() {" + READ_UPSTREAMS + "\n}\n" + LOCK_STATE + r"""
+OBSERVE = ("host_facts() {\n" + HOST_FACTS + "\n}\n"
+           "file_hashes() {\n" + FILE_HASHES + "\n}\n"
+           "project_containers() {\n" + PROJECT_CONTAINERS + "\n}\n"
+           "project_images() {\n" + PROJECT_IMAGES + "\n}\n"
+           "read_upstreams() {\n" + READ_UPSTREAMS + "\n}\n" + LOCK_STATE + r"""
 base="$1"; project="$2"; prefix="$3"
 echo "=== host"; host_facts "$base"
 echo "=== lock"; lock_state "$base/.lock"; cat "$base/.lock/info.json" 2>/dev/null; echo
@@ -49,7 +49,8 @@ exit 0
 
 
 def observe(deploy_path: str, project: str, image_prefix: str) -> Command:
-    return script(OBSERVE, deploy_path, project, image_prefix, description="observe the host", readonly=True)
+    return script(OBSERVE, deploy_path, project, image_prefix, description="observe the host", readonly=True,
+                  intent=("observe",))
 
 
 @dataclass(frozen=True)

@@ -229,12 +229,13 @@ def plan_deploy(desired: Desired, observed: Observed) -> DeployPlan:
 
     # -- data services and the gateway --------------------------------------------------------------
     release_env_changed = {p.split("/")[1][:-4] for p in change.changed if p.startswith("env/") and current}
+    starts: list[tuple[str, str]] = []
     for service in (*d.infra, *((GATEWAY,) if gateway_here else ())):
         containers = o.of(service)
         running = o.running(service)
         wanted = d.definitions.get(service, "")
         if not running:
-            b.add(StepKind.START, service, "not running" if containers else "first start")
+            starts.append((service, "not running" if containers else "first start"))
             continue
         labelled = [c.definition for c in running if c.definition]
         if labelled and any(x != wanted for x in labelled):
@@ -249,6 +250,9 @@ def plan_deploy(desired: Desired, observed: Observed) -> DeployPlan:
             b.notes.append(f"{service}: its settings changed, but they apply only when its data volume is created")
         if rotations.get(service) == "rotate":
             b.add(StepKind.ROTATE, service, "password changed: set on the running server")
+    if starts:  # one compose call starts them all in parallel
+        reasons = sorted({r for _, r in starts})
+        b.add(StepKind.START, "", "; ".join(reasons), [s for s, _ in starts])
     if gateway_here and o.running(GATEWAY) and not b_has(b, StepKind.RECREATE, GATEWAY):
         if conf_changed and o.gateway_conf:
             b.add(StepKind.RELOAD_GATEWAY, GATEWAY, "config changed")
@@ -298,10 +302,10 @@ def plan_deploy(desired: Desired, observed: Observed) -> DeployPlan:
             rolls.append((service, ", ".join(reasons), condition))
     for service, names in orphans.items():
         b.add(StepKind.REMOVE_ORPHANS, service, "left by an interrupted deploy (not in the gateway)", names)
-    backend_roll = next((r for r in rolls if r[0] == "backend"), None)
-    if d.migrate_here and "backend" in d.app_services and (backend_roll or "backend" in build):
-        condition = backend_roll[2] if backend_roll else "image-changed:backend"
-        b.add(StepKind.MIGRATE, "backend", "the backend changes", condition=condition)
+    # Migrations come with a new backend image (they ship in it); settings alone never migrate.
+    if d.migrate_here and "backend" in build:
+        b.add(StepKind.MIGRATE, "backend", "new backend image" if current else "first release",
+              condition="image-changed:backend" if current and o.running("backend") else "")
     for service, reason, condition in rolls:
         b.add(StepKind.ROLL, service, reason, condition=condition)
     if repair:

@@ -54,7 +54,7 @@ class Step:
         return f"{self.kind.value}:{self.target}" if self.target else self.kind.value
 
     def describe(self) -> str:
-        what = self.kind.value.replace("-", " ")
+        what = VERBS.get(self.kind, self.kind.value.replace("-", " "))
         text = f"{what} {self.target}".strip()
         if self.items:
             shown = ", ".join(self.items[:8]) + (f" (+{len(self.items) - 8} more)" if len(self.items) > 8 else "")
@@ -74,6 +74,20 @@ class Step:
         if self.phase:
             out["phase"] = self.phase
         return out
+
+
+VERBS = {
+    StepKind.NEW_RELEASE: "create release", StepKind.EXPORT_SOURCE: "export git commit",
+    StepKind.SEND_FILES: "send files", StepKind.REMOVE_FILES: "remove files", StepKind.WRITE_RELEASE: "write release files of",
+    StepKind.STAGE_SECRETS: "stage secrets version", StepKind.VALIDATE: "validate release", StepKind.BUILD: "build images of",
+    StepKind.TAG: "tag live images for", StepKind.ROTATE_PREPARE: "let accept the new password:",
+    StepKind.INSTALL_SECRETS: "install secrets version", StepKind.INSTALL_GATEWAY_CONF: "install the gateway config",
+    StepKind.START: "start", StepKind.RECREATE: "recreate", StepKind.RESTART: "restart",
+    StepKind.ROTATE: "change the password on", StepKind.RELOAD_GATEWAY: "reload", StepKind.MIGRATE: "migrate with",
+    StepKind.REMOVE_ORPHANS: "remove stray containers of", StepKind.ROLL: "roll", StepKind.REPAIR_UPSTREAMS: "repair upstreams",
+    StepKind.ROTATE_FINISH: "refuse the old password on", StepKind.SWITCH: "switch current to",
+    StepKind.RECORD: "record live release", StepKind.PRUNE: "prune old releases",
+}
 
 
 def condition_text(condition: str) -> str:

@@ -22,7 +22,7 @@ from deploy.execute.local import run_local
 IMAGES_DIR = Path(__file__).parent / "images_src"
 BASE_IMAGE = "healthdeploy/base:bookworm"
 BASE_PACKAGES = ("postgresql", "redis-server", "nginx-light", "python3", "curl", "ca-certificates",
-                 "influxdb", "mosquitto", "mosquitto-clients", "procps")
+                 "influxdb", "mosquitto", "mosquitto-clients", "procps", "python3-psycopg2", "python3-redis")
 SUITE = "bookworm"
 # (directory, tag). Order matters only for readability; all build FROM the base.
 ROLE_IMAGES = (

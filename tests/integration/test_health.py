@@ -133,7 +133,7 @@ def test_table_output_and_a_hung_host_cannot_hang(env, tmp_path):
     assert proc.returncode == 0 and "hl: healthy" in proc.stdout and "backend.http.gateway" in proc.stdout
     # The other host's sshd answers TCP but is stopped (SIGSTOP): the probe must give up, not hang.
     pid = int(open(f".sandbox/hosts/{OTHER}/sshd.pid").read())
-    env.write(hosts=f"{HOST},{OTHER}", SSH_CONNECT_TIMEOUT="3")
+    env.write(hosts=f"{HOST},{OTHER}", SSH_CONNECT_TIMEOUT="3", TOPOLOGY="cells")
     import os
     import signal
     import time
@@ -288,8 +288,11 @@ def test_day_two_tasks_status_logs_exec(env):
     assert services["backend"]["state"] == "running" and services["backend"]["release"]
     assert set(services) >= {"gateway", "backend", "ai-service", "frontend-web", "frontend-patient", "postgres"}
 
-    proc = env.fab("exec", "backend", "--", "echo from-$SERVICE; exit 3", hosts=HOST)
-    assert proc.returncode == 3 and f"[{HOST}] from-backend" in proc.stdout
+    # The words after -- reach the container as they were typed (no second shell on the host), and the remote
+    # status 3 comes back as 103: it can never be mistaken for healthdeploy's own codes (5 = rolled back).
+    proc = env.fab("exec", "backend", "--", "sh", "-c", "echo from-$SERVICE 'two  spaces'; exit 3", hosts=HOST)
+    assert proc.returncode == 103 and f"[{HOST}] from-backend two  spaces" in proc.stdout
+    assert "the command exited with status 3" in proc.stderr
     # Output is redacted: the database password inside DATABASE_URL never reaches the operator.
     proc = env.fab("exec", "backend", "--", "env", hosts=HOST)
     assert proc.returncode == 0 and "DATABASE_URL=" in proc.stdout and "sandbox-db-7f3a9c" not in proc.stdout
