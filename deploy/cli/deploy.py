@@ -160,9 +160,24 @@ def _unlock_all(jobs: list[HostJob]) -> None:
 
 def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bool) -> int:
     release = jobs[0].desired.release
+    # Preflight every host (read-only) before any is locked or changed.
+    for job in jobs:
+        _observe_and_plan(job, readonly=True)
+        problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
+        if problems:
+            job.outcome.result = HostResult.REFUSED.value
+            raise PreflightError(f"{job.alias}: " + "; ".join(problems), "fix the host, nothing was changed")
+    if all(job.plan.action == "unchanged" for job in jobs):
+        # Nothing to change anywhere: no lock is taken (a deploy running meanwhile is left alone).
+        for job in jobs:
+            job.outcome.previous = job.plan.previous
+            job.apply = DeployApply(job.session, job.plan, job.desired, job.payload, job.observed)
+            _finish(job)
+        summary(runtime.console, [j.outcome for j in jobs], as_json)
+        return EXIT_OK
     _lock_all(jobs, release, break_lock)
     try:
-        for job in jobs:  # observed under the lock: what the plan sees is what it changes
+        for job in jobs:  # observed again under the lock: what the plan sees is what it changes
             _observe_and_plan(job)
             problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
             if problems:
