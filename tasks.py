@@ -1,6 +1,7 @@
 """Local tasks: `inv sandbox.up`, `inv images.build`, `inv demo`, `inv test`, `inv bench`.
 
-Thin on purpose: the work lives in deploy/ (sandbox.py, images.py, cli.py).
+Thin on purpose: the work lives in deploy/ (sandbox/setup.py, sandbox/hosts.py,
+sandbox/images.py, cli/).
 """
 
 import os
@@ -10,6 +11,7 @@ from invoke import Collection, task
 
 from deploy import cli
 from deploy.sandbox import hosts as sandbox_lib
+from deploy.sandbox import setup as setup_lib
 
 
 @task(help={"hosts": "comma-separated sandbox host names: sandbox, sandbox2, ... (127.0.0.2, .3, ...)"})
@@ -32,8 +34,7 @@ def down(c):
 @cli.entry
 def install(c):
     """Install Docker, OpenSSH server, debootstrap and Compose v2 if missing; start dockerd."""
-    sandbox_lib.install_tools()
-    sandbox_lib.ensure_dockerd()
+    setup_lib.ensure_machine()
 
 
 @task(help={"force": "rebuild even when the images exist"})
@@ -42,8 +43,7 @@ def build(c, force=False):
     """Build the offline images (debootstrap base, PostgreSQL, Redis, nginx, ...) with no registry."""
     from deploy.sandbox import images
 
-    sandbox_lib.install_tools()
-    sandbox_lib.ensure_dockerd()
+    setup_lib.ensure_machine()
     images.build_all(force=force)
 
 
@@ -55,7 +55,8 @@ def demo(c):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    sandbox_lib.up(["sandbox"])
+    setup_lib.ensure_machine()
+    sandbox_lib.up(["sandbox"], install=False)
     images.build_all()
     runtime = cli.Runtime(load_settings("sandbox"), Console())
     cli.deploy(runtime, ["sandbox"])

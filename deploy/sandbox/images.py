@@ -18,6 +18,7 @@ from pathlib import Path
 
 from deploy.core.errors import HealthdeployError
 from deploy.execute.local import pipe_local, run_local
+from deploy.sandbox import setup
 
 IMAGES_DIR = Path(__file__).parent / "images_src"
 BASE_IMAGE = "healthdeploy/base:bookworm"
@@ -63,7 +64,7 @@ def build_base(force: bool = False) -> None:
     wanted = base_hash()
     if not force and image_label(BASE_IMAGE) == wanted:
         return
-    if not shutil.which("debootstrap") and not Path("/usr/sbin/debootstrap").exists():
+    if setup.locate("debootstrap") is None:
         raise HealthdeployError("debootstrap is not installed", "run `inv sandbox.install`")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="healthdeploy-rootfs-") as tmp:
