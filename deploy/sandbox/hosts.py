@@ -7,7 +7,8 @@ may run Docker). State lives in ``.sandbox/`` of the project (git-ignored):
     .sandbox/id_ed25519{,.pub}    client key          .sandbox/ssh_config   Host blocks per sandbox host
     .sandbox/known_hosts          their host keys     .sandbox/hosts/<name>/{sshd_config,host key,sshd.pid}
 
-Machine set-up (tools, Compose, dockerd) is deploy/sandbox/setup.py.
+ssh_config and known_hosts also list the running testbed nodes (deploy/sandbox/netns.py). Machine
+set-up (tools, Compose, dockerd) is deploy/sandbox/setup.py.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_key
 
 
 def ssh_config(hosts: Iterable[SshTarget], state_dir: Path = STATE_DIR) -> str:
-    blocks = ["# Written by `inv sandbox.up`. Include it from ~/.ssh/config to use plain `ssh sandbox`.\n"]
+    blocks = ["# Written by `inv sandbox.up` and `inv testbed.up`. Include it from ~/.ssh/config to use plain "
+              "`ssh sandbox` / `ssh node1`.\n"]
     for host in hosts:
         blocks.append("\n".join([
             f"Host {host.name}",
@@ -213,9 +215,11 @@ def known_hosts_lines(hosts: Iterable[SshTarget], state_dir: Path = STATE_DIR) -
 
 
 def write_client_files(state_dir: Path = STATE_DIR, extra: Iterable[SshTarget] = ()) -> list[SshTarget]:
-    """ssh_config + known_hosts for every running sandbox host (and ``extra``)."""
+    """ssh_config + known_hosts for every running sandbox host and testbed node (and ``extra``)."""
+    from deploy.sandbox import netns  # netns uses this module for the client key
+
     targets: dict[str, SshTarget] = {}
-    for host in [*running_hosts(state_dir), *extra]:
+    for host in [*running_hosts(state_dir), *netns.running_nodes(), *extra]:
         targets[host.name] = host
     ordered = sorted(targets.values(), key=lambda h: tuple(int(x) for x in h.address.split(".")))
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
