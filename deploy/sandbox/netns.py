@@ -311,15 +311,15 @@ def _remove_cgroups(parent: str) -> None:
 
 
 def _kill_all(pids: list[int], grace: float = 3.0) -> int:
-    live = [p for p in pids if setup.process_args(p)]
+    live = [p for p in pids if setup.process_alive(p)]
     for pid in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(setup.process_args(p) for p in live):
+    while time.monotonic() < deadline and any(setup.process_alive(p) for p in live):
         time.sleep(0.1)
     for pid in live:
-        if setup.process_args(pid):
+        if setup.process_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return len(live)
@@ -538,7 +538,7 @@ def _stop_pid(pid: int | None, timeout: float) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while setup.process_args(pid):
+    while setup.process_alive(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         if time.monotonic() > deadline:
@@ -829,7 +829,7 @@ def ensure_registry(timeout: float = 30) -> str:
             REGISTRY_PID.write_text(f"{pid}\n")
             deadline = time.monotonic() + timeout
             while not _registry_answers():
-                if time.monotonic() > deadline or not setup.process_args(pid):
+                if time.monotonic() > deadline or not setup.process_alive(pid):
                     last = REGISTRY_LOG.read_text(errors="replace").strip().splitlines()[-1:]
                     raise HealthdeployError(f"the registry did not answer on http://{REGISTRY}/v2/"
                                             + (f": {last[0][-300:]}" if last else ""), f"see {REGISTRY_LOG}")

@@ -215,6 +215,17 @@ def process_args(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not). Not by its command line: that reads empty for a moment
+    while a just-spawned process is still inside execve."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
 def live_pid(pidfile: Path, must_contain: str) -> int | None:
     """The pid in ``pidfile`` if that process is alive and its command line contains ``must_contain``
     (a pid file left by an earlier boot may name an unrelated process now)."""
@@ -258,7 +269,7 @@ def ensure_dockerd(timeout: float = 60) -> bool:
     while time.monotonic() < deadline:
         if engine_answers(timeout=5):
             return True
-        if not process_args(pid):
+        if not process_alive(pid):
             break
         time.sleep(0.5)
     last = _tail(DOCKERD_LOG.read_text(errors="replace"), 1) if DOCKERD_LOG.exists() else ""

@@ -163,3 +163,17 @@ def test_a_dockerd_that_never_answers_is_one_error(monkeypatch, tmp_path):
     (tmp_path / "dockerd.log").write_text("level=fatal msg=\"failed to start daemon: boom\"\n")
     with pytest.raises(HealthdeployError, match="dockerd did not start: .*boom"):
         setup.ensure_dockerd(timeout=0.2)
+
+
+def test_process_alive_counts_a_zombie_as_dead():
+    import subprocess
+    import time
+
+    assert setup.process_alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while setup.process_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # exits, stays a zombie until reaped
+    assert not setup.process_alive(child.pid)
+    child.wait()
+    assert not setup.process_alive(child.pid)
