@@ -1,6 +1,7 @@
-"""Local tasks: `inv sandbox.up`, `inv images.build`, `inv demo`, `inv test`, `inv bench`.
+"""Local tasks: `inv sandbox.up`, `inv testbed.up`, `inv images.build`, `inv demo`, `inv test`, `inv bench`.
 
-Thin on purpose: the work lives in deploy/ (sandbox.py, images.py, cli.py).
+Thin on purpose: the work lives in deploy/ (sandbox/setup.py, sandbox/hosts.py, sandbox/netns.py,
+sandbox/images.py, cli/).
 """
 
 import os
@@ -14,6 +15,7 @@ from deploy.cli import day2
 from deploy.cli import deploy as cli_deploy
 from deploy.cli import health as cli_health
 from deploy.sandbox import hosts as sandbox_lib
+from deploy.sandbox import setup as setup_lib
 
 
 @task(help={"hosts": "comma-separated sandbox host names: sandbox, sandbox2, ... (127.0.0.2, .3, ...)"})
@@ -36,8 +38,7 @@ def down(c):
 @cli.entry
 def install(c):
     """Install Docker, OpenSSH server, debootstrap and Compose v2 if missing; start dockerd."""
-    sandbox_lib.install_tools()
-    sandbox_lib.ensure_dockerd()
+    setup_lib.ensure_machine()
 
 
 @task(help={"force": "rebuild even when the images exist"})
@@ -46,8 +47,7 @@ def build(c, force=False):
     """Build the offline images (debootstrap base, PostgreSQL, Redis, nginx, ...) with no registry."""
     from deploy.sandbox import images
 
-    sandbox_lib.install_tools()
-    sandbox_lib.ensure_dockerd()
+    setup_lib.ensure_machine()
     images.build_all(force=force)
 
 
@@ -59,7 +59,8 @@ def demo(c):
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
-    sandbox_lib.up(["sandbox"])
+    setup_lib.ensure_machine()
+    sandbox_lib.up(["sandbox"], install=False)
     images.build_all()
     runtime = cli.Runtime(load_settings("sandbox"), Console())
     cli_deploy.deploy(runtime, ["sandbox"])
@@ -177,8 +178,65 @@ def bench(c, which="deploy"):
     os.execv(sys.executable, [sys.executable, f"bench/{which}_bench.py"])
 
 
+@task(name="up", help={"hosts": "comma-separated node names: node1, node2, ... (10.251.0.2, .3, ...)",
+                        "registry": "also run the registry on 10.251.0.1:5000 (for Swarm targets)"})
+@cli.entry
+def testbed_up(c, hosts="node1,node2,node3", registry=False):
+    """Testbed: hosts as network namespaces on bridge hdbr0, each with its own dockerd and sshd (idempotent)."""
+    from deploy.sandbox import netns
+
+    for report in netns.up(hosts.split(",")):
+        print(report.line())
+    if registry:
+        print(f"registry: {netns.ensure_registry()}")
+
+
+@task(name="down", help={"hosts": "only these nodes (default: all, and the bridge, rule and registry)",
+                          "purge": "also delete their data roots (images, containers, host keys)"})
+@cli.entry
+def testbed_down(c, hosts=None, purge=False):
+    """Stop testbed nodes and remove their namespaces (their data roots stay for the next up)."""
+    from deploy.sandbox import netns
+
+    print("stopped: " + (", ".join(netns.down(hosts.split(",") if hosts else None, purge=purge)) or "nothing"))
+
+
+@task(name="cut")
+@cli.entry
+def testbed_cut(c, node):
+    """Cut a node off the network (its veth down); it keeps running."""
+    from deploy.sandbox import netns
+
+    netns.cut(node)
+    print(f"{node}: cut off")
+
+
+@task(name="heal")
+@cli.entry
+def testbed_heal(c, node):
+    """Bring a cut node back on the network."""
+    from deploy.sandbox import netns
+
+    netns.heal(node)
+    print(f"{node}: back")
+
+
+@task(name="status")
+@cli.entry
+def testbed_status(c):
+    """Nodes, their link, dockerd/containerd pids and memory, sshd."""
+    from deploy.sandbox import netns
+
+    for row in netns.status():
+        print(f"{row['node']}: {row['address']} link {row['link']}, dockerd {row['dockerd_pid']} "
+              f"({row['dockerd_rss_kib'] // 1024} MiB) + containerd {row['containerd_pid']} "
+              f"({row['containerd_rss_kib'] // 1024} MiB), sshd {row['sshd_pid']}, engine "
+              f"{'answers' if row['engine'] else 'DOWN'}")
+
+
 ns = Collection(demo, test, bench, checklist, release_)
 ns.add_collection(Collection("sandbox", up, down, install))
+ns.add_collection(Collection("testbed", testbed_up, testbed_down, testbed_cut, testbed_heal, testbed_status))
 ns.add_collection(Collection("images", build))
 ns.add_collection(Collection("backup", backup, backup_list, backup_verify, backup_prune, backup_keygen))
 ns.add_task(restore)

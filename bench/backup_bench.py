@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from deploy.sandbox import images
 
 from deploy.sandbox import hosts as sandbox  # noqa: E402
+from deploy.sandbox import setup  # noqa: E402
 from deploy.commands import backup as bk  # noqa: E402
 from deploy.execute.ssh import RemoteHost  # noqa: E402
 
@@ -62,8 +63,7 @@ def grow_to(megabytes: int) -> int:
 
 
 def main() -> int:
-    sandbox.install_tools()
-    sandbox.ensure_dockerd()
+    setup.ensure_machine()
     images.build_all()
     sandbox.up([HOST], install=False)
     work = Path(tempfile.mkdtemp(prefix="hd-bkbench-"))

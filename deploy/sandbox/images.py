@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from deploy.core.errors import HealthdeployError
-from deploy.execute.local import run_local
+from deploy.execute.local import pipe_local, run_local
+from deploy.sandbox import setup
 
 IMAGES_DIR = Path(__file__).parent / "images_src"
 BASE_IMAGE = "healthdeploy/base:bookworm"
@@ -63,7 +64,7 @@ def build_base(force: bool = False) -> None:
     wanted = base_hash()
     if not force and image_label(BASE_IMAGE) == wanted:
         return
-    if not shutil.which("debootstrap") and not Path("/usr/sbin/debootstrap").exists():
+    if setup.locate("debootstrap") is None:
         raise HealthdeployError("debootstrap is not installed", "run `inv sandbox.install`")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="healthdeploy-rootfs-") as tmp:
@@ -75,15 +76,10 @@ def build_base(force: bool = False) -> None:
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(rootfs / cache, ignore_errors=True)
             (rootfs / cache).mkdir(parents=True, exist_ok=True)
-        import subprocess
-
-        producer = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        importer = subprocess.run(["docker", "import", "--change", f"LABEL {HASH_LABEL}={wanted}",
-                                   "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                   "-", BASE_IMAGE], stdin=producer.stdout, capture_output=True)
-        producer.stdout.close()
-        if producer.wait() != 0 or importer.returncode != 0:
-            raise HealthdeployError(f"docker import of the base failed: {importer.stderr.decode()[-300:]}")
+        pipe_local(["tar", "-C", str(rootfs), "-c", "."],
+                   [["docker", "import", "--change", f"LABEL {HASH_LABEL}={wanted}",
+                     "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     "-", BASE_IMAGE]], timeout=1800)
     _say(f"built {BASE_IMAGE} in {time.monotonic() - started:.0f}s")
 
 
@@ -104,6 +100,11 @@ def build_role(directory: str, tag: str, force: bool = False) -> bool:
                "--label", f"{HASH_LABEL}={wanted}", "--tag", tag, str(context)], timeout=1800)
     _say(f"built {tag} in {time.monotonic() - started:.0f}s")
     return True
+
+
+def all_tags() -> list[str]:
+    """Every offline image tag (the base first): what a testbed node engine gets too."""
+    return [BASE_IMAGE, *(tag for _, tag in ROLE_IMAGES)]
 
 
 def build_all(force: bool = False) -> None:

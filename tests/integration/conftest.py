@@ -1,2 +1,3 @@
-# Fixtures live in sandbox_env.py (a unique module name: test modules import its helpers too).
+# Fixtures live in sandbox_env.py and testbed_env.py (unique module names: test modules import their helpers too).
 from sandbox_env import make_env, sandbox_hosts  # noqa: F401
+from testbed_env import testbed_hosts  # noqa: F401

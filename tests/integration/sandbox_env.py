@@ -17,6 +17,7 @@ import pytest
 from deploy.sandbox import images
 
 from deploy.sandbox import hosts as sandbox
+from deploy.sandbox import setup
 from deploy.core.settings import PROJECT_ROOT
 
 SANDBOX_ENV = (PROJECT_ROOT / "env" / "sandbox.env").read_text()
@@ -52,8 +53,7 @@ def _remove_leftovers() -> None:
 
 @pytest.fixture(scope="session")
 def sandbox_hosts():
-    sandbox.install_tools()
-    sandbox.ensure_dockerd()
+    setup.ensure_machine()
     images.build_all()
     _remove_leftovers()
     hosts = sandbox.up(list(TEST_HOSTS), install=False)
