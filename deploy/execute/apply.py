@@ -93,6 +93,7 @@ class DeployApply:
         self.new_images: dict[str, str | None] = {}
         self.prev_secrets = (observed.state.get("secrets") or "") if isinstance(observed.state, dict) else ""
         self.committed = False
+        self.in_roll: dict[str, list[Step]] = {}  # steps to run inside a service's roll, before its switch
 
     # -- helpers --------------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -136,6 +137,9 @@ class DeployApply:
     # -- the run --------------------------------------------------------------------------------------
     def run(self, steps: tuple[Step, ...] | list[Step]) -> ApplyReport:
         for step in steps:
+            if step.phase.startswith("in-roll:"):
+                self.in_roll.setdefault(step.phase[8:], []).append(step)
+                continue
             if step.condition:
                 holds, why = self.condition_holds(step)
                 if not holds:
@@ -347,8 +351,15 @@ class DeployApply:
             # Registered before the roll: interrupted half-way (after the switch, during the drain), the service
             # must still come back. It does nothing when the old containers are what serves.
             self.session.undo.push(f"{service} back on {self.previous}", self._roll_back(service, old), SERVICES)
+        pending = self.in_roll.pop(service, [])
+
+        def before_switch() -> None:
+            for inner in pending:
+                getattr(self, "do_" + inner.kind.value.replace("-", "_"))(inner)
+                self.report.applied.ran(inner)
+
         roll = ServiceRoll(self.session, self.gateway, service, self.release, self.compose_files(self.release),
-                           self.environment(), old)
+                           self.environment(), old, before_switch=before_switch if pending else None)
         self.report.rolls.append(roll.run())
 
     def _roll_back(self, service: str, old: list):

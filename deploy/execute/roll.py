@@ -55,7 +55,7 @@ class RollReport:
 
 class ServiceRoll:
     def __init__(self, session: Session, gateway: Gateway, service: str, release: str, compose_files: tuple[str, str, str],
-                 environment: dict[str, str], old: list[Container]):
+                 environment: dict[str, str], old: list[Container], before_switch=None):
         self.session = session
         self.gateway = gateway
         self.service = service
@@ -65,6 +65,7 @@ class ServiceRoll:
         self.old = old
         self.s = session.s
         self.report = RollReport(service)
+        self.before_switch = before_switch  # e.g. a password changed on the server just before the switch
 
     def say(self, message: str) -> None:
         self.session.say(f"{self.service}: {message}")
@@ -91,6 +92,8 @@ class ServiceRoll:
             self.report.new = [c.name for c in new]
             self.say(f"new container(s) healthy: {', '.join(c.name for c in new)}")
             self._warm(gateway, new)
+            if self.before_switch:
+                self.before_switch()
             old_ips = [c.ip for c in self.old if c.ip]
             self.gateway.write_upstream(self.service, [c.ip for c in new], self.release, backups=old_ips)
             switched = True
