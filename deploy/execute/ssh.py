@@ -52,11 +52,22 @@ sh -c "$1" </dev/null
 KILL_GROUP = 'kill -TERM -- "-$1" 2>/dev/null; sleep 2; kill -KILL -- "-$1" 2>/dev/null; exit 0'
 
 
+# A host that stops answering (network cut, frozen) is declared lost after about this many seconds, whether
+# the connection is idle (TCP keepalive probes) or has data in flight (TCP_USER_TIMEOUT): a command does not
+# wait for its own, much longer, deadline to find out.
+DEAD_AFTER_S = 15
+
+
 def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         # Without it Nagle and delayed ACKs add ~40 ms to small exchanges (OpenSSH sets it too): opening a
         # channel took 42 ms here, under 1 ms with it.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3),
+                              ("TCP_USER_TIMEOUT", DEAD_AFTER_S * 1000)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     transport = paramiko.Transport(sock, **kwargs)
     options = transport.get_security_options()
     available = tuple(options.ciphers)
