@@ -139,19 +139,22 @@ def _processes(pattern: str) -> list[str]:
 def test_a_command_at_its_deadline_is_killed_on_the_host(remote):
     """Not only our channel: the command's whole process group on the host (a timed-out migration must not
     overlap the next attempt)."""
-    marker = f"healthdeploy-deadline-{os.getpid()}"
-    command = cmd("sh", "-c", f"sleep 300 & sleep 301; echo {marker}", description="a hung command")
+    first, second = 3000 + os.getpid() % 997, 4000 + os.getpid() % 997  # unlike any other sleep on the machine
+    command = cmd("sh", "-c", f"sleep {first} & sleep {second}", description="a hung command")
     with pytest.raises(HealthdeployError, match=r"a hung command on .* timed out after 2s and was killed on the host"):
         remote.run(command, timeout=2)
     time.sleep(3)
-    assert not [p for p in _processes("sleep 30[01]") if marker in p or "sleep 300" in p or "sleep 301" in p]
+    assert not _processes(f"sleep {first}") and not _processes(f"sleep {second}")
 
 
 def test_a_command_whose_connection_drops_is_killed_on_the_host(sandbox_hosts):
     """Our process gone (the connection closes): the host's watchdog ends the command's process group."""
     host = RemoteHost.connect(MAIN, SSH_CONFIG, KNOWN_HOSTS)
-    started = threading.Thread(target=lambda: host.run(cmd("sleep", "317", description="a long command"), check=False),
-                               daemon=True)
+    def run():
+        with pytest.raises(HealthdeployError):
+            host.run(cmd("sleep", "317", description="a long command"), check=False)
+
+    started = threading.Thread(target=run, daemon=True)
     started.start()
     deadline = time.monotonic() + 10
     while not _processes("sleep 317") and time.monotonic() < deadline:
