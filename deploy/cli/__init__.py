@@ -9,6 +9,7 @@ audit, lock status, trust), ``render`` (one renderer per result type).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -64,6 +65,9 @@ def entry(func):
         try:
             code = func(*args, **kwargs)
         except HealthdeployError as exc:
+            if kwargs.get("json") and not getattr(exc, "json_reported", False):
+                # A release script reading --json gets a document even for a refusal (docs/exit-codes.md).
+                print(json.dumps({"error": exc.to_json()}, indent=2, sort_keys=True), flush=True)
             for line in exc.lines():
                 print(line, file=sys.stderr)
             raise Exit(code=int(exc.exit_code)) from None

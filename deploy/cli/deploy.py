@@ -98,13 +98,13 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
             return _dry_run(runtime, jobs, as_json)
         return _deploy(runtime, jobs, break_lock, as_json)
     except FleetStopped as stopped:
-        summary(runtime.console, stopped.outcomes, as_json)
+        summary(runtime.console, stopped.outcomes, as_json, error=stopped)
         raise
     except HealthdeployError as exc:
         for job in jobs:
             if job.outcome.result == HostResult.PENDING.value:
                 job.outcome.result = HostResult.SKIPPED.value if job.outcome.message == "" else job.outcome.result
-        summary(runtime.console, [j.outcome for j in jobs], as_json)
+        summary(runtime.console, [j.outcome for j in jobs], as_json, error=exc)
         raise exc
     finally:
         for job in jobs:
@@ -337,7 +337,10 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
         for o in outcomes:
             if o.result == HostResult.PENDING.value:
                 o.result, o.message = HostResult.SKIPPED.value, "an earlier host failed"
-        raise FleetStopped(outcomes, exc) from None
+        stopped = FleetStopped(outcomes, exc)
+        if as_json:
+            summary(runtime.console, outcomes, as_json, error=stopped)
+        raise stopped from None
     finally:
         pass
     summary(runtime.console, outcomes, as_json)
