@@ -332,6 +332,15 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
                     outcome.result, outcome.release, outcome.previous = HostResult.PLANNED.value, plan.target, plan.previous
                     outcome.steps = [st.to_json() for st in plan.steps]
                     continue
+                # Refused before the lock is taken (nothing written, not even the audit log): an unknown --to,
+                # or no earlier release.
+                observed = Session(ReadOnlyHost(host), s, session.t, runtime.console).observe()
+                try:
+                    plan_rollback(observed, outcome.host, app_services_on(s, session.t), image_prefix(s, session.t),
+                                  to, with_secrets)
+                except HealthdeployError as exc:
+                    outcome.fail(exc)
+                    raise
                 _rollback_host(runtime, session, outcome, to, break_lock, with_secrets)
     except HealthdeployError as exc:
         for o in outcomes:
