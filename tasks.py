@@ -86,9 +86,15 @@ def test(c, k=None, unit=False):
 def checklist(c, env, json=False, junit=None, file=None):
     """Compute every release-checklist item, print pass/warn/fail; exit 7 on any failure. Changes nothing."""
     from deploy.core.console import Console
+    from deploy.core.errors import HealthdeployError
     from deploy.core.settings import load_settings
 
-    return cli_health.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
+    try:
+        settings = load_settings(env)
+    except HealthdeployError as exc:  # the reports are still written, the problems as failed checks
+        cli_health.refused_checklist(env, exc, json, junit, Console())
+        raise
+    return cli_health.checklist(cli.Runtime(settings, Console()), as_json=json, junit=junit, file=file)
 
 
 @task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
