@@ -134,8 +134,8 @@ def parse_float(value, name: str, default: float | None = None) -> float:
 
 
 # -- invoke's own parse errors -----------------------------------------------------------------------------
-def argument_error(message: str, argv: list[str], collection, binary: str) -> str:
-    """One `error:` line for what invoke's parser refused (it would print "No idea what '--env' is!", exit 1).
+def argument_error(message: str, argv: list[str], collection, binary: str) -> UsageError:
+    """What invoke's parser refused, as one `error:` line (invoke would print "No idea what '--env' is!", exit 1).
 
     The common one: a task's option written before the task name (`fab --env prod deploy`), which invoke
     reads as an option of fab itself. The line says so and gives the command in the right order."""
@@ -157,9 +157,9 @@ def argument_error(message: str, argv: list[str], collection, binary: str) -> st
             rest = words[:where] + words[where + len(moved):]
             at = rest.index(task) + 1
             fixed = " ".join([binary, *rest[:at], *moved, *rest[at:]])
-            return (f"error: {flag} is an option of the task {task}, not of {binary} itself "
-                    f"(write it after the task name: {fixed})")
-    return f"error: {message.rstrip('!')} ({hint})"
+            return UsageError(f"{flag} is an option of the task {task}, not of {binary} itself",
+                              f"write it after the task name: {fixed}")
+    return UsageError(message.rstrip("!"), hint)
 
 
 def install_argument_hints(binary: str) -> None:
@@ -177,7 +177,10 @@ def install_argument_hints(binary: str) -> None:
         try:
             original(self)
         except ParseError as exc:
-            raise Exit(argument_error(str(exc), sys.argv, self.collection, binary), code=int(ExitCode.USAGE)) from None
+            error = argument_error(str(exc), sys.argv, self.collection, binary)
+            if "--json" in sys.argv:  # the task never started, but a script reading stdout still gets a document
+                print(json.dumps({"error": error.to_json()}, indent=2, sort_keys=True), flush=True)
+            raise Exit(error.lines()[0], code=int(error.exit_code)) from None
 
     parse_tasks.healthdeploy_hints = True
     Program.parse_tasks = parse_tasks
