@@ -254,14 +254,24 @@ def test_server_names_that_would_fail_nginx_t(envs):
 
 
 def _pair(directory: Path, tag: str) -> tuple[Path, Path]:
-    import sys
+    """A self-signed certificate and its key, as PEM files."""
+    import datetime as dt
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_apply import make_cert
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     directory.mkdir()
-    cert, key = make_cert(directory, tag)
-    return Path(cert), Path(key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"{tag}.example.com")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=9))
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    return directory / "cert.pem", directory / "key.pem"
 
 
 def test_tls_certificate_that_is_not_pem(envs):
