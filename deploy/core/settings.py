@@ -419,16 +419,16 @@ def _tls_problems(cert_file: str, key_file: str) -> list[Problem]:
 
     try:
         certs = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())
-    except (OSError, ValueError) as exc:
-        return [Problem("TLS_CERT_FILE", f"{cert_file} is not a PEM certificate ({exc})",
+    except (OSError, ValueError):
+        return [Problem("TLS_CERT_FILE", f"{cert_file} is not a PEM certificate",
                         "give the PEM chain (-----BEGIN CERTIFICATE-----), the server's certificate first")]
     try:
         key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
     except TypeError:
         return [Problem("TLS_KEY_FILE", f"{key_file} is encrypted", "give the key without a passphrase "
                         "(nginx cannot ask for one): openssl pkey -in KEY -out KEY.plain")]
-    except (OSError, ValueError) as exc:
-        return [Problem("TLS_KEY_FILE", f"{key_file} is not a PEM private key ({exc})",
+    except (OSError, ValueError):
+        return [Problem("TLS_KEY_FILE", f"{key_file} is not a PEM private key",
                         "give the private key (-----BEGIN PRIVATE KEY-----) of TLS_CERT_FILE")]
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
     if (key.public_key().public_bytes(serialization.Encoding.DER, raw)
