@@ -162,6 +162,15 @@ def argument_error(message: str, argv: list[str], collection, binary: str) -> Us
     return UsageError(message.rstrip("!"), hint)
 
 
+def _cast_message(exc: ValueError, argv: list[str]) -> str:
+    """invoke's "invalid literal for int() with base 10: 'x'" as "--workers must be a whole number, got 'x'"."""
+    value = str(exc).rpartition(": ")[2].strip("'")
+    for i, word in enumerate(argv[1:], 1):
+        if word.startswith("-") and (word.endswith("=" + value) or (i + 1 < len(argv) and argv[i + 1] == value)):
+            return f"{word.split('=')[0]} must be a whole number, got {value!r}"
+    return f"an option must be a whole number, got {value!r}"
+
+
 def install_argument_hints(binary: str) -> None:
     """Make invoke's parse errors one `error:` line with a hint and exit 2 (bad arguments), for fab and inv.
 
@@ -176,8 +185,9 @@ def install_argument_hints(binary: str) -> None:
     def parse_tasks(self) -> None:
         try:
             original(self)
-        except ParseError as exc:
-            error = argument_error(str(exc), sys.argv, self.collection, binary)
+        except (ParseError, ValueError) as exc:  # ValueError: invoke casting a value for an option with an int default
+            error = argument_error(_cast_message(exc, sys.argv) if isinstance(exc, ValueError) else str(exc),
+                                   sys.argv, self.collection, binary)
             if "--json" in sys.argv:  # the task never started, but a script reading stdout still gets a document
                 print(json.dumps({"error": error.to_json()}, indent=2, sort_keys=True), flush=True)
             raise Exit(error.lines()[0], code=int(error.exit_code)) from None

@@ -306,6 +306,12 @@ def test_non_numeric_option(envs, argv, flag):
     refused(envs.run(*argv, "--env", envs.name), 2, flag, "e.g. --")
 
 
+def test_non_numeric_value_of_any_int_option_is_one_line(envs):
+    """Options declared with an int default are cast by invoke while parsing (a traceback before the task runs)."""
+    refused(envs.run("inv", "test", "--workers", "many"), 2, "--workers must be a whole number, got 'many'",
+            "see `inv --help test`")
+
+
 def test_exec_without_a_command(envs):
     refused(envs.run("fab", "-H", "web1", "exec", "backend", "--env", envs.name), 2, "no command given",
             "fab -H HOST exec SERVICE -- COMMAND")
