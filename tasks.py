@@ -17,6 +17,8 @@ from deploy.cli import health as cli_health
 from deploy.sandbox import hosts as sandbox_lib
 from deploy.sandbox import setup as setup_lib
 
+cli.install_argument_hints("inv")  # `inv --env prod checklist`: one line saying where --env goes, exit 2
+
 
 @task(help={"hosts": "comma-separated sandbox host names: sandbox, sandbox2, ... (127.0.0.2, .3, ...)"})
 @cli.entry
@@ -87,9 +89,15 @@ def test(c, k=None, unit=False, workers=3):
 def checklist(c, env, json=False, junit=None, file=None):
     """Compute every release-checklist item, print pass/warn/fail; exit 7 on any failure. Changes nothing."""
     from deploy.core.console import Console
+    from deploy.core.errors import HealthdeployError
     from deploy.core.settings import load_settings
 
-    return cli_health.checklist(cli.Runtime(load_settings(env), Console()), as_json=json, junit=junit, file=file)
+    try:
+        settings = load_settings(env)
+    except HealthdeployError as exc:  # the reports are still written, the problems as failed checks
+        cli_health.refused_checklist(env, exc, json, junit, Console())
+        raise
+    return cli_health.checklist(cli.Runtime(settings, Console()), as_json=json, junit=junit, file=file)
 
 
 @task(default=True, help={"env": "environment name", "host": "host to back up (default: PRIMARY_HOST)",
@@ -115,18 +123,19 @@ def backup_list(c, env, json=False):
     return cli_backup.list_backups(cli.Runtime(load_settings(env), Console()), as_json=json)
 
 
-@task(name="prune", help={"env": "environment name", "last": "keep the newest N sets", "daily": "one per day, N days",
-                          "weekly": "one per week, N weeks", "monthly": "one per month, N months",
+@task(name="prune", help={"env": "environment name", "last": "keep the newest N sets (default 7)",
+                          "daily": "one per day, N days (default 7)", "weekly": "one per week, N weeks (default 4)",
+                          "monthly": "one per month, N months (default 6)",
                           "dry-run": "only show what would be deleted", "json": "print JSON"})
 @cli.entry
-def backup_prune(c, env, last=7, daily=7, weekly=4, monthly=6, dry_run=False, json=False):
+def backup_prune(c, env, last=None, daily=None, weekly=None, monthly=None, dry_run=False, json=False):
     """Apply the retention policy to backups/<env>/ (the newest verified set is always kept)."""
     from deploy.core.console import Console
     from deploy.plan.retention import Policy
     from deploy.core.settings import load_settings
 
-    policy = Policy(*(cli.parse_int(v, n) for v, n in ((last, "last"), (daily, "daily"), (weekly, "weekly"),
-                                                        (monthly, "monthly"))))
+    policy = Policy(*(cli.parse_int(v, n, d) for v, n, d in ((last, "last", 7), (daily, "daily", 7),
+                                                              (weekly, "weekly", 4), (monthly, "monthly", 6))))
     return cli_backup.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
 
 

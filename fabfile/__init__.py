@@ -14,6 +14,8 @@ from deploy.core.console import Console
 from deploy.core.errors import UsageError
 from deploy.execute.fabric_executor import cli_hosts, remainder_words
 
+cli.install_argument_hints("fab")  # `fab --env prod deploy`: one line saying where --env goes, exit 2
+
 
 def _runtime(c, env, quiet=False):
     hosts = cli_hosts(c)
@@ -52,12 +54,13 @@ def releases(c, env=None, json=False):
     return day2.releases(runtime, hosts, as_json=json)
 
 
-@task(help={"env": "environment name", "lines": "entries per host", "json": "print JSON"})
+@task(help={"env": "environment name", "lines": "entries per host (default 20)", "json": "print JSON"})
 @cli.entry
-def audit(c, env=None, lines=20, json=False):
+def audit(c, env=None, lines=None, json=False):
     """Show the recent audit entries (deploys, rollbacks, locks, restores) of each host."""
+    lines = cli.parse_int(lines, "lines", 20)
     runtime, hosts = _runtime(c, env)
-    return day2.audit(runtime, hosts, lines=cli.parse_int(lines, "lines"), as_json=json)
+    return day2.audit(runtime, hosts, lines=lines, as_json=json)
 
 
 @task(name="status", help={"env": "environment name", "json": "print JSON"})
@@ -81,12 +84,13 @@ def trust(c, env=None, fingerprint=None, yes=False):
 
 
 @task(help={"env": "environment name", "json": "print JSON (schema: docs/health.md)",
-            "timeout": "seconds each host gets before it counts as failed"})
+            "timeout": "seconds each host gets before it counts as failed (default 60)"})
 @cli.entry
-def health(c, env=None, json=False, timeout=60):
+def health(c, env=None, json=False, timeout=None):
     """Containers, health checks, HTTP/TCP probes and published ports on every host; exit 7 when unhealthy."""
+    timeout = cli.parse_float(timeout, "timeout", 60)
     runtime, hosts = _runtime(c, env)
-    return cli_health.health(runtime, hosts, as_json=json, timeout=cli.parse_float(timeout, "timeout"))
+    return cli_health.health(runtime, hosts, as_json=json, timeout=timeout)
 
 
 @task(help={"env": "environment name", "json": "print JSON"})
@@ -97,12 +101,13 @@ def status(c, env=None, json=False):
     return day2.status(runtime, hosts, as_json=json)
 
 
-@task(help={"env": "environment name", "tail": "lines from the end", "follow": "keep following"})
+@task(help={"env": "environment name", "tail": "lines from the end (default 100)", "follow": "keep following"})
 @cli.entry
-def logs(c, service, env=None, tail=100, follow=False):
+def logs(c, service, env=None, tail=None, follow=False):
     """Logs of a service on each host: `fab -H prod logs backend --follow`."""
+    tail = cli.parse_int(tail, "tail", 100)
     runtime, hosts = _runtime(c, env)
-    return day2.logs(runtime, hosts, service, tail=cli.parse_int(tail, "tail"), follow=follow)
+    return day2.logs(runtime, hosts, service, tail=tail, follow=follow)
 
 
 @task(name="exec", help={"env": "environment name"})

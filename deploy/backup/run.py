@@ -67,6 +67,17 @@ def artifacts_for(settings: Settings, service: str, container: str) -> list[Arti
     raise UsageError(f"no backup method for {service}", f"choose from {', '.join(BACKUP_ENGINES)}")
 
 
+def check_services(settings: Settings, services: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The services a backup takes (``--services`` or BACKUP_SERVICES); refuses unknown or disabled ones."""
+    wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
+    for service in wanted:
+        if service not in BACKUP_ENGINES:
+            raise UsageError(f"cannot back up {service!r}", f"choose from {', '.join(BACKUP_ENGINES)}")
+        if service not in settings.enabled_infra:
+            raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
+    return wanted
+
+
 def sealing_for(settings: Settings, artifact: Artifact) -> Sealing:
     compress = settings.backup_compression == "zstd" and not artifact.precompressed
     return Sealing(compression="zstd" if compress else None, level=settings.backup_zstd_level,
@@ -122,12 +133,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
     so the host's cores work in parallel); the facts the manifest needs are read meanwhile."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    wanted = services or tuple(s for s in settings.backup_services if s in settings.enabled_infra)
-    for service in wanted:
-        if service not in BACKUP_ENGINES:
-            raise UsageError(f"cannot back up {service!r}", f"choose from {', '.join(BACKUP_ENGINES)}")
-        if service not in settings.enabled_infra:
-            raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
+    wanted = check_services(settings, services)
     target = Target.of(settings, host.alias, host.address)
     # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, and the
     # inspection that confirms they run (and gives their images for the manifest) is read meanwhile.
@@ -286,16 +292,43 @@ def _describe(sealing: Sealing) -> str:
 
 
 def list_sets(root: Path, env: str) -> list[dict]:
+    """Every set with its manifest's summary; a set whose manifest cannot be read (truncated, not JSON) is listed
+    with a ``problem`` instead of stopping the listing."""
     sets = []
     for manifest in sorted((root / env).glob("*/manifest.json")):
-        data = json.loads(manifest.read_text())
+        entry = {"set": manifest.parent.name, "finished": None, "host": None, "release": None, "bytes": 0,
+                 "services": [], "verified": None, "problem": None}
+        try:
+            data = json.loads(manifest.read_text())
+            _dt.datetime.fromisoformat(str(data["finished"]).replace("Z", "+00:00"))
+            entry.update({"finished": data.get("finished"), "host": data.get("host"), "release": data.get("release"),
+                          "bytes": sum(a.get("bytes", 0) for a in data.get("artifacts", [])),
+                          "services": sorted({a["service"] for a in data.get("artifacts", [])})})
+        except json.JSONDecodeError:
+            entry["problem"] = "manifest.json is not valid JSON (truncated?)"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            entry["problem"] = f"manifest.json is unreadable ({type(exc).__name__}: {exc})"
+        if entry["problem"]:
+            sets.append(entry)
+            continue
         verify = manifest.parent / "verify.json"
-        sets.append({"set": manifest.parent.name, "finished": data.get("finished"), "host": data.get("host"),
-                     "release": data.get("release"),
-                     "bytes": sum(a.get("bytes", 0) for a in data.get("artifacts", [])),
-                     "services": sorted({a["service"] for a in data.get("artifacts", [])}),
-                     "verified": json.loads(verify.read_text()).get("result") if verify.exists() else None})
+        try:
+            entry["verified"] = json.loads(verify.read_text()).get("result") if verify.exists() else None
+        except (OSError, ValueError, AttributeError):
+            entry["verified"] = "unreadable"
+        sets.append(entry)
     return sets
+
+
+def unreadable_sets_error(env: str, sets: list[dict]) -> IntegrityError | None:
+    """One error naming every set listed with a problem (``list_sets``), or None."""
+    broken = [x["set"] for x in sets if x.get("problem")]
+    if not broken:
+        return None
+    return IntegrityError(f"{len(broken)} backup set(s) of env '{env}' have an unreadable manifest.json: "
+                          f"{', '.join(broken)}",
+                          "they cannot be restored or verified: remove them (backups/" + env + "/SET) "
+                          "or put the manifest back from a copy")
 
 
 # -- checking a set ------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ audit, lock status, trust), ``render`` (one renderer per result type).
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from invoke.exceptions import Exit
+from invoke.exceptions import Exit, ParseError
 
 from deploy.core.console import Console
 from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
@@ -63,6 +65,9 @@ def entry(func):
         try:
             code = func(*args, **kwargs)
         except HealthdeployError as exc:
+            if kwargs.get("json") and not getattr(exc, "json_reported", False):
+                # A release script reading --json gets a document even for a refusal (docs/exit-codes.md).
+                print(json.dumps({"error": exc.to_json()}, indent=2, sort_keys=True), flush=True)
             for line in exc.lines():
                 print(line, file=sys.stderr)
             raise Exit(code=int(exc.exit_code)) from None
@@ -102,15 +107,90 @@ def choose_hosts(settings: Settings, cli_hosts: list[str]) -> list[str]:
                                         h != settings.primary, order[h]))
 
 
-def parse_int(value, name: str) -> int:
+# Numeric options are declared with a None default and parsed here: an int default makes invoke cast the value
+# while parsing, which prints a traceback for `--tail x` (and refuses `--timeout 2.5`).
+def parse_int(value, name: str, default: int | None = None) -> int:
+    if value is None and default is not None:
+        return default
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise UsageError(f"--{name} must be a whole number, got {value!r}", f"e.g. --{name} 20") from None
+    if number < 0:
+        raise UsageError(f"--{name} must not be negative, got {number}", f"e.g. --{name} 20")
+    return number
 
 
-def parse_float(value, name: str) -> float:
+def parse_float(value, name: str, default: float | None = None) -> float:
+    if value is None and default is not None:
+        return default
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"--{name} must be a number of seconds, got {value!r}", f"e.g. --{name} 60") from None
+    if not number > 0:
+        raise UsageError(f"--{name} must be more than 0 seconds, got {value!r}", f"e.g. --{name} 60")
+    return number
+
+
+# -- invoke's own parse errors -----------------------------------------------------------------------------
+def argument_error(message: str, argv: list[str], collection, binary: str) -> UsageError:
+    """What invoke's parser refused, as one `error:` line (invoke would print "No idea what '--env' is!", exit 1).
+
+    The common one: a task's option written before the task name (`fab --env prod deploy`), which invoke
+    reads as an option of fab itself. The line says so and gives the command in the right order."""
+    names = set(collection.task_names) | {a for aliases in collection.task_names.values() for a in aliases}
+    words = argv[1:]
+    position = next((i for i, w in enumerate(words) if w in names), None)
+    task = words[position] if position is not None else None
+    hint = f"see `{binary} --help {task}`" if task else f"see `{binary} --list`"
+    unknown = re.match(r"No idea what '(--?[^'=]+)", message)
+    flag = unknown.group(1) if unknown else ""
+    where = next((i for i, w in enumerate(words) if flag and (w == flag or w.startswith(flag + "="))), None)
+    if task and where is not None and where < position:
+        wanted = flag.lstrip("-").replace("-", "_")
+        argument = next((a for a in collection[task].get_arguments()
+                         if wanted in {n.replace("-", "_") for n in a.names}), None)
+        if argument is not None:
+            takes_value = argument.kind is not bool and "=" not in words[where]
+            moved = words[where:where + 1 + takes_value]
+            rest = words[:where] + words[where + len(moved):]
+            at = rest.index(task) + 1
+            fixed = " ".join([binary, *rest[:at], *moved, *rest[at:]])
+            return UsageError(f"{flag} is an option of the task {task}, not of {binary} itself",
+                              f"write it after the task name: {fixed}")
+    return UsageError(message.rstrip("!"), hint)
+
+
+def _cast_message(exc: ValueError, argv: list[str]) -> str:
+    """invoke's "invalid literal for int() with base 10: 'x'" as "--workers must be a whole number, got 'x'"."""
+    value = str(exc).rpartition(": ")[2].strip("'")
+    for i, word in enumerate(argv[1:], 1):
+        if word.startswith("-") and (word.endswith("=" + value) or (i + 1 < len(argv) and argv[i + 1] == value)):
+            return f"{word.split('=')[0]} must be a whole number, got {value!r}"
+    return f"an option must be a whole number, got {value!r}"
+
+
+def install_argument_hints(binary: str) -> None:
+    """Make invoke's parse errors one `error:` line with a hint and exit 2 (bad arguments), for fab and inv.
+
+    Installed when the fabfile / tasks.py is imported, which invoke does before it parses the task part of
+    the command line; invoke offers no other hook there (docs/exit-codes.md)."""
+    from invoke.program import Program
+
+    original = Program.parse_tasks
+    if getattr(original, "healthdeploy_hints", False):
+        return
+
+    def parse_tasks(self) -> None:
+        try:
+            original(self)
+        except (ParseError, ValueError) as exc:  # ValueError: invoke casting a value for an option with an int default
+            error = argument_error(_cast_message(exc, sys.argv) if isinstance(exc, ValueError) else str(exc),
+                                   sys.argv, self.collection, binary)
+            if "--json" in sys.argv:  # the task never started, but a script reading stdout still gets a document
+                print(json.dumps({"error": error.to_json()}, indent=2, sort_keys=True), flush=True)
+            raise Exit(error.lines()[0], code=int(error.exit_code)) from None
+
+    parse_tasks.healthdeploy_hints = True
+    Program.parse_tasks = parse_tasks

@@ -46,6 +46,7 @@ def _session(runtime: Runtime, alias: str, host) -> Session:
 def run_backup(runtime: Runtime, host_alias: str | None, services: tuple[str, ...] | None,
                as_json: bool = False) -> int:
     s = runtime.settings
+    bk.check_services(s, services)  # refused before connecting (no lock taken, nothing audited)
     made = []
     for alias in data_hosts_for(s, host_alias, "back up"):
         with runtime.connect(alias) as host:
@@ -88,13 +89,23 @@ def backup_keygen(console, out: str) -> int:
 
 def list_backups(runtime: Runtime, as_json: bool = False) -> int:
     sets = bk.list_sets(BACKUP_ROOT, runtime.settings.env_name)
+    error = bk.unreadable_sets_error(runtime.settings.env_name, sets)
     if as_json:
-        runtime.console.json({"sets": sets})
+        runtime.console.json({"sets": sets, **({"error": error.to_json()} if error else {})})
     else:
         runtime.console.table(["set", "finished", "host", "release", "services", "bytes", "verified"],
                               [[x["set"], x["finished"], x["host"], x["release"], ",".join(x["services"]), x["bytes"],
-                                x["verified"] or "-"] for x in sets])
+                                "UNREADABLE" if x["problem"] else x["verified"] or "-"] for x in sets])
+    if error:  # listed, then reported: exit 8
+        error.json_reported = as_json
+        raise error
     return EXIT_OK
+
+
+def _check_env(s: Settings, path, manifest: dict, what: str) -> None:
+    if manifest.get("env") != s.env_name:
+        raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
+                         f"{what} a set of this environment (`inv backup.list --env {s.env_name}`)")
 
 
 def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, services: tuple[str, ...] | None,
@@ -106,9 +117,7 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     s = runtime.settings
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
     manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
-    if manifest.get("env") != s.env_name:
-        raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
-                         "restore a set of this environment")
+    _check_env(s, path, manifest, "restore")
     services = bk.restore_plan(s, manifest, services)  # what it lacks or a missing key: refused before any change
     if s.topology == "cells" and len(s.hosts) > 1 and not host_alias:
         raise UsageError("with TOPOLOGY=cells every host keeps its own data: name the host to restore onto",
@@ -154,6 +163,7 @@ def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
     s = runtime.settings
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
     manifest = bk.check_set(path)
+    _check_env(s, path, manifest, "verify")  # a drill of another env's set would compare the wrong settings
     alias = manifest.get("host") if manifest.get("host") in s.hosts and s.role_of(manifest["host"]).runs_data \
         else data_hosts_for(s, None, "verify on")[0]
     with runtime.connect(alias) as host:
@@ -189,19 +199,28 @@ def prune_backups(runtime: Runtime, policy, dry_run: bool = False, as_json: bool
     """Delete the sets the retention policy does not keep (never the newest verified one)."""
     env = runtime.settings.env_name
     sets = []
-    for entry in bk.list_sets(BACKUP_ROOT, env):
-        finished = _dt.datetime.fromisoformat((entry["finished"] or "").replace("Z", "+00:00"))
+    listed = bk.list_sets(BACKUP_ROOT, env)
+    for entry in listed:
+        if entry["problem"]:
+            continue  # not ours to judge: left alone, reported below
+        finished = _dt.datetime.fromisoformat(entry["finished"].replace("Z", "+00:00"))
         sets.append(retention.BackupSet(entry["set"], finished, entry["verified"] == "ok"))
     kept = retention.keep(sets, policy)
-    rows = []
+    error = bk.unreadable_sets_error(env, listed)
+    rows = [{"set": x["set"], "finished": None, "verified": False, "action": "left alone (manifest unreadable)"}
+            for x in listed if x["problem"]]
     for s in sorted(sets, key=lambda x: x.finished):
         action = f"keep ({kept[s.name]})" if s.name in kept else ("would delete" if dry_run else "deleted")
         if s.name not in kept and not dry_run:
             shutil.rmtree(BACKUP_ROOT / env / s.name)
         rows.append({"set": s.name, "finished": s.finished.isoformat(), "verified": s.verified, "action": action})
     if as_json:
-        runtime.console.json({"sets": rows})
+        runtime.console.json({"sets": rows, **({"error": error.to_json()} if error else {})})
     else:
         runtime.console.table(["set", "finished", "verified", "action"],
-                              [[r["set"], r["finished"], "yes" if r["verified"] else "no", r["action"]] for r in rows])
+                              [[r["set"], r["finished"] or "-", "yes" if r["verified"] else "no", r["action"]]
+                               for r in rows])
+    if error:
+        error.json_reported = as_json
+        raise error
     return EXIT_OK

@@ -200,6 +200,8 @@ def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, words:
                                     readonly=True), check=False,
                              on_line=lambda line, a=session.alias: runtime.console.result(f"[{a}] {line}"))
         if result.exit_status:
-            print(f"{session.alias}: the command exited with status {result.exit_status}", file=sys.stderr)
+            code = min(255, ExitCode.REMOTE_BASE + result.exit_status)
+            print(f"error: {session.alias}: the command exited with status {result.exit_status} (fab exec exits "
+                  f"{int(ExitCode.REMOTE_BASE)}+N: {code})", file=sys.stderr)
             worst = worst or result.exit_status
     return min(255, ExitCode.REMOTE_BASE + worst) if worst else EXIT_OK

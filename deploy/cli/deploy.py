@@ -98,13 +98,13 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
             return _dry_run(runtime, jobs, as_json)
         return _deploy(runtime, jobs, break_lock, as_json)
     except FleetStopped as stopped:
-        summary(runtime.console, stopped.outcomes, as_json)
+        summary(runtime.console, stopped.outcomes, as_json, error=stopped)
         raise
     except HealthdeployError as exc:
         for job in jobs:
             if job.outcome.result == HostResult.PENDING.value:
                 job.outcome.result = HostResult.SKIPPED.value if job.outcome.message == "" else job.outcome.result
-        summary(runtime.console, [j.outcome for j in jobs], as_json)
+        summary(runtime.console, [j.outcome for j in jobs], as_json, error=exc)
         raise exc
     finally:
         for job in jobs:
@@ -332,12 +332,24 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
                     outcome.result, outcome.release, outcome.previous = HostResult.PLANNED.value, plan.target, plan.previous
                     outcome.steps = [st.to_json() for st in plan.steps]
                     continue
+                # Refused before the lock is taken (nothing written, not even the audit log): an unknown --to,
+                # or no earlier release.
+                observed = Session(ReadOnlyHost(host), s, session.t, runtime.console).observe()
+                try:
+                    plan_rollback(observed, outcome.host, app_services_on(s, session.t), image_prefix(s, session.t),
+                                  to, with_secrets)
+                except HealthdeployError as exc:
+                    outcome.fail(exc)
+                    raise
                 _rollback_host(runtime, session, outcome, to, break_lock, with_secrets)
     except HealthdeployError as exc:
         for o in outcomes:
             if o.result == HostResult.PENDING.value:
                 o.result, o.message = HostResult.SKIPPED.value, "an earlier host failed"
-        raise FleetStopped(outcomes, exc) from None
+        stopped = FleetStopped(outcomes, exc)
+        if as_json:
+            summary(runtime.console, outcomes, as_json, error=stopped)
+        raise stopped from None
     finally:
         pass
     summary(runtime.console, outcomes, as_json)

@@ -11,7 +11,7 @@ from pathlib import Path
 from deploy.cli import Runtime, choose_hosts
 from deploy.commands import probe
 from deploy.core.console import Console
-from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError
+from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
 from deploy.core.settings import PROJECT_ROOT, env_dir
 from deploy.execute.fleet import parallel_results, run_with_deadline
 from deploy.execute.session import Session
@@ -103,13 +103,37 @@ def gather_checklist_facts(runtime: Runtime, items, now=None) -> cl.Facts:
     return facts
 
 
-def checklist(runtime: Runtime, as_json: bool = False, junit: str | None = None, file: str | None = None) -> int:
-    path = Path(file) if file else cl.checklist_path(env_dir(), runtime.settings.env_name)
-    items = cl.load_items(path)
-    outcomes = cl.evaluate(gather_checklist_facts(runtime, items), items)
-    env = runtime.settings.env_name
-    if junit:
+def _write_junit(junit: str, env: str, outcomes: list[cl.Outcome]) -> None:
+    try:
         Path(junit).write_bytes(cl.to_junit(env, outcomes))
+    except OSError as exc:
+        raise UsageError(f"cannot write --junit {junit}: {exc.strerror or exc}", "give a writable file path") from None
+
+
+def refused_checklist(env: str, exc: HealthdeployError, as_json: bool, junit: str | None, console: Console) -> None:
+    """A checklist that cannot run (bad settings, unreadable checklist file) still writes its reports: each
+    problem is a failed check, so CI shows what is wrong instead of a missing file."""
+    problems = getattr(exc, "problems", None)
+    outcomes = ([cl.Outcome(f"settings: {p.key}", "settings", "fail", p.message, p.hint) for p in problems]
+                if problems else [cl.Outcome("checklist", "refused", "fail", exc.message, exc.hint or "")])
+    if junit:
+        _write_junit(junit, env, outcomes)
+    if as_json:
+        console.json({**cl.to_json(env, outcomes), "error": exc.to_json()})
+        exc.json_reported = True
+
+
+def checklist(runtime: Runtime, as_json: bool = False, junit: str | None = None, file: str | None = None) -> int:
+    env = runtime.settings.env_name
+    path = Path(file) if file else cl.checklist_path(env_dir(), env)
+    try:
+        items = cl.load_items(path)
+    except HealthdeployError as exc:
+        refused_checklist(env, exc, as_json, junit, runtime.console)
+        raise
+    outcomes = cl.evaluate(gather_checklist_facts(runtime, items), items)
+    if junit:
+        _write_junit(junit, env, outcomes)
     if as_json:
         runtime.console.json(cl.to_json(env, outcomes))
     else:

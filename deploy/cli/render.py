@@ -8,9 +8,15 @@ from deploy.plan.deploy import DeployPlan
 from deploy.plan.steps import StepKind
 
 
-def summary(console: Console, outcomes: list[HostOutcome], as_json: bool) -> None:
+def summary(console: Console, outcomes: list[HostOutcome], as_json: bool, error=None) -> None:
+    """The per-host table, or with --json the document release scripts read; a refusal or failure adds its
+    ``error`` (message, hint, exit_code, problems) so the document says why (docs/exit-codes.md)."""
     if as_json:
-        console.json({"hosts": [o.__dict__ for o in outcomes]})
+        document = {"hosts": [o.__dict__ for o in outcomes]}
+        if error is not None:
+            document["error"] = error.to_json()
+            error.json_reported = True  # cli.entry prints no second document
+        console.json(document)
         return
     console.table(["host", "role", "result", "release", "previous", "services", "migrated", "sent", "seconds", "message"],
                   [[o.host, o.role, o.result, o.release, o.previous, ",".join(o.services) or "-",

@@ -54,6 +54,11 @@ class HealthdeployError(Exception):
             text += f" ({self.hint})"
         return [text]
 
+    def to_json(self) -> dict:
+        """The error as `--json` prints it (docs/exit-codes.md): what, how to fix it, the exit code."""
+        return {"message": self.message, "hint": self.hint or "", "exit_code": int(self.exit_code),
+                "lines": self.lines()}
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -78,6 +83,10 @@ class SettingsError(HealthdeployError):
 
     def lines(self) -> list[str]:
         return [f"error: {p}" for p in self.problems]
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "problems": [{"key": p.key, "message": p.message, "hint": p.hint}
+                                                  for p in self.problems]}
 
 
 class UsageError(HealthdeployError):

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -350,6 +351,15 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
         path = typed[key_name.lower()]
         if path and not Path(path).is_file():
             problems.append(Problem(key_name, f"file {path} does not exist", "give the path of a PEM file"))
+    if not any(p.key.startswith("TLS_") for p in problems) and typed["tls_cert_file"]:
+        problems += _tls_problems(typed["tls_cert_file"], typed["tls_key_file"])
+    problems += _server_name_problems(typed["server_names"] or ())
+    problems += _limit_problems(typed)
+    ssh_config = typed["ssh_config"]
+    if ssh_config and ssh_config != _default(KEYS_BY_NAME["SSH_CONFIG"]) and not Path(ssh_config).is_file():
+        # A mistyped path must not fall back to ~/.ssh/config (other HostName, User, IdentityFile) in silence.
+        problems.append(Problem("SSH_CONFIG", f"file {ssh_config} does not exist",
+                                "fix the path, or remove the line to use ~/.ssh/config"))
     if typed["stack_variant"] == "production" and not typed["app_source"] and kind != "sandbox":
         problems.append(Problem("APP_SOURCE", f"required for env '{env_name}'",
                                 "a local directory of the application or a git URL"))
@@ -372,6 +382,60 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if problems:
         raise SettingsError(env_name, problems)
     return Settings(env_name=env_name, source=source, **typed)
+
+
+# nginx server_name entries: exact names, *.suffix / prefix.* wildcards, .example.com, or "_" (any name).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SERVER_NAME = re.compile(rf"(?:\*\.|\.)?{_LABEL}(?:\.{_LABEL})*(?:\.\*)?")
+# What Compose accepts for a memory limit (go-units RAMInBytes): 512m, 1g, 1.5GiB, 268435456.
+_MEMORY = re.compile(r"\d+(?:\.\d+)? ?[kKmMgGtTpP]?[iI]?[bB]?")
+
+
+def _server_name_problems(names: tuple[str, ...]) -> list[Problem]:
+    """Checked here, not by `nginx -t` on the host ~20 s into a deploy: a name is written into the gateway config."""
+    return [Problem("SERVER_NAMES", f"{name!r} is not a host name",
+                    "use names like health.example.com or *.example.com, separated by commas, or _ for any")
+            for name in names if name != "_" and not _SERVER_NAME.fullmatch(name)]
+
+
+def _limit_problems(typed: dict) -> list[Problem]:
+    """Resource limits Compose would refuse (`docker compose config` on the host), refused before connecting."""
+    problems = []
+    for service in DEFAULT_LIMITS:
+        prefix = _env_key(service)
+        memory, cpus = typed[f"{prefix.lower()}_memory"], typed[f"{prefix.lower()}_cpus"]
+        if not _MEMORY.fullmatch(str(memory)):
+            problems.append(Problem(f"{prefix}_MEMORY", f"{memory!r} is not a memory size",
+                                    "a number with an optional unit b, k, m or g, e.g. 512m or 1g"))
+        if isinstance(cpus, float) and not cpus > 0:
+            problems.append(Problem(f"{prefix}_CPUS", f"must be more than 0, got {cpus:g}", "e.g. 0.5 or 2"))
+    return problems
+
+
+def _tls_problems(cert_file: str, key_file: str) -> list[Problem]:
+    """The certificate and key parse as PEM and belong together (else `nginx -t` fails on the host, late)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certs = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())
+    except (OSError, ValueError):
+        return [Problem("TLS_CERT_FILE", f"{cert_file} is not a PEM certificate",
+                        "give the PEM chain (-----BEGIN CERTIFICATE-----), the server's certificate first")]
+    try:
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    except TypeError:
+        return [Problem("TLS_KEY_FILE", f"{key_file} is encrypted", "give the key without a passphrase "
+                        "(nginx cannot ask for one): openssl pkey -in KEY -out KEY.plain")]
+    except (OSError, ValueError):
+        return [Problem("TLS_KEY_FILE", f"{key_file} is not a PEM private key",
+                        "give the private key (-----BEGIN PRIVATE KEY-----) of TLS_CERT_FILE")]
+    raw = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, raw)
+            != certs[0].public_key().public_bytes(serialization.Encoding.DER, raw)):
+        return [Problem("TLS_KEY_FILE", f"{key_file} does not belong to the certificate in {cert_file}",
+                        "give the key the certificate was issued for (the first certificate of the chain)")]
+    return []
 
 
 def _topology_problems(typed: dict, hosts: tuple[str, ...]) -> list[Problem]:

@@ -85,6 +85,9 @@ class FleetStopped(HealthdeployError):
     def lines(self) -> list[str]:
         return self.first.lines() if isinstance(self.first, HealthdeployError) else super().lines()
 
+    def to_json(self) -> dict:
+        return self.first.to_json() if isinstance(self.first, HealthdeployError) else super().to_json()
+
 
 def batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]

@@ -20,7 +20,7 @@ import paramiko
 from fabric import Config, Connection
 
 from deploy.commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum, script
-from deploy.core.errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError
+from deploy.core.errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError, UsageError
 from deploy.core.secret import Secret, redact
 from deploy.execute.executor import (DEFAULT_TIMEOUT, ConnectionLost, HeldCommand, Result, StreamResult,
                                      check_cancelled)
@@ -154,6 +154,37 @@ def _line_names_host(line: str, name: str, key_type: str) -> bool:
     return name in fields[0].split(",") and fields[1] == key_type
 
 
+def _check_before_connecting(alias: str, conn: Connection, ssh_config: str) -> None:
+    """What the ssh config gets wrong, said as such before any packet is sent (not as "cannot reach ...")."""
+    where = ssh_config if ssh_config and Path(ssh_config).is_file() else "~/.ssh/config"
+    files = conn.connect_kwargs.get("key_filename") or []
+    for name in [files] if isinstance(files, str) else files:
+        path = Path(name).expanduser()
+        fix = f"fix IdentityFile of Host {alias} in {where}"
+        if not path.exists():
+            raise UsageError(f"IdentityFile {name} of {alias} does not exist", fix)
+        try:
+            paramiko.PKey.from_path(path)
+        except paramiko.PasswordRequiredException:
+            pass  # a passphrase-protected key: the agent or a passphrase may still open it
+        except OSError as exc:
+            raise UsageError(f"IdentityFile {name} of {alias} cannot be read: {exc.strerror or exc}", fix) from None
+        except (paramiko.SSHException, ValueError):
+            raise UsageError(f"IdentityFile {name} of {alias} is not a private key",
+                             f"point it at the private key (not the .pub): {fix}") from None
+    if conn.gateway is None:  # through ProxyJump/ProxyCommand the name is resolved on the far side
+        try:
+            socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            what = (f"{alias} is neither a Host in {where} nor a name DNS knows" if conn.host == alias
+                    else f"HostName {conn.host} of {alias} does not resolve")
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                raise UsageError(f"cannot reach {alias}: {what} ({exc.strerror})",
+                                 f"fix HOSTS, or add `Host {alias}` with its HostName to {where}") from None
+            raise HealthdeployError(f"cannot reach {alias}: resolving {conn.host} failed ({exc.strerror})",
+                                    "check DNS on this machine, then run it again") from None
+
+
 class RemoteHost:
     """An open SSH connection to one host, running ``Command``s over raw channels."""
 
@@ -174,6 +205,7 @@ class RemoteHost:
             connect_timeout=timeout,
             connect_kwargs={"transport_factory": _tuned_transport},
         )
+        _check_before_connecting(alias, conn, ssh_config)
         client = paramiko.SSHClient()
         if known_hosts and Path(known_hosts).is_file():
             client.load_host_keys(known_hosts)

@@ -55,7 +55,10 @@ class Facts:
 def load_items(path: Path) -> list[Item]:
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise UsageError(f"cannot read checklist {path}: {exc.strerror or exc}",
+                         "check --file (default: env/NAME.checklist.toml, else env/checklist.toml)") from None
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"cannot read checklist {path}: {exc}", "fix the TOML syntax") from None
     items = []
     for index, raw in enumerate(data.get("check", []), 1):
@@ -66,7 +69,7 @@ def load_items(path: Path) -> list[Item]:
         name = raw.pop("name", kind)
         severity = raw.pop("severity", "fail")
         if severity not in ("fail", "warn"):
-            raise UsageError(f"{path}: check {name!r}: severity must be fail or warn")
+            raise UsageError(f"{path}: check {name!r}: severity must be fail or warn", f"got {severity!r}")
         items.append(Item(name, kind, raw, severity))
     return items
 

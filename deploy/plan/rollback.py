@@ -55,7 +55,8 @@ def choose_target(observed: Observed, to: str | None, alias: str) -> str:
     releases = observed.host.releases
     if to:
         if to not in releases:
-            raise UsageError(f"{alias}: no release {to}", f"known: {', '.join(releases) or 'none'} (see `fab releases`)")
+            raise UsageError(f"{alias}: no release {to}",
+                             f"pick one of: {', '.join(releases)}" if releases else "this host has no release yet")
         return to
     target = previous_live(observed)
     if target is None:  # no history (releases made before it was kept): the newest older release

@@ -263,8 +263,22 @@ def test_enabling_tls_recreates_the_gateway_to_publish_443(host, tmp_path):
 
 
 def make_cert(directory: Path, tag: str):
-    (directory / "cert.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{tag}\n-----END CERTIFICATE-----\n")
-    (directory / "key.pem").write_text(f"-----BEGIN PRIVATE KEY-----\n{tag}\n-----END PRIVATE KEY-----\n")
+    """A real self-signed pair (settings validation parses both and checks that they belong together)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"{tag}.example.com")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=90))
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
     return str(directory / "cert.pem"), str(directory / "key.pem")
 
 
