@@ -130,6 +130,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("MINIO_USER", "str", "healthadmin", "MinIO root user (S3 access key)."),
     Key("MINIO_PASSWORD", "secret", None, "MinIO root password (S3 secret key).", production_secret=True, service="minio"),
     Key("MINIO_BUCKETS", "list", ("health-files",), "Buckets the application uses."),
+    Key("QDRANT_API_KEY", "secret", None, "Qdrant API key (QDRANT__SERVICE__API_KEY): every request to Qdrant must carry it "
+        "(ai-service gets it as QDRANT_API_KEY; `inv backup` sends it).", production_secret=True, service="qdrant"),
     # -- backups --------------------------------------------------------------------------------
     Key("BACKUP_SERVICES", "list", ("postgres", "influxdb", "mongodb", "minio"),
         "What `inv backup` takes by default (postgres, influxdb, mongodb, minio; extras: redis, qdrant); disabled ones are skipped."),
