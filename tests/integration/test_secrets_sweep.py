@@ -71,8 +71,13 @@ def test_no_secret_anywhere_on_the_host_side(swept):
     assert files_containing(root / "releases", *needles) == []
     outside = [p for p in files_containing(root, *needles) if not p.startswith(str(root / "shared" / "env") + "/")]
     assert outside == [], outside
-    # The secrets are where they belong: shared/env (0600 files), so the sweep looks at the right tree.
+    # The secrets are where they belong: shared/env, its versions and the run/ copies, 0600 files in 0700 dirs.
     assert files_containing(root / "shared" / "env", settings.db_password.reveal())
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in [root / "shared" / "env", *(root / "shared" / "env").rglob("*")]
+             if p.stat().st_mode & 0o077}
+    assert loose == {}, loose
+    assert (root / "shared" / "env" / "run" / "postgres" / "secrets.env").is_file()
+    assert any((root / "shared" / "env" / ".versions").iterdir())
 
 
 def test_the_audit_log_names_the_key_that_logged_in(swept):
