@@ -1,7 +1,8 @@
 """Offline images for the sandbox and the tests: no registry, everything from Debian packages.
 
 1. ``healthdeploy/base:bookworm``: a debootstrap minbase root file system with PostgreSQL, Redis,
-   nginx, InfluxDB 1.x, Mosquitto, Python 3 and curl, imported with ``docker import``.
+   nginx, InfluxDB 1.x, Mosquitto, Python 3 (with psycopg2 and redis) and curl, imported with
+   ``docker import``.
 2. One small image per role, built ``FROM`` the base with ``--network=none`` (deploy/sandbox/images_src/<role>/).
 
 Images are reused when their build context is unchanged (a content hash is stored as a label).
@@ -22,6 +23,7 @@ from deploy.sandbox import setup
 
 IMAGES_DIR = Path(__file__).parent / "images_src"
 BASE_IMAGE = "healthdeploy/base:bookworm"
+# python3-psycopg2 and python3-redis: the sample backend's PostgreSQL pool and Redis client.
 BASE_PACKAGES = ("postgresql", "redis-server", "nginx-light", "python3", "curl", "ca-certificates",
                  "influxdb", "mosquitto", "mosquitto-clients", "procps", "python3-psycopg2", "python3-redis")
 SUITE = "bookworm"
@@ -66,6 +68,13 @@ def build_base(force: bool = False) -> None:
     wanted = base_hash()
     if not force and image_label(BASE_IMAGE) == wanted:
         return
+    # Every package set is also kept under its own tag, so checkouts with different BASE_PACKAGES
+    # sharing one engine switch the base with `docker tag` instead of another debootstrap.
+    variant = f"{BASE_IMAGE}-{wanted}"
+    if not force and image_label(variant) == wanted:
+        run_local(["docker", "tag", variant, BASE_IMAGE])
+        _say(f"{BASE_IMAGE} is {variant} again")
+        return
     if setup.locate("debootstrap") is None:
         raise HealthdeployError("debootstrap is not installed", "run `inv sandbox.install`")
     started = time.monotonic()
@@ -82,6 +91,7 @@ def build_base(force: bool = False) -> None:
                    [["docker", "import", "--change", f"LABEL {HASH_LABEL}={wanted}",
                      "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "-", BASE_IMAGE]], timeout=1800)
+        run_local(["docker", "tag", BASE_IMAGE, variant])
     _say(f"built {BASE_IMAGE} in {time.monotonic() - started:.0f}s")
 
 

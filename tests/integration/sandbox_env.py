@@ -134,6 +134,11 @@ def get_json(url: str, timeout: float = 5) -> dict:
         return json.loads(response.read())
 
 
+def get_text(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
 def wait_for(url: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while True:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, get_json, new_env
+from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, get_json, get_text, new_env
 from load import Load
 
 HOST = MAIN_ADDRESS  # the gateway binds to the host's address (GATEWAY_BIND={address})
@@ -55,13 +55,16 @@ def test_first_deploy_brings_the_stack_up_healthy(env):
     out = summary(proc)
     assert out["result"] == "deployed" and out["migrated"] is True
     assert sorted(out["services"]) == ["ai-service", "backend", "frontend-patient", "frontend-web"]
-    for port, service in ((5000, "backend"), (8001, "ai-service"), (3000, "frontend-web"), (3001, "frontend-patient")):
+    for port, service in ((5000, "backend"), (8001, "ai-service")):
         assert get_json(f"http://{HOST}:{port}/health")["service"] == service
+    for port, service in ((3000, "frontend-web"), (3001, "frontend-patient")):  # nginx: /health is "ok"
+        assert get_text(f"http://{HOST}:{port}/health") == "ok\n"
+        assert get_json(f"http://{HOST}:{port}/build.json")["service"] == service
     assert get_json(f"http://{HOST}:3000/api/build")["service"] == "backend"  # /api/ goes to the backend
     # The migration made a real schema change in PostgreSQL.
     tables = subprocess.run(["docker", "exec", f"hd-tdep-{MAIN}-postgres-1", "psql", "-U", "admin", "-d", "health_mgmt",
                              "-tAc", "select name from schema_migrations"], capture_output=True, text=True)
-    assert tables.stdout.split() == ["001_create_patients.sql"]
+    assert tables.stdout.split() == ["001_create_patients.sql", "002_create_requests.sql"]
     root = env.deploy_root()
     assert (root / "current").is_symlink() and (root / "current" / "compose.yaml").is_file()
     assert oct((root / "shared/env/backend.env").stat().st_mode & 0o777) == "0o600"
@@ -95,7 +98,8 @@ def test_frontend_roll_under_load_fails_no_request(env):
     assert proc.returncode == 0, proc.stderr
     assert summary(proc)["services"] == ["frontend-patient"]
     assert load.total > 200 and load.failed == 0, load.errors[:5]
-    assert get_json(f"http://{HOST}:3001/")["build"] == "patient-v2"
+    assert set(load.builds) == {"frontend-patient-v1", "patient-v2"}  # the build meta tag of index.html
+    assert get_json(f"http://{HOST}:3001/build.json")["build"] == "patient-v2"
 
 
 def test_ai_service_roll_under_load_fails_no_request(env):
@@ -179,10 +183,11 @@ def test_dry_run_plans_and_changes_nothing(env):
     env.set_build("frontend-web", "web-v9")
     proc = deploy(env, "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "would send src/frontend-web/build_id (changed)" in proc.stderr
+    live_build = (env.deploy_root() / "current" / "src/frontend-web/build_id").read_text()
+    assert "would send src/frontend-web/build_id (changed)" in proc.stderr, (live_build, proc.stderr)
     assert "would rebuild: frontend-web" in proc.stderr
     assert (env.deploy_root() / "current").resolve().name == live
-    assert get_json(f"http://{HOST}:3000/")["build"] != "web-v9"
+    assert get_json(f"http://{HOST}:3000/build.json")["build"] != "web-v9"
     env.set_build("frontend-web", "frontend-web-v1")
 
 

@@ -86,6 +86,15 @@ def test_frontend_nginx_has_the_reports_rules():
             assert rule in conf, f"{service}: {rule}"
 
 
+def test_gateway_passes_websocket_upgrades():
+    settings = load_settings("prod", directory=FIXTURES)
+    conf = render_release_files(settings, Target.of(settings, "web1", "10.0.0.11"))["gateway/nginx.conf"].decode()
+    # Both hop-by-hop headers must be set again, or the handshake reaches the backend as a plain GET.
+    assert "proxy_set_header Upgrade $http_upgrade;" in conf
+    assert "proxy_set_header Connection $connection_upgrade;" in conf
+    assert conf.count("location /socket.io/") == 2  # the frontend sites 3000 and 3001 (5000 passes everything)
+
+
 def test_compose_hardening():
     settings = load_settings("prod", directory=FIXTURES)
     compose = render_release_files(settings, Target.of(settings, "web1", "10.0.0.11"))["compose.yaml"].decode()
