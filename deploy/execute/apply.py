@@ -20,6 +20,7 @@ from deploy.core.errors import ExitCode, HealthdeployError, RemoteCommandError
 from deploy.core.services import APP_PORTS, APP_SERVICES, GATEWAY, UPSTREAM_NAMES
 from deploy.execute.gateway import Gateway
 from deploy.execute.roll import RollFailure, RollReport, ServiceRoll
+from deploy.execute import faults
 from deploy.execute.executor import shielded
 from deploy.execute.session import FILES, SERVICES, SETTINGS, Session, utc_now
 from deploy.facts.images import image_ids, parse_image_ids
@@ -151,8 +152,10 @@ class DeployApply:
                 if not holds:
                     self.report.applied.skipped(step, why)
                     continue
+            faults.point(f"before:{step.kind.value}", self.session.host)
             getattr(self, "do_" + step.kind.value.replace("-", "_"))(step)
             self.report.applied.ran(step)
+            faults.point(f"after:{step.kind.value}", self.session.host)
         return self.report
 
     def abort(self) -> list[tuple[str, str]]:
@@ -244,6 +247,7 @@ class DeployApply:
         project, compose_file, env_file = self.compose_files(self.release)
         self.say(f"building images: {', '.join(step.items)}")
         log: list[str] = []
+        faults.point("during:build", self.session.host, delay=1.0)
         try:
             self.run_cmd(dk.compose_build(project, compose_file, env_file, step.items), on_line=log.append)
         except RemoteCommandError as exc:

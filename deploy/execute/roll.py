@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from deploy.commands import docker as dk
 from deploy.core.errors import HealthdeployError
 from deploy.core.services import APP_PORTS
+from deploy.execute import faults
 from deploy.execute.executor import shielded
 from deploy.execute.gateway import Gateway, health_url
 from deploy.execute.session import Session
@@ -96,6 +97,7 @@ class ServiceRoll:
             self.report.new = [c.name for c in new]
             self.say(f"new container(s) healthy: {', '.join(c.name for c in new)}")
             self._warm(gateway, new)
+            faults.point(f"roll:{self.service}:healthy", self.session.host)
             if self.before_switch:
                 self.before_switch()
             old_ips = [c.ip for c in self.old if c.ip]
@@ -103,6 +105,7 @@ class ServiceRoll:
             switched = True
             self.gateway.reload(gateway)
             if self.old:
+                faults.point(f"roll:{self.service}:drain", self.session.host)
                 time.sleep(self.s.drain_seconds)  # nginx's old workers finish their requests to the old containers
                 self.gateway.write_upstream(self.service, [c.ip for c in new], self.release)
                 self.gateway.reload(gateway)
