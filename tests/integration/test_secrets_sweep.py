@@ -8,6 +8,7 @@ unauthenticated query (401) and answers an authenticated one; the audit log name
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from pathlib import Path
 from urllib.parse import quote
@@ -21,14 +22,20 @@ from sandbox_env import TEST_HOSTS, _cleanup, new_env
 HOST = TEST_HOSTS[1]
 NAME = "sw"
 PROJECT = f"hd-t{NAME}-{HOST}"
-DB_PASSWORD = "sw/Pa+ss=w@rd:9!x-41c7"
+RUN = secrets.token_hex(6)
+DB_PASSWORD = f"sw/Pa+ss=w@rd:9!x-{RUN}"
+UNIQUE_KEYS = ("REDIS_PASSWORD", "INFLUX_PASSWORD", "INFLUX_TOKEN", "MINIO_PASSWORD", "EMQX_PASSWORD", "JWT_SECRET",
+               "DEEPSEEK_API_KEY")
 
 
 @pytest.fixture(scope="module")
 def swept(sandbox_hosts, tmp_path_factory):
     env = new_env(tmp_path_factory, NAME)
-    # A password whose URL-encoded form (inside DATABASE_URL) differs from it, so both forms are swept.
-    env.write(hosts=HOST, DB_PASSWORD=DB_PASSWORD)
+    # Secrets of this run only: other test modules (parallel workers) use env/sandbox.env's values, some of them on
+    # command lines of their own on purpose, which the machine-wide `ps` would show. DB_PASSWORD's URL-encoded
+    # form (inside DATABASE_URL) differs from it, so both forms are swept.
+    env.write(hosts=HOST, DB_PASSWORD=DB_PASSWORD, **{key: f"sw-{key.lower().replace('_', '-')}-{RUN}{RUN}"
+                                                     for key in UNIQUE_KEYS})
     _cleanup(env)
     env.home = tmp_path_factory.mktemp("home")
     settings = load_settings(NAME, directory=env.directory)
