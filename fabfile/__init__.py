@@ -71,16 +71,18 @@ def lock_status(c, env=None, json=False):
     return day2.lock_status(runtime, hosts, as_json=json)
 
 
-@task(help={"env": "environment name", "fingerprint": "expected SHA256:... fingerprint (checked before trusting)",
-            "yes": "trust without asking (only after checking the fingerprint out of band)"})
+@task(help={"env": "environment name", "fingerprint": "expected SHA256:... fingerprint of the host (checked before trusting)",
+            "hop": "expected fingerprints of jump hosts: NAME=SHA256:...[,NAME=SHA256:...] (NAME as ProxyJump writes it)",
+            "yes": "trust new keys without asking (only after checking the fingerprints out of band; never a changed key)"})
 @cli.entry
-def trust(c, env=None, fingerprint=None, yes=False):
-    """Show a host's SSH key fingerprint and add it to known_hosts (strict checking refuses unknown keys)."""
+def trust(c, env=None, fingerprint=None, hop=None, yes=False):
+    """Show and record the SSH host key of each hop to a host (jump hosts first, each reached through the ones
+    before it); strict checking refuses unknown and changed keys on every hop."""
     hosts = cli_hosts(c)
     if len(hosts) != 1:
         raise UsageError("hosts.trust takes exactly one host", "fab -H HOST hosts.trust")
     settings = cli.settings_for(env, hosts)
-    return day2.trust_host(settings, hosts[0], fingerprint, yes, Console())
+    return day2.trust_host(settings, hosts[0], fingerprint, yes, Console(), day2.parse_hop_fingerprints(hop))
 
 
 @task(help={"env": "environment name", "json": "print JSON (schema: docs/health.md)",

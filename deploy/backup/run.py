@@ -255,7 +255,8 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
                 from deploy.backup import vectors
 
                 endpoint, open_socket = tunnel_to(host, container, QDRANT_PORT)
-                extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress)
+                extra["qdrant"] = vectors.snapshot(open_socket, endpoint, counted, progress,
+                                                   api_key=settings.qdrant_api_key)
                 checked = "size and SHA-256 checked against the server's"
             else:
                 from deploy.backup import objects

@@ -14,7 +14,7 @@ from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
 from deploy.core.services import ALL_SERVICES, GATEWAY_PORT_OF
 from deploy.core.settings import Settings
 from deploy.execute.session import Session
-from deploy.execute.ssh import add_known_host, fetch_host_key, fingerprint
+from deploy.execute.ssh import add_known_host, fingerprint
 from deploy.facts.containers import Container
 from deploy.facts.files import read_file
 from deploy.facts.host import HostFacts, host_facts
@@ -76,23 +76,74 @@ def lock_status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -
     return EXIT_OK
 
 
-def trust_host(settings: Settings, alias: str, expected: str | None, yes: bool, console: Console) -> int:
-    name, key = fetch_host_key(alias, settings.ssh_config)
-    shown = f"{key.get_name()} {fingerprint(key)}"
-    console.result(f"{alias} ({name}) presents {shown}")
-    if expected:
-        if expected.strip() != fingerprint(key):
-            raise HealthdeployError(f"fingerprint of {alias} is {fingerprint(key)}, not {expected}",
-                                    "do not trust this host until you know why")
-    elif not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("not trusting a host key without confirmation",
-                             "pass --fingerprint SHA256:... (compare out of band) or --yes")
-        answer = input(f"Trust {shown} for {alias}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            raise UsageError("not trusted", "nothing was written")
-    add_known_host(settings.ssh_known_hosts, name, key)
-    console.result(f"trusted: {name} added to {settings.ssh_known_hosts}")
+def parse_hop_fingerprints(text: str | None) -> dict[str, str]:
+    """``--hop bastion=SHA256:...,jump2=SHA256:...`` -> {name: fingerprint}."""
+    hops: dict[str, str] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        name, sep, value = entry.partition("=")
+        if not sep or not name.strip() or not value.strip().startswith("SHA256:"):
+            raise UsageError(f"--hop {entry.strip()!r} is not NAME=SHA256:...",
+                             "name each jump host as ProxyJump writes it, e.g. --hop bastion=SHA256:abc...")
+        hops[name.strip()] = value.strip()
+    return hops
+
+
+def trust_host(settings: Settings, alias: str, expected: str | None, yes: bool, console: Console,
+               hop_fingerprints: dict[str, str] | None = None) -> int:
+    """Show and record the key of each hop the connection to ``alias`` uses, in the order they are reached.
+
+    Each hop's key is fetched the way a connection reaches it: a jump host through the hops before it (each
+    verified against known_hosts, authenticated), never by connecting to its HostName directly. A hop already
+    in known_hosts with the same key is only shown. A new key is recorded when it matches its fingerprint
+    (``--fingerprint`` for ``alias`` itself, ``--hop NAME=SHA256:...`` for a jump host), with ``--yes``, or when
+    confirmed at a terminal; a CHANGED key only with its fingerprint or at a terminal (never by ``--yes``)."""
+    from deploy.execute.ssh import close_chain, connection_for, fetch_key_of, hops_of, known_key
+
+    hop_fingerprints = dict(hop_fingerprints or {})
+    final = connection_for(alias, settings.ssh_config, settings.ssh_known_hosts, settings.ssh_connect_timeout)
+    chain = hops_of(final)
+    names = {id(h): (h.hd_label.split(" ")[0], h.host) for h in chain}
+    unused = set(hop_fingerprints) - {n for pair in names.values() for n in pair}
+    if unused:
+        jumps = ", ".join(names[id(h)][0] for h in chain[:-1]) or "none"
+        raise UsageError(f"--hop names {', '.join(sorted(unused))}, not a jump host on the way to {alias}",
+                         f"its jump hosts: {jumps}")
+    try:
+        for hop in chain:
+            short, host = names[id(hop)]
+            is_final = hop is final
+            name, key = fetch_key_of(hop, settings.ssh_connect_timeout)
+            shown = f"{key.get_name()} {fingerprint(key)}"
+            what = alias if is_final else hop.hd_label
+            console.result(f"{what} ({name}) presents {shown}")
+            want = expected if is_final else (hop_fingerprints.get(short) or hop_fingerprints.get(host))
+            old = known_key(hop, name, key.get_name())
+            if want and want.strip() != fingerprint(key):
+                raise HealthdeployError(f"fingerprint of {what} is {fingerprint(key)}, not {want}",
+                                        "do not trust this host until you know why")
+            if old is not None and old == key:
+                console.result(f"{what}: already trusted")
+                continue
+            if old is not None and not want:
+                console.warn(f"{what}: host key CHANGED (known_hosts has {fingerprint(old)})")
+            if not want:
+                flag = "--fingerprint" if is_final else f"--hop {short}=SHA256:..."
+                if not (yes and old is None):
+                    if not sys.stdin.isatty():
+                        raise UsageError(f"not trusting {'the changed' if old is not None else 'the'} host key of {what} "
+                                         f"({shown}) without confirmation",
+                                         f"compare it out of band, then pass {flag}" + ("" if old is not None else " (or --yes)"))
+                    answer = input(f"Trust {shown} for {what}? [y/N] ")
+                    if answer.strip().lower() not in ("y", "yes"):
+                        raise UsageError("not trusted", f"nothing was written for {what}")
+            add_known_host(settings.ssh_known_hosts, name, key)
+            for member in chain:  # the next hops are reached through this one, verified with its new key
+                member.client.get_host_keys().add(name, key.get_name(), key)
+            console.result(f"trusted: {name} added to {settings.ssh_known_hosts}")
+    finally:
+        close_chain(final)
     return EXIT_OK
 
 

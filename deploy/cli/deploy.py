@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from deploy.cli import Runtime, choose_hosts
 from deploy.cli.render import print_plan, summary
 from deploy.commands.git import git_resolve
-from deploy.core.errors import EXIT_OK, HealthdeployError
+from deploy.core.errors import EXIT_OK, HealthdeployError, RemoteCommandError
 from deploy.core.services import Role
 from deploy.execute.apply import DeployApply, RolledBack, apply_rollback
 from deploy.execute.executor import Interrupted, shielded
@@ -55,13 +55,17 @@ def resolve_source(runtime: Runtime, hosts: list[str]) -> tuple[dict[str, bytes]
     if s.app_source and pl.is_git(s.app_source):
         # Resolved once, on the primary host, so every host deploys the same commit (`git ls-remote` reads only).
         with runtime.connect(s.primary if s.primary in hosts else hosts[0]) as primary:
-            out = primary.run(git_resolve(s.app_source, s.app_ref), timeout=300).text.split()
+            try:
+                out = primary.run(git_resolve(s.app_source, s.app_ref), timeout=300).text.split()
+            except RemoteCommandError as exc:  # its text is redacted and names the URL without credentials
+                raise HealthdeployError(f"{primary.alias}: {exc.stderr_tail.splitlines()[-1] if exc.stderr_tail else exc.message}",
+                                        "check APP_SOURCE (URL and token) and APP_REF") from None
         if not out or len(out[0]) < 40:
             raise HealthdeployError(f"cannot resolve {s.app_ref} in {pl.display_url(s.app_source)}",
                                     "check APP_SOURCE and APP_REF")
         runtime.console.info(f"source: {pl.display_url(s.app_source)} {s.app_ref} = {out[0]}")
         return pl.git_source_files(s.app_source, out[0]), out[0]
-    return (pl.collect_source(s.app_source) if s.app_source else {}), ""
+    return (pl.collect_source(s.app_source, s.deploy_allow) if s.app_source else {}), ""
 
 
 def _connect_all(runtime: Runtime, jobs: list[HostJob]) -> None:

@@ -61,13 +61,28 @@ def postgres_globals(container: str) -> Command:
 
 
 
+# InfluxDB 1.x runs with HTTP auth (INFLUXDB_HTTP_AUTH_ENABLED=true and an admin user, see render.py). Every
+# HTTP query authenticates as that user with the credentials in the container's own environment, handed to
+# curl as a config on its stdin (printf is a shell builtin): never an argument. Without them (the drill's
+# throwaway server: no network, auth off) curl sends none. `influxd backup/restore` use the RPC port 8088,
+# which has no auth in 1.x and listens on the container's loopback only.
+INFLUX1_CURL = r"""
+icurl() {
+  if [ -n "${INFLUXDB_ADMIN_PASSWORD:-}" ]; then
+    printf 'user = "%s:%s"\n' "${INFLUXDB_ADMIN_USER:-admin}" "$INFLUXDB_ADMIN_PASSWORD" | curl -K - "$@"
+  else
+    curl "$@"
+  fi
+}
+"""
+
 # InfluxDB 1.x: a portable backup of the database into a temporary directory, streamed as a tar.
 # Before the backup, the points per measurement and field up to a cut-off time T0 and the series per
 # measurement are recorded (stderr): everything up to T0 is in the backup, so a drill can compare.
-INFLUX1_COUNTS = r"""
+INFLUX1_COUNTS = INFLUX1_CURL + r"""
 influx_counts() {
   for q in "SELECT count(*) FROM /.*/ WHERE time <= '$2'" "SHOW SERIES EXACT CARDINALITY"; do
-    out=$(curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=$q") || {
+    out=$(icurl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=$q") || {
       echo "influx: $q: the query failed" >&2; return 1; }
     case "$out" in *'"error"'*) echo "influx: $q: $out" >&2; return 1 ;; esac
     echo "HEALTHDEPLOY-INFLUX $(printf '%s' "$out" | tr -d '\n')" >&2
@@ -169,11 +184,11 @@ def postgres_restore(container: str, database: str = "") -> Command:
 
 
 # `influxd restore` returns while the restored shards are still disabled for a moment.
-INFLUX1_WAIT_SHARDS = r"""
+INFLUX1_WAIT_SHARDS = INFLUX1_CURL + r"""
 wait_shards() {
   i=0
   while :; do
-    out=$(curl -sS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=SELECT count(*) FROM /.*/")
+    out=$(icurl -sS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode "q=SELECT count(*) FROM /.*/")
     case "$out" in *'shard is disabled'*) ;; *) return 0 ;; esac
     i=$((i + 1))
     [ "$i" -lt 120 ] || { echo "influx: $1: shards still disabled after 60 s" >&2; return 1; }
@@ -190,7 +205,7 @@ tmpdb="healthdeploy_restore_$(date +%s)"
 trap 'rm -rf "$d"' EXIT
 # InfluxDB answers HTTP 200 with {"error": ...} for a failed statement: read the body, not the status.
 q() {
-  out=$(curl -sS -XPOST http://127.0.0.1:8086/query ${2:+--data-urlencode "db=$2"} --data-urlencode "q=$1") || return 1
+  out=$(icurl -sS -XPOST http://127.0.0.1:8086/query ${2:+--data-urlencode "db=$2"} --data-urlencode "q=$1") || return 1
   case "$out" in *'"error"'*) echo "influx: $1: $out" >&2; return 1 ;; esac
 }
 tar -x -C "$d"
@@ -221,7 +236,7 @@ d=$(mktemp -d)
 trap 'rm -rf "$d"' EXIT
 tar -x -C "$d"
 if ! ls "$d"/*.tar.gz >/dev/null 2>&1; then  # an empty database: nothing for influxd restore to do
-  curl -fsS -o /dev/null -XPOST http://127.0.0.1:8086/query --data-urlencode "q=CREATE DATABASE \"$2\""
+  icurl -fsS -o /dev/null -XPOST http://127.0.0.1:8086/query --data-urlencode "q=CREATE DATABASE \"$2\""
   exit 0
 fi
 influxd restore -portable -host 127.0.0.1:8088 -db "$1" -newdb "$2" "$d" >&2
@@ -273,7 +288,7 @@ def parse_influx_counts(stderr_text: str) -> dict:
     return {"t0": t0, "points": points, "series": series}
 
 
-INFLUX1_POINTS = r"""curl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
+INFLUX1_POINTS = INFLUX1_CURL + r"""icurl -fsS -G http://127.0.0.1:8086/query --data-urlencode "db=$1" --data-urlencode 'q=SELECT count(*) FROM /.*/'"""
 
 
 # InfluxDB 2.x will not restore into an existing bucket: restore into a new one, and only when that

@@ -6,7 +6,10 @@ from .base import Command, cmd, script
 
 
 def mkdirs(*paths: str, mode: str = "0755") -> Command:
-    return cmd("mkdir", "-p", "-m", mode, *paths, description="create directories", intent=("mkdir", *paths))
+    """``mkdir -p`` where the parents it creates get ``mode`` too (``-m`` alone sets only the last one)."""
+    umask = f"{0o777 & ~int(mode, 8):03o}"
+    return script('umask "$1"; m="$2"; shift 2; exec mkdir -p -m "$m" -- "$@"', umask, mode, *paths,
+                  description="create directories", intent=("mkdir", *paths))
 
 
 def write_file(path: str, content: bytes, mode: str = "0644") -> Command:
@@ -25,18 +28,21 @@ def append_line(path: str, line: bytes) -> Command:
 
 
 def extract_tar(directory: str) -> Command:
-    """Unpack the tar arriving on stdin into ``directory`` (which must exist)."""
+    """Unpack the tar arriving on stdin into ``directory`` (which must exist). Directories it creates are
+    0750 (umask 027: tar creates a file's missing parents itself); files keep the tar's modes (0640)."""
     # -m: files get the time of extraction (nanoseconds): BuildKit skips re-sending a context file whose
     # size and mtime look unchanged, so a same-size edit with an old mtime would build from a stale copy.
-    return cmd("tar", "-x", "-m", "-f", "-", "-C", directory, "--no-same-owner", description="unpack files",
-               intent=("extract", directory))
+    return script('umask 027; exec tar -x -m -f - -C "$1" --no-same-owner', directory, description="unpack files",
+                  intent=("extract", directory))
 
 
 def copy_release(source: str, target: str) -> Command:
     """Start a release from the previous one (host-local copy; only changed files cross the network).
     Written under a temporary name and renamed, so a failed copy leaves no partial release behind."""
-    return script('set -e; rm -rf "$2.partial"; mkdir -p "$2.partial"; if [ -n "$1" ] && [ -d "$1" ]; then '
-                  'cp -a "$1/." "$2.partial/"; fi; rm -f "$2.partial/MANIFEST"; mv -T "$2.partial" "$2"',
+    # `cp -a` keeps modes: a release made before files were 0640/0750 is tightened on the copy.
+    return script('set -e; umask 027; rm -rf "$2.partial"; mkdir -p "$2.partial"; if [ -n "$1" ] && [ -d "$1" ]; then '
+                  'cp -a "$1/." "$2.partial/"; chmod -R go-w,o-rwx "$2.partial"; fi; rm -f "$2.partial/MANIFEST"; '
+                  'mv -T "$2.partial" "$2"',
                   source, target, description="start the new release", intent=("new-release", target))
 
 

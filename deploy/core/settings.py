@@ -83,6 +83,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("DISABLED_SERVICES", "list", (), "Infrastructure services left out of the stack (e.g. mongodb,qdrant in the sandbox)."),
     Key("APP_SOURCE", "str", "", "Application source: a local directory streamed up as an archive, or a git URL fetched on the host."),
     Key("APP_REF", "str", "main", "Git ref to deploy when APP_SOURCE is a git URL."),
+    Key("DEPLOY_ALLOW", "list", (), "Files of a local APP_SOURCE that look like secrets (.env*, *.pem, *.key, private "
+        "keys, keystores, cloud credentials, .npmrc with a token, ...) but are shipped on purpose: paths or globs, "
+        "gitignore syntax, relative to APP_SOURCE (e.g. certs/public-ca.pem,config/*.key). Without it such a file "
+        "stops the deploy before connecting unless .deployignore in APP_SOURCE leaves it out (docs/security.md)."),
     # -- deploy behaviour -------------------------------------------------------------------------
     Key("MIN_FREE_DISK_MB", "int", 2048, "Preflight refuses a host with less free disk under DEPLOY_PATH."),
     Key("HEALTH_TIMEOUT", "int", 120, "Seconds new containers get to become healthy before rollback."),
@@ -127,6 +131,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("MINIO_USER", "str", "healthadmin", "MinIO root user (S3 access key)."),
     Key("MINIO_PASSWORD", "secret", None, "MinIO root password (S3 secret key).", production_secret=True, service="minio"),
     Key("MINIO_BUCKETS", "list", ("health-files",), "Buckets the application uses."),
+    Key("QDRANT_API_KEY", "secret", None, "Qdrant API key (QDRANT__SERVICE__API_KEY): every request to Qdrant must carry it "
+        "(ai-service gets it as QDRANT_API_KEY; `inv backup` sends it).", production_secret=True, service="qdrant"),
     # -- backups --------------------------------------------------------------------------------
     Key("BACKUP_SERVICES", "list", ("postgres", "influxdb", "mongodb", "minio"),
         "What `inv backup` takes by default (postgres, influxdb, mongodb, minio; extras: redis, qdrant); disabled ones are skipped."),
@@ -255,7 +261,12 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
-        return tuple(getattr(self, k.attr) for k in SCHEMA if k.kind == "secret" and getattr(self, k.attr))
+        """Every secret value of the environment, for redaction: the secret keys, and the token inside an
+        https APP_SOURCE URL (as written and decoded)."""
+        from deploy.core.urls import url_secrets
+
+        keys = tuple(getattr(self, k.attr) for k in SCHEMA if k.kind == "secret" and getattr(self, k.attr))
+        return keys + url_secrets(self.app_source or "")
 
     def limits(self, service: str) -> tuple[float, str]:
         prefix = _env_key(service).lower()

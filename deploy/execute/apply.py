@@ -187,20 +187,25 @@ class DeployApply:
 
     # -- steps ----------------------------------------------------------------------------------------
     def do_new_release(self, step: Step) -> None:
-        self.run_cmd(fs.mkdirs(self.t.releases, mode="0750"))
+        self.run_cmd(fs.mkdirs(self.t.releases, mode=pl.RELEASE_DIR_MODE))
         source = self.t.release_dir(self.previous) if self.previous else ""
         self.session.undo.push(f"remove release {self.release}", fs.remove_tree(self.rdir), FILES)
         self.run_cmd(fs.copy_release(source, self.rdir))
         self.say(f"release {self.release}: started from {self.previous or 'nothing'}")
 
     def do_export_source(self, step: Step) -> None:
-        mirror = f"{self.t.shared}/git/{pl.sha256(self.s.app_source.encode())[:16]}.git"
-        self.run_cmd(gitc.git_fetch(self.s.app_source, mirror, self.d.git_commit), timeout=900)
+        # Named after the URL without credentials (a new token is the same mirror). Mirrors were once named
+        # after the whole URL, and their config holds the token: that one is removed.
+        clean = pl.display_url(self.s.app_source)
+        mirror = f"{self.t.shared}/git/{pl.sha256(clean.encode())[:16]}.git"
+        legacy = f"{self.t.shared}/git/{pl.sha256(self.s.app_source.encode())[:16]}.git"
+        self.run_cmd(gitc.git_fetch(self.s.app_source, mirror, self.d.git_commit, legacy if legacy != mirror else ""),
+                     timeout=900)
         self.run_cmd(gitc.git_export(mirror, self.d.git_commit, f"{self.rdir}/src"), timeout=900)
         self.say(f"exported {pl.display_url(self.s.app_source)} at {self.d.git_commit[:12]} into the release")
 
     def do_send_files(self, step: Step) -> None:
-        data = pl.tar_of(self.payload.files, step.items, 0o644)
+        data = pl.tar_of(self.payload.files, step.items, pl.RELEASE_FILE_MODE)
         self.session.host.stream_from_file(fs.extract_tar(self.rdir), io.BytesIO(data))
         self.report.uploaded_bytes += len(data)
         self.report.uploaded_files += len(step.items)
@@ -210,8 +215,8 @@ class DeployApply:
         self.run_cmd(fs.remove_paths(self.rdir, step.items))
 
     def do_write_release(self, step: Step) -> None:
-        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.RELEASE_ENV}", self.payload.release_env))
-        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.MANIFEST}", pl.format_manifest(dict(self.d.files))))
+        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.RELEASE_ENV}", self.payload.release_env, "0640"))
+        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.MANIFEST}", pl.format_manifest(dict(self.d.files)), "0640"))
 
     def do_stage_secrets(self, step: Step) -> None:
         data = pl.tar_of(self.payload.secrets, tuple(self.payload.secrets), 0o600)
@@ -227,7 +232,8 @@ class DeployApply:
         self.run_cmd(dk.compose_config_check(project, compose_file, env_file))
         if GATEWAY in self.d.services:
             self.run_cmd(fs.mkdirs(f"{self.rdir}/gateway/upstreams", f"{self.rdir}/gateway/tls",
-                                   f"{self.t.gateway_dir}/upstreams"))
+                                   mode=pl.RELEASE_DIR_MODE))
+            self.run_cmd(fs.mkdirs(f"{self.t.gateway_dir}/upstreams"))
             self.gateway.ensure_upstream_files(list(self.o.containers), self.release)  # placeholders on a first deploy
             staged = fs.stage_dir(self.t.env_dir, self.d.secrets_version)
             self.run_cmd(fs.mkdirs(f"{staged}/tls", mode="0700"))

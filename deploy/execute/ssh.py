@@ -90,16 +90,45 @@ def fingerprint(key: paramiko.PKey) -> str:
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
     """Fabric 3 installs AutoAddPolicy, which trusts any key silently; we refuse and explain."""
 
-    def __init__(self, alias: str, known_hosts: str):
-        self.alias = alias
+    def __init__(self, label: str, known_hosts: str, trust_alias: str):
+        self.label = label
         self.known_hosts = known_hosts
+        self.trust_alias = trust_alias
 
     def missing_host_key(self, client, hostname, key):
         raise HostKeyError(
-            f"host key of {self.alias} ({hostname}) is not in {self.known_hosts}: "
+            f"host key of {self.label} ({hostname}) is not in {self.known_hosts}: "
             f"{key.get_name()} {fingerprint(key)}",
-            f"verify it, then run `fab -H {self.alias} hosts.trust --fingerprint {fingerprint(key)}`",
+            f"verify it, then run `fab -H {self.trust_alias} hosts.trust --fingerprint {fingerprint(key)}`"
+            if self.label == self.trust_alias else
+            f"verify it, then run `fab -H {self.trust_alias} hosts.trust`, which shows and records the key of each hop",
         )
+
+
+class _StrictClient(paramiko.SSHClient):
+    """An SSHClient for one hop of a connection (a jump host or the final host): known_hosts only, unknown keys
+    refused, a changed key refused as CHANGED, every failure naming the hop."""
+
+    def __init__(self, label: str, known_hosts: str, trust_alias: str):
+        super().__init__()
+        self.label = label
+        self.trust_alias = trust_alias
+        if known_hosts and Path(known_hosts).is_file():
+            self.load_host_keys(known_hosts)
+        self.set_missing_host_key_policy(_RefuseUnknownHost(label, known_hosts, trust_alias))
+
+    def connect(self, hostname, port=22, *args, **kwargs):
+        try:
+            return super().connect(hostname, port, *args, **kwargs)
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                f"host key of {self.label} ({hostname}) CHANGED: expected "
+                f"{fingerprint(exc.expected_key)}, got {fingerprint(exc.key)}; refusing to connect",
+                f"if the host was rebuilt, verify the new key out of band, then run `fab -H {self.trust_alias} hosts.trust`",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise HealthdeployError(f"authentication to {self.label} ({kwargs.get('username')}@{hostname}:{port}) "
+                                    f"failed: {exc}", "check User/IdentityFile in your ssh config or your agent") from None
 
 
 def fabric_config(ssh_config: str) -> Config:
@@ -110,28 +139,114 @@ def fabric_config(ssh_config: str) -> Config:
 
 def resolve(alias: str, ssh_config: str) -> tuple[str, int, str | None]:
     """(HostName, Port, User) of an alias, as OpenSSH and Fabric resolve it."""
-    conn = Connection(alias, config=fabric_config(ssh_config))
+    conn = Connection(alias, config=fabric_config(ssh_config), gateway=False)
     return conn.host, conn.port, conn.user
 
 
 def _host_key_name(hostname: str, port: int) -> str:
-    return hostname if port == 22 else f"[{hostname}]:{port}"
+    return hostname if int(port) == 22 else f"[{hostname}]:{port}"
 
 
-def fetch_host_key(alias: str, ssh_config: str, timeout: float = 10) -> tuple[str, paramiko.PKey]:
-    """Read the key a host presents, without authenticating (for ``hosts.trust``)."""
-    hostname, port, _ = resolve(alias, ssh_config)
+MAX_HOPS = 8
+
+
+class HopConnection(Connection):
+    """A Fabric Connection that knows how to name itself in messages (a jump host or the final host)."""
+
+    hd_label = ""  # a real attribute: Fabric's Connection turns unknown attribute writes into config writes
+
+
+def connection_for(alias: str, ssh_config: str, known_hosts: str, timeout: float = 10, trust_alias: str = "",
+                   label: str = "", gateway: "Connection | None" = None, depth: int = 0) -> Connection:
+    """A Fabric ``Connection`` whose every hop verifies its host key against ``known_hosts`` like the final host.
+
+    Fabric resolves ~/.ssh/config (HostName, Port, User, IdentityFile) but builds ProxyJump gateways with
+    AutoAddPolicy (any key accepted) and, for several jump hosts, in reverse order. The chain is built here
+    instead, in OpenSSH's order: ``ProxyJump j1,j2`` reaches j1 (through j1's own ProxyJump/ProxyCommand, if
+    any), then j2 through j1, then the host through j2. A ProxyCommand stays the operator's program; the host
+    reached through it is verified here."""
+    if depth > MAX_HOPS:
+        raise HealthdeployError(f"more than {MAX_HOPS} ProxyJump hops on the way to {trust_alias or alias}",
+                                "check ProxyJump in your ssh config for a loop")
+    trust_alias = trust_alias or alias
+    conn = HopConnection(alias, config=fabric_config(ssh_config), gateway=False, connect_timeout=timeout,
+                         connect_kwargs={"transport_factory": _tuned_transport})
+    if gateway is not None:
+        conn.gateway = gateway
+    else:
+        jump = (conn.ssh_config.get("proxyjump") or "").strip()
+        command = (conn.ssh_config.get("proxycommand") or "").strip()
+        hops = [h.strip() for h in jump.split(",") if h.strip()] if jump.lower() != "none" else []
+        if hops and Connection(hops[0], config=fabric_config(ssh_config), gateway=False).host == conn.host:
+            hops = []  # a wildcard Host block that names this host as its own jump host (as Fabric guards too)
+        previous = None
+        for index, hop in enumerate(hops):
+            previous = connection_for(hop, ssh_config, known_hosts, timeout, trust_alias,
+                                      f"{hop} (jump host {index + 1} of {len(hops)} to {trust_alias})",
+                                      gateway=previous, depth=depth + 1)
+        if previous is not None:
+            conn.gateway = previous
+        elif command and command.lower() != "none":
+            conn.gateway = command
+    conn.client = _StrictClient(label or alias, known_hosts, trust_alias)
+    conn.hd_label = label or alias
+    return conn
+
+
+def hops_of(conn: Connection) -> list[Connection]:
+    """The connections on the way to ``conn``, in the order they are made, ending with ``conn``."""
+    chain = [conn]
+    while isinstance(chain[-1].gateway, Connection):
+        chain.append(chain[-1].gateway)
+    return list(reversed(chain))
+
+
+def close_chain(conn: Connection) -> None:
+    for hop in reversed(hops_of(conn)):
+        try:
+            hop.close()
+        except Exception:  # closing is best effort
+            pass
+
+
+def fetch_key_of(conn: Connection, timeout: float = 10) -> tuple[str, paramiko.PKey]:
+    """The key ``conn``'s host presents, reached the way a connection would reach it: through its (verified,
+    authenticated) jump hosts or its ProxyCommand, never by a direct connection to its HostName. Without
+    authenticating to it (for ``hosts.trust``)."""
+    name = _host_key_name(conn.host, conn.port)
+    label = getattr(conn, "hd_label", "") or conn.host
     try:
-        sock = socket.create_connection((hostname, port), timeout=timeout)
-    except OSError as exc:
-        raise HealthdeployError(f"cannot reach {alias} ({hostname}:{port}): {exc.strerror or exc}",
-                                "check HostName/Port in your ssh config and that sshd runs") from None
+        if conn.gateway:
+            sock = conn.open_gateway()
+        else:
+            sock = socket.create_connection((conn.host, int(conn.port)), timeout=timeout)
+    except HealthdeployError:
+        raise
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        raise HealthdeployError(f"cannot reach {label} ({conn.host}:{conn.port}): {getattr(exc, 'strerror', None) or exc}",
+                                "check HostName/Port/ProxyJump in your ssh config and that sshd runs") from None
     transport = _tuned_transport(sock)
     try:
         transport.start_client(timeout=timeout)
-        return _host_key_name(hostname, port), transport.get_remote_server_key()
+        return name, transport.get_remote_server_key()
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        raise HealthdeployError(f"cannot read the host key of {label} ({name}): {exc}",
+                                "check that sshd runs there") from None
     finally:
         transport.close()
+
+
+def fetch_host_key(alias: str, ssh_config: str, timeout: float = 10) -> tuple[str, paramiko.PKey]:
+    """Read the key a host presents, without authenticating (through its jump hosts, which must be trusted)."""
+    return fetch_key_of(connection_for(alias, ssh_config, "", timeout), timeout)
+
+
+def known_key(conn: Connection, name: str, key_type: str) -> paramiko.PKey | None:
+    """The key known_hosts holds for ``name`` (hashed entries too), preferring the same type."""
+    entry = conn.client.get_host_keys().lookup(name)
+    if not entry:
+        return None
+    return entry.get(key_type) or next(iter(entry.values()), None)
 
 
 def add_known_host(known_hosts: str, name: str, key: paramiko.PKey) -> None:
@@ -172,7 +287,7 @@ def _check_before_connecting(alias: str, conn: Connection, ssh_config: str) -> N
         except (paramiko.SSHException, ValueError):
             raise UsageError(f"IdentityFile {name} of {alias} is not a private key",
                              f"point it at the private key (not the .pub): {fix}") from None
-    if conn.gateway is None:  # through ProxyJump/ProxyCommand the name is resolved on the far side
+    if not conn.gateway:  # through ProxyJump/ProxyCommand the name is resolved on the far side
         try:
             socket.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -185,6 +300,16 @@ def _check_before_connecting(alias: str, conn: Connection, ssh_config: str) -> N
                                     "check DNS on this machine, then run it again") from None
 
 
+def identity_of(transport: paramiko.Transport | None) -> str:
+    """SHA256 fingerprint of the key the host accepted for our login (what the host can vouch for: it checked
+    a signature by it), or "" when it was not a public key. paramiko keeps the key of the publickey attempt
+    that succeeded (the legacy auth flow stops at the first success)."""
+    handler = getattr(transport, "auth_handler", None)
+    if handler is None or not handler.is_authenticated() or handler.auth_method != "publickey" or handler.private_key is None:
+        return ""
+    return fingerprint(handler.private_key)
+
+
 class RemoteHost:
     """An open SSH connection to one host, running ``Command``s over raw channels."""
 
@@ -193,49 +318,41 @@ class RemoteHost:
         self.connection = connection
         self.address = connection.host
         self.secrets = secrets
+        # SHA256 fingerprint of the key that authenticated us (set by connect): the audit's `key`.
+        self.identity = ""
         self._streams: set[paramiko.Channel] = set()  # open streams, for abort_streams()
 
     # -- connecting ------------------------------------------------------------------------------
     @classmethod
     def connect(cls, alias: str, ssh_config: str, known_hosts: str, timeout: int = 10,
                 secrets: tuple[Secret, ...] = ()) -> "RemoteHost":
-        conn = Connection(
-            alias,
-            config=fabric_config(ssh_config),
-            connect_timeout=timeout,
-            connect_kwargs={"transport_factory": _tuned_transport},
-        )
+        conn = connection_for(alias, ssh_config, known_hosts, timeout)
         _check_before_connecting(alias, conn, ssh_config)
-        client = paramiko.SSHClient()
-        if known_hosts and Path(known_hosts).is_file():
-            client.load_host_keys(known_hosts)
-        client.set_missing_host_key_policy(_RefuseUnknownHost(alias, known_hosts))
-        conn.client = client
         try:
             conn.open()
-        except HostKeyError:
+        except HealthdeployError:  # host keys and authentication, of any hop, already explained
+            close_chain(conn)
             raise
-        except paramiko.BadHostKeyException as exc:
-            raise HostKeyError(
-                f"host key of {alias} ({conn.host}) CHANGED: expected {fingerprint(exc.expected_key)}, "
-                f"got {fingerprint(exc.key)}; refusing to connect",
-                f"if the host was rebuilt, verify the new key out of band, then run `fab -H {alias} hosts.trust`",
-            ) from None
         except paramiko.AuthenticationException as exc:
+            close_chain(conn)
             raise HealthdeployError(f"authentication to {alias} ({conn.user}@{conn.host}:{conn.port}) failed: {exc}",
                                     "check User/IdentityFile in your ssh config or your agent") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
+            close_chain(conn)
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise HealthdeployError(f"cannot reach {alias} ({conn.host}:{conn.port}): {reason}",
-                                    "check HostName/Port in your ssh config and that sshd runs") from None
+            via = f" through {', '.join(h.hd_label.split(' ')[0] for h in hops_of(conn)[:-1])}" if isinstance(conn.gateway, Connection) else ""
+            raise HealthdeployError(f"cannot reach {alias} ({conn.host}:{conn.port}){via}: {reason}",
+                                    "check HostName/Port/ProxyJump in your ssh config and that sshd runs") from None
         packetizer = conn.transport.packetizer
         for attr in ("REKEY_BYTES", "REKEY_PACKETS", "REKEY_BYTES_OVERFLOW_MAX", "REKEY_PACKETS_OVERFLOW_MAX"):
             setattr(packetizer, attr, NO_CLIENT_REKEY)
         conn.transport.set_keepalive(15)
-        return cls(alias, conn, secrets)
+        host = cls(alias, conn, secrets)
+        host.identity = identity_of(conn.transport)
+        return host
 
     def close(self) -> None:
-        self.connection.close()
+        close_chain(self.connection)
 
     @contextlib.contextmanager
     def _stream_channel(self, command_line: str) -> Iterator[paramiko.Channel]:

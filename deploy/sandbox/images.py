@@ -33,7 +33,9 @@ ROLE_IMAGES = (
     ("postgres", "healthdeploy/postgres:15"),
     ("redis", "healthdeploy/redis:7"),
     ("nginx", "healthdeploy/nginx:1.22"),
-    ("influxdb", "healthdeploy/influxdb:1.6"),
+    # "-auth": the image gained HTTP auth with an admin user from the environment. A new tag, because other
+    # checkouts on the same engine run their tests against the old one (a rebuild would swap it under them).
+    ("influxdb", "healthdeploy/influxdb:1.6-auth"),
     ("mosquitto", "healthdeploy/mosquitto:2"),
     ("seaweedfs", "healthdeploy/seaweedfs:4"),
 )

@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.core.errors import UsageError
+from deploy.core.urls import display_url  # noqa: F401  (re-exported: callers use pl.display_url)
 from deploy.core.settings import PROJECT_ROOT, Settings
 from deploy.stack.render import Target, render_build_files, render_release_files
+from deploy.stack.sourcefilter import DEPLOYIGNORE, Refusal, SourceFilter, secret_reason
 
 MANIFEST = "MANIFEST"
 RELEASE_ENV = "release.env"  # RELEASE_ID for compose interpolation; excluded from change detection
+# Never shipped, never looked at: build output, caches, VCS data. (An env file is not in here: it is refused
+# unless .deployignore or DEPLOY_ALLOW says what to do with it, see sourcefilter.py.)
 EXCLUDED_NAMES = {".git", "node_modules", "__pycache__", ".venv", "venv", ".pytest_cache", ".mypy_cache",
-                  "dist", "unpackage", ".env", ".DS_Store"}
+                  "dist", "unpackage", ".DS_Store"}
+SNIFF_BYTES = 64 << 10  # how much of each file is searched for a private key or a token
 
 
 GIT_PREFIXES = ("git@", "ssh://", "https://", "http://", "git://", "file://")
@@ -32,40 +37,47 @@ def is_git(source: str) -> bool:
     return source.startswith(GIT_PREFIXES) or source.endswith(".git")
 
 
-def display_url(url: str) -> str:
-    """The URL without credentials (a token in https://user:token@host/... must not be printed or stored)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password or (parts.username and parts.scheme in ("http", "https")):
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url
-
-
 def git_source_files(url: str, commit: str) -> dict[str, bytes]:
     return {SOURCE_FILE: f"git {display_url(url)} {commit}\n".encode()}
 
 
-def collect_source(source: str) -> dict[str, bytes]:
-    """Files of a local application directory, keyed ``src/<relative path>``."""
+def collect_source(source: str, allow: tuple[str, ...] | list[str] = ()) -> dict[str, bytes]:
+    """Files of a local application directory, keyed ``src/<relative path>``.
+
+    ``.deployignore`` in the source root (gitignore syntax) leaves files out. A file that looks like a secret
+    (sourcefilter.SECRET_NAME_PATTERNS, a private key inside, an .npmrc with a token, ...) stops the deploy
+    here, before any connection, unless .deployignore leaves it out or ``allow`` (DEPLOY_ALLOW) names it."""
     root = Path(source)
     if not root.is_absolute():
         root = PROJECT_ROOT / root
     if not root.is_dir():
         raise UsageError(f"APP_SOURCE {source} is not a directory", "point APP_SOURCE at the application checkout")
+    ignore_file = root / DEPLOYIGNORE
+    rules = SourceFilter(ignore_file.read_text(encoding="utf-8") if ignore_file.is_file() else "", allow)
     files = {}
+    refused: list[Refusal] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_NAMES)
+        here = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if here == "." else here + "/"
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_NAMES and not rules.ignored(prefix + d, is_dir=True))
         for name in sorted(filenames):
-            if name in EXCLUDED_NAMES or name.endswith(".pyc"):
+            relative = prefix + name
+            if name in EXCLUDED_NAMES or name.endswith(".pyc") or relative == DEPLOYIGNORE or rules.ignored(relative):
                 continue
             path = Path(dirpath) / name
             if path.is_symlink() or not path.is_file():
                 continue
-            files["src/" + path.relative_to(root).as_posix()] = path.read_bytes()
+            data = path.read_bytes()
+            why = secret_reason(relative, data[:SNIFF_BYTES])
+            if why and not rules.allowed(relative):
+                refused.append(Refusal(relative, why))
+                continue
+            files["src/" + relative] = data
+    if refused:
+        shown = ", ".join(str(r) for r in refused[:12]) + (f" and {len(refused) - 12} more" if len(refused) > 12 else "")
+        raise UsageError(f"APP_SOURCE {root} has {len(refused)} file(s) that look like secrets: {shown}; nothing was sent",
+                         f"leave them out with {root / DEPLOYIGNORE} (gitignore syntax), or ship them on purpose with "
+                         f"DEPLOY_ALLOW=path,glob,... in the env file")
     return files
 
 
@@ -138,7 +150,11 @@ def diff(new: dict[str, str], live: dict[str, str]) -> PayloadDiff:
     return PayloadDiff(changed, removed)
 
 
-def tar_of(files: dict[str, bytes], paths: tuple[str, ...] | list[str], mode: int = 0o644) -> bytes:
+RELEASE_FILE_MODE = 0o640  # release files on the host: owner and group (docker) read; others nothing
+RELEASE_DIR_MODE = "0750"
+
+
+def tar_of(files: dict[str, bytes], paths: tuple[str, ...] | list[str], mode: int = RELEASE_FILE_MODE) -> bytes:
     """A tar of the given files, stamped with the current time.
 
     The time matters: BuildKit skips re-sending a context file whose size and mtime did not change,

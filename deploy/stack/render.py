@@ -277,6 +277,9 @@ def service_environment(settings: Settings, target: Target | None = None) -> dic
         "AI_SERVICE_URL": "http://ai-service:8001",
         "JWT_SECRET": s.jwt_secret.reveal(), "JWT_EXPIRES_IN": s.jwt_expires_in,
     }
+    if s.influx_version == "1":  # InfluxDB 1.x authenticates users, not tokens
+        backend["INFLUX_USERNAME"] = s.influx_user
+        backend["INFLUX_PASSWORD"] = s.influx_password.reveal()
     if "mongodb" in infra:
         backend["MONGO_URI"] = (f"mongodb://{quote(s.mongo_user, safe='')}:{_url_password(s.mongo_password)}"
                                 f"@{at('mongodb')}:27017/{s.mongo_db}?authSource=admin")
@@ -285,6 +288,8 @@ def service_environment(settings: Settings, target: Target | None = None) -> dic
         "DEEPSEEK_API_KEY": s.deepseek_api_key.reveal(), "DEEPSEEK_API_BASE": s.deepseek_api_base,
         "BACKEND_URL": "http://backend:5000", "JWT_SECRET": s.jwt_secret.reveal(),
     }
+    if s.qdrant_api_key:
+        ai["QDRANT_API_KEY"] = s.qdrant_api_key.reveal()
     if sandbox:
         # The sample app's migration reads DATABASE_URL; give ai-service none of the backend's secrets.
         backend["MIGRATE_HINT"] = "python3 /app/app.py migrate"
@@ -293,7 +298,9 @@ def service_environment(settings: Settings, target: Target | None = None) -> dic
     envs["postgres"] = {"POSTGRES_USER": s.db_user, "POSTGRES_PASSWORD": s.db_password.reveal(), "POSTGRES_DB": s.db_name}
     envs["redis"] = {"REDIS_PASSWORD": s.redis_password.reveal()}
     if s.influx_version == "1":
-        envs["influxdb"] = {"INFLUX_DB": s.influx_bucket, "INFLUXDB_HTTP_AUTH_ENABLED": "false"}
+        # HTTP auth on, with the admin user from settings (the image creates it, or sets its password, at start).
+        envs["influxdb"] = {"INFLUX_DB": s.influx_bucket, "INFLUXDB_HTTP_AUTH_ENABLED": "true",
+                            "INFLUXDB_ADMIN_USER": s.influx_user, "INFLUXDB_ADMIN_PASSWORD": s.influx_password.reveal()}
     else:
         envs["influxdb"] = {
             "DOCKER_INFLUXDB_INIT_MODE": "setup", "DOCKER_INFLUXDB_INIT_USERNAME": s.influx_user,
@@ -309,6 +316,7 @@ def service_environment(settings: Settings, target: Target | None = None) -> dic
                         "EMQX_AUTHENTICATION__1__MECHANISM": "password_based",
                         "EMQX_AUTHENTICATION__1__BACKEND": "built_in_database"}
     envs["minio"] = {"MINIO_ROOT_USER": s.minio_user, "MINIO_ROOT_PASSWORD": s.minio_password.reveal()}
+    envs["qdrant"] = {"QDRANT__SERVICE__API_KEY": s.qdrant_api_key.reveal()}  # every request needs the api-key header
     here = set(services_on(settings, target)) if target is not None else set(APP_SERVICES) | infra
     return {name: env for name, env in envs.items() if name in here}
 

@@ -87,12 +87,17 @@ def psql(sql: str) -> str:
     return out.stdout.strip()
 
 
+# InfluxDB runs with HTTP auth: curl as the admin user from the container's environment (config on stdin).
+INFLUX_CURL = ["docker", "exec", INFLUX, "sh", "-c",
+               'printf \'user = "%s:%s"\\n\' "$INFLUXDB_ADMIN_USER" "$INFLUXDB_ADMIN_PASSWORD" | curl -K - "$@"', "sh"]
+
+
 def influx(q: str, write: str | None = None) -> dict:
     if write:
-        subprocess.run(["docker", "exec", INFLUX, "curl", "-fsS", "-XPOST", "http://127.0.0.1:8086/write?db=health_data",
+        subprocess.run([*INFLUX_CURL, "-fsS", "-XPOST", "http://127.0.0.1:8086/write?db=health_data",
                         "--data-binary", write], check=True, capture_output=True)
         return {}
-    out = subprocess.run(["docker", "exec", INFLUX, "curl", "-fsS", "-G", "http://127.0.0.1:8086/query",
+    out = subprocess.run([*INFLUX_CURL, "-fsS", "-G", "http://127.0.0.1:8086/query",
                           "--data-urlencode", "db=health_data", "--data-urlencode", f"q={q}"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -157,7 +162,7 @@ def test_backup_destroy_restore_is_identical(env):
     psql("DELETE FROM patients WHERE id % 3 = 0")
     psql("DROP TABLE readings")
     psql("DROP ROLE report_reader")
-    subprocess.run(["docker", "exec", INFLUX, "curl", "-fsS", "-XPOST", "http://127.0.0.1:8086/query",
+    subprocess.run([*INFLUX_CURL, "-fsS", "-XPOST", "http://127.0.0.1:8086/query",
                     "--data-urlencode", "db=health_data", "--data-urlencode", "q=DROP MEASUREMENT hr"],
                    check=True, capture_output=True)
     destroy_objects()

@@ -31,6 +31,7 @@ GOOD_PROD = {
     "REDIS_PASSWORD": "r3dis-0a9f8e7d", "INFLUX_PASSWORD": "infl-9d8c7b6a", "INFLUX_TOKEN": "tok-5e4d3c2b1a",
     "MONGO_PASSWORD": "mongo-1a2b3c4d", "MINIO_PASSWORD": "minio-9z8y7x6w", "EMQX_PASSWORD": "emqx-5v4u3t2s",
     "JWT_SECRET": "j-" + "0123456789abcdef" * 3, "DEEPSEEK_API_KEY": "sk-live-123456789",
+    "QDRANT_API_KEY": "qdr-7h6g5f4e3d",
 }
 
 
@@ -171,7 +172,7 @@ def test_example_env_copied_as_its_header_says(envs):
     text = (PROJECT_ROOT / "env" / "example.env").read_text()
     (envs.dir / "prod.env").write_text(text)
     secrets = ["DB_PASSWORD", "REDIS_PASSWORD", "INFLUX_PASSWORD", "INFLUX_TOKEN", "MONGO_PASSWORD", "MINIO_PASSWORD",
-               "EMQX_PASSWORD", "JWT_SECRET", "DEEPSEEK_API_KEY"]
+               "QDRANT_API_KEY", "EMQX_PASSWORD", "JWT_SECRET", "DEEPSEEK_API_KEY"]
     errors = refused(envs.run("fab", "deploy", "--env", "prod"), 2, lines=len(secrets))
     assert [e.split(":")[1].strip() for e in errors] == secrets
     assert all("required for env 'prod'" in e for e in errors) and "#" not in "".join(errors)

@@ -14,7 +14,7 @@ GOOD_PROD = {
     "HOSTS": "web1,web2", "ROLES": "web1=both,web2=app", "APP_SOURCE": "/src/app", "DB_PASSWORD": "Zq8!vT3#long-db-pass",
     "REDIS_PASSWORD": "r3dis-0a9f8e7d", "INFLUX_PASSWORD": "infl-9d8c7b6a", "INFLUX_TOKEN": "tok-5e4d3c2b1a",
     "MONGO_PASSWORD": "mongo-1a2b3c4d", "MINIO_PASSWORD": "minio-9z8y7x6w", "EMQX_PASSWORD": "emqx-5v4u3t2s",
-    "JWT_SECRET": "j" * 40, "DEEPSEEK_API_KEY": "sk-live-123456789",
+    "JWT_SECRET": "j" * 40, "DEEPSEEK_API_KEY": "sk-live-123456789", "QDRANT_API_KEY": "qdr-7c6b5a4d3e",
 }
 
 

@@ -117,4 +117,4 @@ def test_env_files_hold_the_secrets_per_service():
     assert "DEEPSEEK_API_KEY" not in backend  # each service gets only what it needs
     assert "DB_PASSWORD" not in envs["env/ai-service.env"].decode()
     assert set(envs) == {f"env/{s}.env" for s in ("backend", "ai-service", "frontend-web", "frontend-patient", "postgres",
-                                                   "redis", "influxdb", "mongodb", "emqx", "minio")}
+                                                   "redis", "influxdb", "mongodb", "emqx", "minio", "qdrant")}
