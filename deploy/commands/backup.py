@@ -433,3 +433,48 @@ exec mongorestore --quiet --archive --gzip --drop --config "$c" -u "$MONGO_INITD
 
 def mongo_restore(container: str) -> Command:
     return _in(container, MONGO_RESTORE, description="mongorestore --drop", readonly=False)
+
+
+# MongoDB beside the live data (builders only: no MongoDB server runs here). The application's database is
+# restored under another name (--nsFrom/--nsTo), then the collections are renamed in two passes: live ->
+# previous, restored -> live (renameCollection, admin); undone by the same swap the other way. mongosh reads
+# the password from the container's environment in JavaScript, never from argv.
+MONGO_STAGE = r"""set -e
+umask 077
+c=$(mktemp)
+trap 'rm -f "$c"' EXIT
+printf 'password: "%s"\n' "$MONGO_INITDB_ROOT_PASSWORD" > "$c"
+exec mongorestore --quiet --archive --gzip --drop --config "$c" -u "$MONGO_INITDB_ROOT_USERNAME" \
+  --authenticationDatabase admin --nsInclude "$1.*" --nsFrom "$1.*" --nsTo "$2.*"
+"""
+
+MONGO_JS_AUTH = ('const a = db.getSiblingDB("admin"); '
+                 'a.auth(process.env.MONGO_INITDB_ROOT_USERNAME, process.env.MONGO_INITDB_ROOT_PASSWORD); '
+                 'const names = (d) => a.getSiblingDB(d).getCollectionNames().filter((n) => !n.startsWith("system.")); ')
+
+MONGO_SWAP_JS = MONGO_JS_AUTH + (
+    'const live = process.env.HD_LIVE, old = process.env.HD_OLD, fresh = process.env.HD_NEW; '
+    'if (names(fresh).length === 0 && names(old).length > 0) { print("switched"); quit(0); } '
+    'for (const n of names(live)) { const r = a.adminCommand({renameCollection: live + "." + n, to: old + "." + n, dropTarget: true}); if (!r.ok) { throw new Error(JSON.stringify(r)); } } '
+    'for (const n of names(fresh)) { const r = a.adminCommand({renameCollection: fresh + "." + n, to: live + "." + n}); if (!r.ok) { throw new Error(JSON.stringify(r)); } } '
+    'print("switched");')
+
+MONGO_DROP_JS = MONGO_JS_AUTH + 'a.getSiblingDB(process.env.HD_DB).dropDatabase();'
+
+MONGO_SH = r"""exec env HD_LIVE="$1" HD_OLD="$2" HD_NEW="$3" HD_DB="$1" mongosh --quiet --norc mongodb://127.0.0.1:27017/admin --eval "$4" """
+
+
+def mongo_stage(container: str, database: str, new_database: str) -> Command:
+    return _in(container, MONGO_STAGE, database, new_database, description=f"mongorestore as {new_database}",
+               readonly=False).tagged("mongo-stage", database, new_database)
+
+
+def mongo_swap(container: str, live: str, old: str, new: str) -> Command:
+    """``live``'s collections move to ``old``, ``new``'s to ``live`` (idempotent)."""
+    return _in(container, MONGO_SH, live, old, new, MONGO_SWAP_JS, description=f"switch MongoDB database {live}",
+               readonly=False).tagged("mongo-swap", live, old, new)
+
+
+def mongo_drop_database(container: str, database: str) -> Command:
+    return _in(container, MONGO_SH, database, "", "", MONGO_DROP_JS, description=f"drop MongoDB database {database}",
+               readonly=False).tagged("mongo-drop", database)

@@ -169,9 +169,8 @@ def _duration(text: str) -> str:
     return "INF" if seconds == 0 else f"{seconds}s"
 
 
-def recreate_statements(database: str, rps: list[dict], cqs: list[dict]) -> list[tuple[str, str]]:
-    """DROP and CREATE ``database`` with exactly these retention policies (default kept) and continuous
-    queries (their recorded text, which names the database it was made on)."""
+def recreate_statements(database: str, rps: list[dict]) -> list[tuple[str, str]]:
+    """DROP and CREATE ``database`` with exactly these retention policies (the default one kept default)."""
     out = [("", f"DROP DATABASE {ident(database)}"), ("", f"CREATE DATABASE {ident(database)}")]
     names = {rp["name"] for rp in rps}
     for rp in rps:
@@ -181,8 +180,13 @@ def recreate_statements(database: str, rps: list[dict], cqs: list[dict]) -> list
                         f"{max(_go_duration_seconds(rp['shard_duration']), 3600)}s" + (" DEFAULT" if rp["default"] else "")))
     if rps and "autogen" not in names:
         out.append(("", f"DROP RETENTION POLICY {ident('autogen')} ON {ident(database)}"))
-    out += [("", _retarget_cq(cq["query"], cq.get("database"), database)) for cq in cqs]
     return out
+
+
+def cq_statements(database: str, cqs: list[dict]) -> list[tuple[str, str]]:
+    """The continuous queries again, from their recorded text (created after the copy: they must not run on a
+    half-copied database)."""
+    return [("", _retarget_cq(cq["query"], cq.get("database"), database)) for cq in cqs]
 
 
 def _retarget_cq(query: str, origin: str | None, database: str) -> str:
@@ -260,6 +264,7 @@ echo acquired
 cat >/dev/null 2>&1
 if [ -f "$j/armed" ]; then
   trap '' HUP INT TERM PIPE
+  sleep 3  # a statement still in flight when the connection dropped ends first
   {
     echo "connection lost at $(date -u +%Y-%m-%dT%H:%M:%SZ): running the undo script"
     if sh "$j/undo.sh"; then echo "HEALTHDEPLOY-RECOVERED"; else echo "HEALTHDEPLOY-RECOVERY-FAILED"; fi
