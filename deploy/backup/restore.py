@@ -72,7 +72,8 @@ class RestoreFailed(HealthdeployError):
         super().__init__(f"restore failed: {message}; {tail}",
                          getattr(cause, "hint", None) or "fix the cause and run the restore again")
         self.cause, self.states, self.undo = cause, states, undo
-        self.exit_code = getattr(cause, "exit_code", ExitCode.FAILED)
+        self.exit_code = ExitCode.INTERRUPTED if isinstance(cause, KeyboardInterrupt) else getattr(
+            cause, "exit_code", ExitCode.FAILED)
 
 
 class Guard:
@@ -117,6 +118,7 @@ class Guard:
             finally:
                 if self.held is not None:
                     self.held.close()
+                    self.held = None
 
 
 @dataclass
@@ -235,8 +237,8 @@ class Restore:
         hosts = {self.data.alias: self.data, **self.apps}
         for alias, session in hosts.items():
             guard = Guard(session, f"{session.t.shared}/restore/{self.plan.stamp}")
+            self.guards[alias] = guard  # before arming: a half-armed guard is disarmed too
             guard.arm(self.journal_record())
-            self.guards[alias] = guard
 
     def fail(self, exc: BaseException) -> None:
         """Undo everything registered, newest first, each to its end; then the stores' states."""
@@ -277,13 +279,23 @@ class Restore:
         for service in self.plan.services:
             self.report.states[service] = RESTORED
         with shielded():
+            for alias, guard in self.guards.items():  # first: no undo may run after this point
+                try:
+                    guard.disarm(remove=False)
+                except (HealthdeployError, KeyboardInterrupt) as exc:
+                    self.console.warn(f"{alias}: could not disarm the restore guard ({exc}): if the connection "
+                                      "dropped, the guard may have put the previous data back; check before going on")
             for service in reversed(self.plan.services):
                 try:
                     self.cleanup(service)
-                except HealthdeployError as exc:
-                    self.console.warn(f"{self.data.alias}: removing the previous copy of {service}: {exc.message}")
-            for guard in self.guards.values():
-                guard.disarm()
+                except (HealthdeployError, KeyboardInterrupt) as exc:
+                    self.console.warn(f"{self.data.alias}: removing the previous copy of {service}: {exc} "
+                                      "(the next restore removes it)")
+            for alias, guard in self.guards.items():
+                try:
+                    guard.session.run(fs.remove_tree(guard.dir))
+                except (HealthdeployError, KeyboardInterrupt):
+                    pass
 
     # -- writers ------------------------------------------------------------------------------------------
     def stop_writers(self) -> None:

@@ -54,7 +54,7 @@ def postgres_dump(container: str) -> Command:
 
 def postgres_row_counts(container: str, database: str = "") -> Command:
     return _in(container, ROW_COUNTS, ROW_COUNT_SQL, database,
-               description="count rows per table")
+               description="count rows per table").tagged("pg-rows", database)
 
 
 def postgres_globals(container: str) -> Command:
