@@ -110,8 +110,11 @@ def backup_objects(client: Minio, out: BinaryIO, progress: Callable[[int], None]
     """Write every bucket's objects with their metadata as one tar stream into ``out``."""
     summary = ObjectsSummary()
     total = 0
+    from deploy.plan.restore import is_staging_name
+
     try:
-        buckets = sorted(b.name for b in client.list_buckets())
+        # The staging and previous buckets of a restore that did not end are not the application's data.
+        buckets = sorted(b.name for b in client.list_buckets() if not is_staging_name(b.name))
     except S3Error as exc:
         raise _s3_error("list buckets", exc) from None
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:

@@ -569,7 +569,10 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
     services = {a["service"] for a in manifest["artifacts"]}
     check_keys(settings, manifest, services)
     check_resources(settings, host, manifest, tuple(services), drill=True)
-    prefix = f"hd-verify-{path.name.lower()}-{_secrets.token_hex(3)}"
+    # The host's name is part of the container's: test suites of several checkouts sharing one engine remove
+    # only their own hosts' leftovers.
+    safe_alias = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in host.alias.lower())
+    prefix = f"hd-verify-{safe_alias}-{path.name.lower()}-{_secrets.token_hex(3)}"
     drills = {"postgres": _drill_postgres, "influxdb": _drill_influx, "minio": _drill_objects}
     for service, drill in drills.items():
         if service in services:
