@@ -265,6 +265,11 @@ def test_encrypted_compressed_set_round_trip(env, tmp_path):
                   BACKUP_AGE_IDENTITY_FILE=str(other))
         proc = inv(env, "backup.verify", "--env", "bk", "--from", sealed.name)
         assert proc.returncode == 8 and "cannot decrypt" in proc.stderr and ".age" in proc.stderr
+        # ... and a restore with it is refused before any writer stops or any safety backup is taken.
+        proc = inv(env, "restore", "--env", "bk", "--from", sealed.name, "--yes")
+        assert proc.returncode == 8 and "cannot decrypt" in proc.stderr, proc.stderr
+        assert "stopping" not in proc.stderr and "safety backup" not in proc.stderr
+        assert psql(ROW_CHECKSUM) == damaged and len(set(sets(env)) - known) == 1
 
         env.write(hosts=HOST, BACKUP_COMPRESSION="zstd", BACKUP_AGE_RECIPIENTS=recipient,
                   BACKUP_AGE_IDENTITY_FILE=str(key))
@@ -303,6 +308,32 @@ def test_a_backup_killed_halfway_leaves_no_good_set(env):
     assert partial, "the interrupted set stays under its temporary name"
     refused = inv(env, "restore", "--env", "bk", "--from", str(partial[0]), "--yes")
     assert refused.returncode == 2 and "is not a backup set (no manifest.json)" in refused.stderr
+    # The next backup removes what the killed one left (older, its owner gone).
+    proc = inv(env, "backup", "--env", "bk", "--services", "postgres")
+    assert proc.returncode == 0 and f"removed {partial[0].name}" in proc.stderr, proc.stderr
+    assert not [p for p in root.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_a_drill_of_2000_tables_compares_every_table(env):
+    psql("CREATE SCHEMA wide")
+    psql("DO $$ BEGIN FOR i IN 1..2000 LOOP EXECUTE format('CREATE TABLE wide.t%s (id int)', i); "
+         "EXECUTE format('INSERT INTO wide.t%s SELECT generate_series(1, %s)', i, i % 5); END LOOP; END $$")
+    try:
+        known = set(sets(env))
+        proc = inv(env, "backup", "--env", "bk", "--services", "postgres")
+        assert proc.returncode == 0, proc.stderr
+        [wide] = set(sets(env)) - known
+        rows = json.loads((wide / "manifest.json").read_text())["artifacts"][0]["rows"]
+        assert len([t for t in rows if t.startswith("wide.")]) == 2000 and rows["wide.t1999"] == 4
+        started = time.monotonic()
+        proc = inv(env, "backup.verify", "--env", "bk", "--from", wide.name, "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        assert report["result"] == "ok" and len(report["checks"][0]["tables"]) >= 2003
+        print(f"2,000-table drill: ok in {time.monotonic() - started:.1f}s, "
+              f"{len(report['checks'][0]['tables'])} tables compared")
+    finally:
+        psql("DROP SCHEMA wide CASCADE")
 
 
 def test_prune_keeps_the_newest_verified_set(env):

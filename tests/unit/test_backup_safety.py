@@ -241,3 +241,84 @@ def test_mongo_beside_the_live_data_keeps_the_password_off_argv():
     swap = bk.mongo_swap("m", "health_mgmt", "old", "new").render()
     assert "process.env.MONGO_INITDB_ROOT_PASSWORD" in swap and "--password" not in swap and "-p " not in swap
     assert "renameCollection" in swap and swap.index("to: old") < swap.index("to: live")
+
+
+# -- B: what is refused before any host is touched ------------------------------------------------------------
+def signed_set(tmp_path: Path, recipients=()) -> tuple[object, Path]:
+    """A production-like settings object and one signed set of env 'sandbox' on host 'sandbox'."""
+    import hashlib
+
+    from deploy.backup import signing
+    from deploy.backup.sealing import Sealing, open_sealed_writer
+    from deploy.core.settings import load_settings
+
+    key, allowed = tmp_path / "sign.key", tmp_path / "allowed"
+    signing.write_keypair(str(key), str(allowed))
+    s = dataclasses.replace(load_settings("sandbox"), env_kind="production", backup_signing_key=str(key),
+                            backup_allowed_signers=str(allowed))
+    root = tmp_path / "backups"
+    path = root / "sandbox" / "20260101T000000Z"
+    path.mkdir(parents=True)
+    content = b"PGDMP not really"
+    sealing = Sealing(recipients=tuple(recipients))
+    with open_sealed_writer(path / ("postgres.dump" + sealing.suffix()), sealing) as writer:
+        writer.write(content)
+    stored = (path / ("postgres.dump" + sealing.suffix())).read_bytes()
+    manifest = {"format": 2, "env": "sandbox", "host": "sandbox", "kind": "backup", "artifacts": [
+        {"service": "postgres", "artifact": "postgres.dump", "file": "postgres.dump" + sealing.suffix(),
+         "bytes": len(stored), "sha256": hashlib.sha256(stored).hexdigest(), "content_bytes": len(content),
+         "content_sha256": hashlib.sha256(content).hexdigest(), "sealing": sealing.record(), "rows": {}}]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    signing.sign_set(path, str(key))
+    return s, path
+
+
+def no_connection(settings, alias):
+    raise AssertionError(f"connected to {alias}: the host must not be touched")
+
+
+def test_no_safety_backup_on_production_needs_its_own_confirmation(tmp_path, monkeypatch):
+    import io
+
+    from deploy.cli import Runtime
+    from deploy.cli import backup as cli_backup
+    from deploy.core.console import Console
+
+    s, path = signed_set(tmp_path)
+    monkeypatch.setattr(cli_backup, "BACKUP_ROOT", path.parent.parent)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal: nobody to ask
+    runtime = Runtime(s, Console(out=io.StringIO(), err=io.StringIO()), connector=no_connection)
+    with pytest.raises(UsageError, match="--no-safety-backup on production 'sandbox' needs its own confirmation") as e:
+        cli_backup.run_restore(runtime, path.name, None, None, yes=True, safety_backup=False)
+    assert e.value.exit_code == 2 and e.value.hint == "rerun with --yes-really"
+    out = io.StringIO()
+    runtime = Runtime(s, Console(out=out, err=io.StringIO()), connector=no_connection)
+    assert cli_backup.run_restore(runtime, path.name, None, None, yes=True, safety_backup=False, yes_really=True,
+                                  dry_run=True) == 0
+    assert "NO safety backup (confirmed)" in out.getvalue() and "postgres.dump -> health_mgmt__hd_new_" in out.getvalue()
+
+
+def test_a_set_encrypted_to_another_key_is_refused_before_the_host_is_touched(tmp_path, monkeypatch):
+    import io
+
+    from deploy.backup.sealing import generate_identity
+    from deploy.cli import Runtime
+    from deploy.cli import backup as cli_backup
+    from deploy.core.console import Console
+
+    _, public = generate_identity()
+    other_secret, _ = generate_identity()
+    (tmp_path / "other.key").write_text(other_secret + "\n")
+    s, path = signed_set(tmp_path, recipients=(public,))
+    s = dataclasses.replace(s, backup_age_identity_file=str(tmp_path / "other.key"))
+    monkeypatch.setattr(cli_backup, "BACKUP_ROOT", path.parent.parent)
+    runtime = Runtime(s, Console(out=io.StringIO(), err=io.StringIO()), connector=no_connection)
+    with pytest.raises(IntegrityError, match="cannot decrypt") as e:
+        cli_backup.run_restore(runtime, path.name, None, None, yes=True)
+    assert e.value.exit_code == 8
+    # and a manifest changed after signing is refused before anything else of the set is read
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["artifacts"][0]["rows"] = {"public.x": 1}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="signature is not valid"):
+        cli_backup.run_restore(runtime, path.name, None, None, yes=True)
