@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ def checkpoint(console: Console, alias: str, name: str) -> None:
     wanted = os.environ.get("HEALTHDEPLOY_RESTORE_PAUSE", "")
     point, _, seconds = wanted.partition(":")
     if point == name:
-        print(f"HEALTHDEPLOY-CHECKPOINT {name}", file=__import__("sys").stderr, flush=True)
+        print(f"HEALTHDEPLOY-CHECKPOINT {name}", file=sys.stderr, flush=True)
         time.sleep(float(seconds or 30))
 
 

@@ -652,9 +652,17 @@ def _differences(recorded: dict, restored: dict) -> list[str]:
             for key in sorted(set(recorded) | set(restored)) if recorded.get(key) != restored.get(key)]
 
 
-def _wait(host, probe, what: str, seconds: float = 60) -> None:
+def _wait(host, probe, what: str, seconds: float = 120, name: str = "") -> None:
     deadline = time.monotonic() + seconds
+    checks = 0
     while not probe():
+        checks += 1
+        if name and checks % 10 == 0:  # every 5 s: a container that is gone will never answer
+            state = host.run(dk.container_state(name), check=False).text.strip()
+            if state not in ("running", "created", "restarting"):
+                raise HealthdeployError(f"the throwaway {what} container {name} is {state or 'gone'} before it "
+                                        "answered", "see `docker logs` on the host (a memory limit too low? removed "
+                                        "by someone else?) and run it again")
         if time.monotonic() > deadline:
             raise HealthdeployError(f"the throwaway {what} did not start within {seconds:.0f}s",
                                     "see `docker logs` on the host")
@@ -673,9 +681,9 @@ def _drill_postgres(settings: Settings, host, console: Console, path: Path, mani
                               description="start a throwaway PostgreSQL"))
     ready = cmd("docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1", description="wait for PostgreSQL",
                 readonly=True)
-    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL", name=name)
     time.sleep(1)  # the image restarts the server once after initdb
-    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL", name=name)
     globals_record = artifact_record(manifest, "postgres-globals.sql")
     if globals_record:
         _send(settings, host, bk.postgres_restore_globals(name), path, globals_record)
@@ -705,7 +713,7 @@ def _drill_influx(settings: Settings, host, console: Console, path: Path, manife
     host.run(dk.run_throwaway(name, settings.influxdb_image, network="none", memory=DRILL_MEMORY,
                               environment=("INFLUXDB_HTTP_AUTH_ENABLED=false",),
                               description="start a throwaway InfluxDB"))
-    _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB")
+    _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB", name=name)
     _send(settings, host, bk.influx_drill_restore(name, settings.influx_bucket), path, record)
     restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, bk.DRILL_DATABASE, recorded["t0"]),
                                                structured=bk.STRUCTURED).err)
@@ -740,7 +748,7 @@ def _drill_objects(settings: Settings, host, console: Console, path: Path, manif
         except Exception:  # not listening yet: connection refused, reset, 503
             return False
 
-    _wait(host, answers, "object store")
+    _wait(host, answers, "object store", name=name)
     _restore_objects(settings, client, path, record)
     restored = objects.count_objects(client)
     recorded = record.get("objects", {})
