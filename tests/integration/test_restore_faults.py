@@ -164,6 +164,82 @@ def lock_state(env) -> str:
     return "free" if "free" in out else "stale" if "stale" in out else out.strip()[:80]
 
 
+# Other checkouts' test suites on this machine remove every container labelled healthdeploy.role=drill when
+# they start (their copy of sandbox_env.py predates host-named drills): a drill of ours can vanish under us.
+# The restore then fails and undoes itself correctly; the case is run again (at most 3 times), and said so.
+DISTURBED = ("No such container: hd-verify-", "is gone before it answered")
+
+
+def disturbed(text: str) -> bool:
+    return any(marker in text for marker in DISTURBED)
+
+
+def restore_again(env, backup_set):
+    for _ in range(3):
+        again = inv(env, "restore", "--env", "rf", "--from", backup_set, "--yes", "--break-lock")
+        if again.returncode == 0 or not disturbed(again.stderr):
+            return again
+        print("(a drill container was removed by another checkout's test suite: restore run again)", flush=True)
+    return again
+
+
+def fault_case(env, backup_set, new, mode, point, n):
+    """One kill at one point; the row of the table, or None when another suite disturbed the run."""
+    mutate(n)
+    old = state()
+    assert old != new
+    cmd = ["inv", "restore", "--env", "rf", "--from", backup_set, "--yes", "--break-lock"]
+    with Load(ADDRESS, 5000, rate=40, workers=8) as load:
+        time.sleep(1)
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "HEALTHDEPLOY_ENV_DIR": str(env.directory),
+                                     "HEALTHDEPLOY_HOME": str(env.home),
+                                     "HEALTHDEPLOY_RESTORE_PAUSE": f"{point}:25"}, text=True)
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if f"HEALTHDEPLOY-CHECKPOINT {point}" in line:
+                break
+        else:
+            proc.wait()
+            if disturbed("".join(seen)):
+                print(f"({mode} at {point}: a drill container was removed by another checkout's test suite; "
+                      "the restore undid itself; run again)", flush=True)
+                assert state() == old and writers_running()
+                return None
+            raise AssertionError(f"{point}: the restore ended before the point: {''.join(seen)[-2000:]}")
+        if mode == "SIGKILL":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            pids = sshd_session_pids(proc.pid)
+            assert pids, f"{point}: no sshd session found for pid {proc.pid}"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        seconds = recovered()
+        if mode == "ssh-drop":
+            proc.wait(timeout=120)  # it notices the lost connection and ends (its undo cannot reach the host)
+        time.sleep(1)
+    proc.kill()
+    proc.wait()
+    after = state()
+    assert after in (old, new), (f"{mode} at {point}: neither the old nor the restored data: differs from the "
+                                 f"old in {[i for i in range(3) if after[i] != old[i]]}")
+    assert after == old, f"{mode} at {point}: the guard should have put the old data back"
+    assert leftovers() == [], f"{mode} at {point}: left {leftovers()}"
+    assert writers_running()
+    lock = lock_state(env)
+    assert lock in ("free", "stale"), lock
+    left_buckets = staging_buckets()
+    again = restore_again(env, backup_set)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert state() == new and leftovers() == [] and staging_buckets() == [] and writers_running()
+    assert lock_state(env) == "free"
+    recovery = (f"guard: old data back, writers up {seconds:.1f}s after the kill; lock {lock}"
+                + (f"; {len(left_buckets)} staging bucket(s) removed by the next restore" if left_buckets else "")
+                + "; next restore --break-lock ok")
+    return (f"{mode} at {point}", load.result.total, load.result.failed, recovery)
+
+
 def test_restore_faults(env):
     psql("INSERT INTO patients(mrn, full_name) SELECT 'MRN' || g, 'patient ' || g FROM generate_series(1, 3000) g")
     psql("CREATE TABLE readings (id serial PRIMARY KEY, patient int, sys int, note text)")
@@ -183,57 +259,15 @@ def test_restore_faults(env):
     n = 0
     for mode in ("SIGKILL", "ssh-drop"):
         for point in POINTS:
-            n += 1
-            mutate(n)
-            old = state()
-            assert old != new
-            cmd = ["inv", "restore", "--env", "rf", "--from", backup_set, "--yes", "--break-lock"]
-            with Load(ADDRESS, 5000, rate=40, workers=8) as load:
-                time.sleep(1)
-                proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, "HEALTHDEPLOY_ENV_DIR": str(env.directory),
-                                             "HEALTHDEPLOY_HOME": str(env.home),
-                                             "HEALTHDEPLOY_RESTORE_PAUSE": f"{point}:25"}, text=True)
-                seen = []
-                for line in proc.stderr:
-                    seen.append(line)
-                    if f"HEALTHDEPLOY-CHECKPOINT {point}" in line:
-                        break
-                else:
-                    raise AssertionError(f"{point}: the restore ended before the point: {''.join(seen)[-2000:]}")
-                if mode == "SIGKILL":
-                    os.kill(proc.pid, signal.SIGKILL)
-                else:
-                    pids = sshd_session_pids(proc.pid)
-                    assert pids, f"{point}: no sshd session found for pid {proc.pid}"
-                    for pid in pids:
-                        os.kill(pid, signal.SIGKILL)
-                killed = time.monotonic()
-                seconds = recovered()
-                if mode == "ssh-drop":
-                    proc.wait(timeout=120)  # it notices the lost connection and ends (its undo cannot reach the host)
-                time.sleep(1)
-            proc.kill()
-            proc.wait()
-            after = state()
-            assert after in (old, new), (f"{mode} at {point}: neither the old nor the restored data: differs from the "
-                                         f"old in {[i for i in range(3) if after[i] != old[i]]}")
-            assert after == old, f"{mode} at {point}: the guard should have put the old data back"
-            assert leftovers() == [], f"{mode} at {point}: left {leftovers()}"
-            assert writers_running()
-            lock = lock_state(env)
-            assert lock in ("free", "stale"), lock
-            left_buckets = staging_buckets()
-            again = inv(env, "restore", "--env", "rf", "--from", backup_set, "--yes", "--break-lock")
-            assert again.returncode == 0, again.stderr[-3000:]
-            assert state() == new and leftovers() == [] and staging_buckets() == [] and writers_running()
-            assert lock_state(env) == "free"
-            recovery = (f"guard: old data back, writers up in {seconds:.1f}s after the kill; lock {lock}"
-                        + (f"; {len(left_buckets)} staging bucket(s) removed by the next restore" if left_buckets else "")
-                        + "; next restore ok")
-            rows.append((f"{mode} at {point}", load.result.total, load.result.failed, recovery))
-            print(f"{mode} at {point}: {load.result.total} requests, {load.result.failed} failed, {recovery}",
-                  flush=True)
+            for attempt in range(3):
+                n += 1
+                row = fault_case(env, backup_set, new, mode, point, n)
+                if row is not None:
+                    break
+            else:
+                raise AssertionError(f"{mode} at {point}: disturbed three times")
+            rows.append(row)
+            print(f"{row[0]}: {row[1]} requests, {row[2]} failed, {row[3]}", flush=True)
 
     table = ["| point | requests sent | failed | recovery |", "|---|---|---|---|"]
     table += [f"| {p} | {t} | {f} | {r} |" for p, t, f, r in rows]
