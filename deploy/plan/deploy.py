@@ -306,7 +306,19 @@ def plan_deploy(desired: Desired, observed: Observed) -> DeployPlan:
     if d.migrate_here and "backend" in build:
         b.add(StepKind.MIGRATE, "backend", "new backend image" if current else "first release",
               condition="image-changed:backend" if current and o.running("backend") else "")
+    # A password changed in place (PostgreSQL has one per role) is changed inside the roll of its client: after
+    # the new containers are healthy, just before the gateway switches to them, so the old containers open no new
+    # connection with the old password for more than a moment (their open connections stay authenticated).
+    rolled = {service for service, _, _ in rolls}
+    if "backend" in rolled:
+        moved = [s for s in b.steps if s.kind is StepKind.ROTATE]
+        b.steps = [s for s in b.steps if s.kind is not StepKind.ROTATE]
+    else:
+        moved = []
     for service, reason, condition in rolls:
+        if service == "backend":
+            for step in moved:
+                b.add(step.kind, step.target, step.reason, step.items, phase="in-roll:backend")
         b.add(StepKind.ROLL, service, reason, condition=condition)
     if repair:
         b.add(StepKind.REPAIR_UPSTREAMS, "", "the gateway lists addresses that are not the running containers'", repair)

@@ -47,7 +47,9 @@ class Step:
     items: tuple[str, ...] = ()  # files, services or containers the step acts on
     # Non-empty: the step runs only if this holds when apply reaches it (e.g. "image-changed:backend").
     condition: str = ""
-    phase: str = ""  # "after-apps": on a data host, run after every application host has rolled
+    # "after-apps": on a data host, run after every application host has rolled; "in-roll:<svc>": inside that
+    # service's roll, after its new containers are healthy and before the gateway switches to them.
+    phase: str = ""
 
     @property
     def key(self) -> str:
@@ -63,6 +65,10 @@ class Step:
             text += f" ({self.reason})"
         if self.condition:
             text += f" [only {condition_text(self.condition)}]"
+        if self.phase.startswith("in-roll:"):
+            text += f" [during the roll of {self.phase[8:]}, just before the switch]"
+        elif self.phase == "after-apps":
+            text += " [after every application host has rolled]"
         return text
 
     def to_json(self) -> dict:

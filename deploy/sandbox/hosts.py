@@ -93,6 +93,10 @@ def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_key
         "PrintMotd no",
         "MaxSessions 64",
         "MaxStartups 64:30:128",
+        # A client that vanished (network cut, killed) is noticed within 15 s: its session ends, and with it the
+        # lock holder, so the lock reads as stale (docs/guarantees.md recommends the same on real servers).
+        "ClientAliveInterval 5",
+        "ClientAliveCountMax 3",
         "Subsystem sftp internal-sftp",
         *extra,
         "",
