@@ -114,6 +114,7 @@ class Guard:
         with shielded():
             try:
                 self.session.run(fs.remove_paths(self.dir, ("armed",)))
+                self.session.undo.discard()  # the lock's journal entry waiting for the guard
                 if remove:
                     self.session.run(fs.remove_tree(self.dir))
             finally:
@@ -240,6 +241,8 @@ class Restore:
             guard = Guard(session, f"{session.t.shared}/restore/{self.plan.stamp}")
             self.guards[alias] = guard  # before arming: a half-armed guard is disarmed too
             guard.arm(self.journal_record())
+            # The lock's holder waits for the guard before it releases the lock (see WAIT_GUARD).
+            session.undo.push("the restore guard's undo", rs.wait_for_guard(guard.dir))
 
     def fail(self, exc: BaseException) -> None:
         """Undo everything registered, newest first, each to its end; then the stores' states."""

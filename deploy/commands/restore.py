@@ -348,3 +348,23 @@ def run_undo(journal_dir: str) -> Command:
     """Run a journal's undo script now (its guard never ran it: e.g. the host rebooted)."""
     return script(RUN_UNDO, journal_dir, description="run the undo script of an unfinished restore",
                   intent=("run-undo", journal_dir))
+
+
+# In the lock's undo journal (commands/journal.py): when our process vanishes, the lock's holder runs this
+# before it releases the lock, so the lock stays held until the guard's undo finished (no deploy can start in
+# the middle of it); a failed undo fails the entry, and the lock stays, stale, for an operator to see.
+WAIT_GUARD = r"""j=$1; i=0
+while [ -f "$j/armed" ]; do
+  i=$((i + 1)); [ "$i" -lt 3600 ] || { echo "the restore guard did not finish within 30 min" >&2; exit 1; }
+  sleep 0.5
+done
+if grep -q HEALTHDEPLOY-RECOVERY-FAILED "$j/recovery.log" 2>/dev/null; then
+  echo "the restore guard's undo failed: see $j/recovery.log" >&2; exit 1
+fi
+exit 0
+"""
+
+
+def wait_for_guard(journal_dir: str) -> Command:
+    return script(WAIT_GUARD, journal_dir, description="wait for the restore guard's undo",
+                  intent=("wait-guard", journal_dir))

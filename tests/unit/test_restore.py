@@ -100,6 +100,7 @@ def test_a_restore_loads_beside_checks_and_switches_every_store(tmp_path):
     assert d.world.pg["health_mgmt"] == SET_ROWS
     assert d.world.influx["health_data"] == SET_INFLUX
     assert d.leftovers() == [] and d.writers_running() and not d.armed() and d.safety_taken == 1
+    assert d.world.journal == []  # committed: nothing left for the lock's holder
     kinds = [i[0] for i in host.intents()]
     # every store loaded and checked before the first switch; the writers stopped before the safety backup
     assert kinds.index("stop") < kinds.index("pg-create")
@@ -149,6 +150,7 @@ def test_a_failure_at_any_command_leaves_every_store_as_it_was(tmp_path, error):
         assert d.leftovers() == [], (n, host.failed.description, d.leftovers())
         assert d.writers_running(), (n, host.failed.description)
         assert not d.armed(), (n, host.failed.description)
+        assert d.world.journal == [], (n, host.failed.description)
 
 
 def test_a_lost_connection_leaves_the_guard_armed_with_the_undo(tmp_path):
@@ -159,6 +161,8 @@ def test_a_lost_connection_leaves_the_guard_armed_with_the_undo(tmp_path):
         run.run()
     assert set(failed.value.states.values()) == {"failed"}  # not known here: the host's guard undoes it
     assert d.armed()
+    # the lock's holder waits for the guard before it releases the lock
+    assert [e[2] for e in d.world.journal] == ["the restore guard's undo"]
     script = next(v for p, v in d.world.files.items() if p.endswith("/undo.sh")).decode()
     # newest first: InfluxDB recreated from its previous copy, PostgreSQL renamed back, staging dropped,
     # the writers started
