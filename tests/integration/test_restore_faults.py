@@ -292,4 +292,4 @@ def test_restore_faults(env):
     out.write_text("# Restore fault injection (tests/integration/test_restore_faults.py)\n\n"
                    f"HTTP load: 40 req/s through the gateway (GET /api/build reads PostgreSQL, POST /api/echo writes).\n"
                    "Requests fail while the writers are stopped (the restore's downtime) and until the guard has "
-                   "started them again; none fails after.\n\n" + text + "\n")
+                   "started them again (failures after that are not counted apart).\n\n" + text + "\n")
