@@ -15,6 +15,8 @@ from .base import Command, script
 
 # $1 lock dir, $2 entry name, $3 description, $4 the command line to run. Written atomically.
 JOURNAL_ADD = r"""set -e
+# Never recreates a lock that is gone (its holder undid and released it: this operation lost its lock).
+[ -d "$1" ] || { echo "the lock $1 is gone: another process released it" >&2; exit 3; }
 d="$1/undo"; mkdir -p "$d"
 umask 077
 printf '# %s\n%s\n' "$3" "$4" > "$d/.$2.tmp"

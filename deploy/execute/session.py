@@ -159,8 +159,9 @@ class Session:
         self.host.run(fs.mkdirs(self.t.deploy_path, mode="0755"))
         held = self.host.hold(lk.lock_hold(lock_dir))
         if held.first_line != "acquired":
-            raise LockHeld(f"{self.t.alias}: another operation took the lock just now ({parse_lock(held.rest).describe()})",
-                           "wait for it to finish")
+            taken = parse_lock("held\n" + held.rest)
+            who = taken.describe() if taken.info else "held, its holder is still writing its details"
+            raise LockHeld(f"{self.t.alias}: another operation took the lock just now ({who})", "wait for it to finish")
         info = {"who": operator(), "key": self.identity, "since": utc_now(), "release": release, "pid": os.getpid(),
                 "machine": socket.gethostname(), "env": self.s.env_name, "operation": operation}
         try:

@@ -101,15 +101,21 @@ class StderrKeeper:
 
 # Every command that changes something runs under this wrapper. It reports its process group, so at a
 # deadline the whole group is killed on the host (not only our channel closed), and a watchdog kills the
-# group when the channel's stdin closes: our process died or the connection dropped. The command itself
-# reads /dev/null.
+# group when the channel's stdin closes: our process died or the connection dropped (a command that ends by
+# itself ends its watchdog first, so a finished group is never signalled). The command reads /dev/null.
 PGID_MARKER = "HEALTHDEPLOY-PGID "
 WATCHED = r"""read -r _ _ _ _ pgid _ < /proc/$$/stat
 printf 'HEALTHDEPLOY-PGID %s\n' "$pgid" >&2
-( trap '' TERM; cat >/dev/null 2>&1; kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null ) >/dev/null 2>&1 &
+exec 3<&0
+( trap '' TERM; cat <&3 >/dev/null 2>&1; kill -s TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -s KILL -- "-$pgid" 2>/dev/null ) >/dev/null 2>&1 &
+w=$!
+exec 3<&-
 sh -c "$1" </dev/null
+rc=$?
+kill -s KILL "$w" 2>/dev/null
+exit $rc
 """
-KILL_GROUP = 'kill -TERM -- "-$1" 2>/dev/null; sleep 2; kill -KILL -- "-$1" 2>/dev/null; exit 0'
+KILL_GROUP = 'kill -s TERM -- "-$1" 2>/dev/null; sleep 2; kill -s KILL -- "-$1" 2>/dev/null; exit 0'
 
 
 # A host that stops answering (network cut, frozen) is declared lost after about this many seconds, whether

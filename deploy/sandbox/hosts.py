@@ -231,7 +231,10 @@ def write_client_files(state_dir: Path = STATE_DIR, extra: Iterable[SshTarget] =
                        ("known_hosts", "".join(line + "\n" for line in known_hosts_lines(ordered, state_dir)))):
         path = state_dir / name
         if not path.exists() or path.read_text() != text:
-            path.write_text(text)
+            # Atomic: a fab reading it while another worker brings hosts up sees the old file or the new one.
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
     return ordered
 
 
@@ -252,11 +255,15 @@ def up(names: list[str], state_dir: Path = STATE_DIR, install: bool = True) -> l
     """Bring up the named sandbox hosts (idempotent) and write ssh_config + known_hosts for all running ones."""
     if install:
         setup.ensure_machine()
+    import fcntl
+
     ensure_client_key(state_dir)
     wanted = [host_for(n) for n in names]
-    for host in wanted:
-        start_host(host, state_dir)
-    write_client_files(state_dir, extra=wanted)
+    with open(state_dir / ".up.lock", "w") as lock:  # parallel test workers bring up their hosts one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for host in wanted:
+            start_host(host, state_dir)
+        write_client_files(state_dir, extra=wanted)
     return sorted({*running_hosts(state_dir), *wanted}, key=lambda h: h.address)
 
 
