@@ -139,13 +139,17 @@ def backup_prune(c, env, last=None, daily=None, weekly=None, monthly=None, dry_r
     return cli_backup.prune_backups(cli.Runtime(load_settings(env), Console()), policy, dry_run=dry_run, as_json=json)
 
 
-@task(name="keygen", help={"out": "where to write the private key (mode 0600; keep it off the servers)"})
+@task(name="keygen", help={"out": "where to write the private key (mode 0600; keep it off the servers)",
+                           "signing": "an ed25519 key that signs backup manifests (BACKUP_SIGNING_KEY) instead of an "
+                                      "age encryption key",
+                           "allowed-signers": "with --signing: also append the public key to this file "
+                                              "(BACKUP_ALLOWED_SIGNERS)"})
 @cli.entry
-def backup_keygen(c, out):
-    """Make an age key pair for encrypted backups: prints the BACKUP_AGE_RECIPIENTS value, writes the private key."""
+def backup_keygen(c, out, signing=False, allowed_signers=None):
+    """Make a key pair: age for encryption (prints BACKUP_AGE_RECIPIENTS) or, with --signing, ed25519 for signing."""
     from deploy.core.console import Console
 
-    return cli_backup.backup_keygen(Console(), out)
+    return cli_backup.backup_keygen(Console(), out, signing=signing, allowed_signers=allowed_signers)
 
 
 @task(name="verify", help={"env": "environment name", "from": "set name (or latest)", "json": "print JSON"})
@@ -160,18 +164,22 @@ def backup_verify(c, env, from_="latest", json=False):
 
 @task(help={"env": "environment name", "from": "backup set name, path, or latest", "host": "default: PRIMARY_HOST",
             "services": "comma-separated subset (postgres,influxdb,mongodb,minio)", "yes": "do not ask (production)",
-            "no-safety-backup": "skip the backup of the current data taken first", "break-lock": "remove a stale lock",
-            "other-host": "restore a set taken on another host (on purpose)"})
+            "no-safety-backup": "skip the backup of the current data (production: also --yes-really)",
+            "yes-really": "confirm --no-safety-backup on production", "break-lock": "remove a stale lock",
+            "other-host": "restore a set taken on another host (on purpose)",
+            "dry-run": "print the restore plan after every check of the set; change nothing",
+            "json": "print the result (each store's state) as JSON"})
 @cli.entry
 def restore(c, env, from_, host=None, services=None, yes=False, no_safety_backup=False, break_lock=False,
-            other_host=False):
-    """Restore a backup set (checksums first; safety backup; writers stopped; health checked; audited)."""
+            other_host=False, dry_run=False, yes_really=False, json=False):
+    """Restore a set beside the live data, check it, then switch every store at once (all or nothing)."""
     from deploy.core.console import Console
     from deploy.core.settings import load_settings
 
     wanted = tuple(x.strip() for x in services.split(",") if x.strip()) if services else None
     return cli_backup.run_restore(cli.Runtime(load_settings(env), Console()), from_, host, wanted, yes=yes,
-                           safety_backup=not no_safety_backup, break_lock=break_lock, other_host=other_host)
+                                  safety_backup=not no_safety_backup, break_lock=break_lock, other_host=other_host,
+                                  dry_run=dry_run, yes_really=yes_really, as_json=json)
 
 
 @task(name="release", help={"env": "environment name", "checklist": "checklist file (default env/[NAME.]checklist.toml)"})

@@ -372,3 +372,107 @@ class World:
     def on_lock_release(self, command):
         self.lock_held = False
         self.lock_info = ""
+
+
+# -- the data stores, for the restore orchestration (tests/unit/test_restore.py) -----------------------------
+def _influx_lines(counts: dict) -> str:
+    """What influx_counts prints for a database modelled as {"points": {m: {f: n}}, "series": {m: n}}."""
+    rps = {"results": [{"series": [{"columns": ["name", "duration", "shardGroupDuration", "replicaN", "default"],
+                                    "values": [["autogen", "0s", "168h0m0s", 1, True]]}]}]}
+    points = {"results": [{"series": [{"name": m, "columns": ["time", *[f"count_{f}" for f in fields]],
+                                       "values": [["1970-01-01T00:00:00Z", *fields.values()]]}
+                                      for m, fields in sorted(counts.get("points", {}).items())]}]}
+    series = {"results": [{"series": [{"name": m, "columns": ["count"], "values": [[n]]}
+                                      for m, n in sorted(counts.get("series", {}).items())]}]}
+    return (f"HEALTHDEPLOY-INFLUX-RPS {json.dumps(rps)}\nHEALTHDEPLOY-INFLUX-CQS {json.dumps({'results': [{}]})}\n"
+            f"HEALTHDEPLOY-INFLUX-RP autogen {json.dumps(points)}\nHEALTHDEPLOY-INFLUX {json.dumps(series)}\n")
+
+
+@dataclass
+class RestoreWorld(World):
+    """A data host: PostgreSQL databases (table -> rows), InfluxDB databases (points and series), the guard."""
+
+    pg: dict[str, dict[str, int]] = field(default_factory=dict)
+    influx: dict[str, dict] = field(default_factory=dict)
+    set_rows: dict[str, int] = field(default_factory=dict)  # what loading the set's dump yields
+    set_influx: dict = field(default_factory=dict)
+    guards: int = 0
+
+    def hold(self, command: Command):
+        if command.intent and command.intent[0] == "guard-hold":
+            self.guards += 1
+            return "acquired", ""
+        return super().hold(command)
+
+    def on_start_ids(self, command, *ids):
+        for c in self.containers:
+            if c.id in ids:
+                c.state = "running"
+
+    def on_resources(self, command, path):
+        return self.text("docker_root=/var/lib/docker\ndocker_free_mb=50000\ndeploy_free_mb=50000\nmem_available_mb=8000\n")
+
+    def on_pg_create(self, command, db):
+        self.pg[db] = {}
+
+    def on_pg_drop(self, command, *dbs):
+        for db in dbs:
+            self.pg.pop(db, None)
+
+    def on_pg_rows(self, command, db):
+        return self.text("".join(f"HEALTHDEPLOY-ROWS {t} {n}\n" for t, n in sorted(self.pg.get(db, {}).items())))
+
+    def on_pg_switch(self, command, live, old, new):
+        if new in self.pg:
+            if live in self.pg:
+                self.pg[old] = self.pg.pop(live)
+            self.pg[live] = self.pg.pop(new)
+
+    def on_pg_unswitch(self, command, live, old, new):
+        if old in self.pg:
+            if live in self.pg:
+                self.pg[new] = self.pg.pop(live)
+            self.pg[live] = self.pg.pop(old)
+
+    def on_influx_counts(self, command, db, t0):
+        if db not in self.influx:
+            return Result(1, b"", b"influx: database not found")
+        return Result(0, b"", _influx_lines(self.influx[db]).encode())
+
+    def on_influx_query(self, command, db, query):
+        if query == "SHOW MEASUREMENTS":
+            names = sorted(self.influx.get(db, {}).get("points", {}))
+            return self.text(json.dumps({"results": [{"series": [{"name": "measurements", "columns": ["name"],
+                                                                  "values": [[n] for n in names]}]}]}))
+        if query == "SHOW SHARDS":
+            rows = [[i, name, "autogen", i, "2023-11-13T00:00:00Z", "2023-11-14T00:00:00Z", "", ""]
+                    for i, name in enumerate(sorted(self.influx))]
+            return self.text(json.dumps({"results": [{"series": [{"name": name, "columns": [
+                "id", "database", "retention_policy", "shard_group", "start_time", "end_time", "expiry_time",
+                "owners"], "values": [r for r in rows if r[1] == name]} for name in sorted(self.influx)]}]}))
+        return self.text('{"results": [{}]}')
+
+    def on_influx_exec(self, command, description, statements):
+        import re
+
+        for _db, statement in statements:
+            words = statement.split()
+            if statement.startswith("DROP DATABASE"):
+                self.influx.pop(json.loads(words[2]), None)
+            elif statement.startswith("CREATE DATABASE"):
+                self.influx[json.loads(words[2])] = {"points": {}, "series": {}}
+            elif statement.startswith("SELECT * INTO"):
+                m = re.search(r'INTO "([^"]+)"\."[^"]+"\."([^"]+)" FROM "([^"]+)"', statement)
+                dst, measurement, src = m.group(1), m.group(2), m.group(3)
+                self.influx[dst]["points"][measurement] = dict(self.influx[src]["points"].get(measurement, {}))
+                if measurement in self.influx[src]["series"]:
+                    self.influx[dst]["series"][measurement] = self.influx[src]["series"][measurement]
+
+    def receive(self, command: Command, data: bytes) -> Result:
+        kind = (command.intent or ("?",))[0]
+        self.events.append(command.intent)
+        if kind == "pg-load":
+            self.pg[command.intent[1]] = dict(self.set_rows)
+        elif kind == "influx-stage":
+            self.influx[command.intent[2]] = json.loads(json.dumps(self.set_influx))
+        return super().receive(command, data) if kind not in ("pg-load", "influx-stage") else OK

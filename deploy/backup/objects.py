@@ -110,8 +110,11 @@ def backup_objects(client: Minio, out: BinaryIO, progress: Callable[[int], None]
     """Write every bucket's objects with their metadata as one tar stream into ``out``."""
     summary = ObjectsSummary()
     total = 0
+    from deploy.plan.restore import is_staging_name
+
     try:
-        buckets = sorted(b.name for b in client.list_buckets())
+        # The staging and previous buckets of a restore that did not end are not the application's data.
+        buckets = sorted(b.name for b in client.list_buckets() if not is_staging_name(b.name))
     except S3Error as exc:
         raise _s3_error("list buckets", exc) from None
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -164,10 +167,15 @@ def _copy_object(client: Minio, tar: tarfile.TarFile, bucket: str, key: str, tot
     return size
 
 
-def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], None] | None = None) -> ObjectsSummary:
+def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], None] | None = None,
+                    bucket_of: Callable[[str], str] | None = None) -> ObjectsSummary:
     """Put every object of the archive back (overwriting) with its metadata, create missing buckets, and
     remove objects of the archived buckets that the archive does not have. Buckets the archive does not
-    know are left alone and reported."""
+    know are left alone and reported.
+
+    ``bucket_of`` maps an archived bucket to the bucket it is loaded into (a staging bucket beside the live
+    one); the summary is kept under the archived names."""
+    bucket_of = bucket_of or (lambda name: name)
     summary = ObjectsSummary()
     keys: dict[str, set[str]] = {}
     total = 0
@@ -178,8 +186,8 @@ def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], N
                     for bucket in json.load(tar.extractfile(member))["buckets"]:
                         keys.setdefault(bucket, set())
                         summary.buckets.setdefault(bucket, BucketTotals())
-                        if not client.bucket_exists(bucket):
-                            client.make_bucket(bucket)
+                        if not client.bucket_exists(bucket_of(bucket)):
+                            client.make_bucket(bucket_of(bucket))
                     continue
                 if PAX + "key" not in member.pax_headers:
                     continue
@@ -191,7 +199,9 @@ def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], N
                     object_tags = Tags(for_object=True)
                     object_tags.update(tags)
                 content_type = headers.pop("content-type", "application/octet-stream")
-                client.put_object(bucket, key, tar.extractfile(member), member.size, content_type=content_type,
+                if bucket not in keys and not client.bucket_exists(bucket_of(bucket)):
+                    client.make_bucket(bucket_of(bucket))
+                client.put_object(bucket_of(bucket), key, tar.extractfile(member), member.size, content_type=content_type,
                                   metadata=headers or None, tags=object_tags, num_parallel_uploads=1)
                 keys.setdefault(bucket, set()).add(key)
                 totals = summary.buckets.setdefault(bucket, BucketTotals())
@@ -201,13 +211,9 @@ def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], N
                 if progress:
                     progress(total)
         for bucket, wanted in keys.items():
-            extra = [o.object_name for o in client.list_objects(bucket, recursive=True)
-                     if not o.is_dir and o.object_name not in wanted]
-            for error in client.remove_objects(bucket, (DeleteObject(k) for k in extra)):
-                raise HealthdeployError(f"S3 remove {bucket}/{error.name}: {error.code}: {error.message}",
-                                        "remove it by hand or run the restore again")
-            summary.removed += len(extra)
-        summary.missing_buckets = sorted(b.name for b in client.list_buckets() if b.name not in keys)
+            summary.removed += _remove_others(client, bucket_of(bucket), wanted)
+        loaded = {bucket_of(b) for b in keys}
+        summary.missing_buckets = sorted(b.name for b in client.list_buckets() if b.name not in loaded)
     except S3Error as exc:
         raise _s3_error("restore", exc) from None
     except tarfile.TarError as exc:
@@ -215,11 +221,73 @@ def restore_objects(client: Minio, source: BinaryIO, progress: Callable[[int], N
     return summary
 
 
-def count_objects(client: Minio) -> dict[str, dict[str, int]]:
-    """Objects and bytes per bucket, as the server lists them (the drill's comparison)."""
+def _remove_others(client: Minio, bucket: str, wanted: set[str]) -> int:
+    """Remove the objects of ``bucket`` whose keys are not in ``wanted``; how many."""
+    extra = [o.object_name for o in client.list_objects(bucket, recursive=True)
+             if not o.is_dir and o.object_name not in wanted]
+    for error in client.remove_objects(bucket, (DeleteObject(k) for k in extra)):
+        raise HealthdeployError(f"S3 remove {bucket}/{error.name}: {error.code}: {error.message}",
+                                "remove it by hand or run the restore again")
+    return len(extra)
+
+
+COPY_LIMIT = 5 << 30  # S3 CopyObject copies up to 5 GiB; larger objects are copied by parts (ComposeObject)
+
+
+def sync_bucket(client: Minio, source: str, target: str) -> BucketTotals:
+    """Make ``target`` hold exactly the objects of ``source`` (server-side copies, metadata and tags kept,
+    nothing through this machine); objects of ``target`` that ``source`` lacks are removed."""
+    from minio.commonconfig import ComposeSource, CopySource
+
+    totals = BucketTotals()
+    wanted: set[str] = set()
+    try:
+        if not client.bucket_exists(target):
+            client.make_bucket(target)
+        for entry in client.list_objects(source, recursive=True):
+            if entry.is_dir:
+                continue
+            key = entry.object_name
+            if (entry.size or 0) > COPY_LIMIT:
+                stat = client.stat_object(source, key)
+                headers = {k: v for k, v in stat.metadata.items()
+                           if k.lower() in KEPT_HEADERS[1:] or k.lower().startswith("x-amz-meta-")}
+                tags = client.get_object_tags(source, key)
+                client.compose_object(target, key, [ComposeSource(source, key)], metadata=headers or None, tags=tags)
+            else:
+                client.copy_object(target, key, CopySource(source, key))
+            wanted.add(key)
+            totals.objects += 1
+            totals.bytes += entry.size or 0
+        _remove_others(client, target, wanted)
+    except S3Error as exc:
+        raise _s3_error(f"copy {source} to {target}", exc) from None
+    return totals
+
+
+def remove_bucket(client: Minio, bucket: str) -> None:
+    """Remove ``bucket`` and every object in it (staging and previous copies of a restore); absent is fine."""
+    try:
+        if not client.bucket_exists(bucket):
+            return
+        _remove_others(client, bucket, set())
+        client.remove_bucket(bucket)
+    except S3Error as exc:
+        raise _s3_error(f"remove bucket {bucket}", exc) from None
+
+
+def list_bucket_names(client: Minio) -> list[str]:
+    try:
+        return sorted(b.name for b in client.list_buckets())
+    except S3Error as exc:
+        raise _s3_error("list buckets", exc) from None
+
+
+def count_objects(client: Minio, buckets: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Objects and bytes per bucket (all, or ``buckets``), as the server lists them (the drill's comparison)."""
     counted = {}
     try:
-        for bucket in sorted(b.name for b in client.list_buckets()):
+        for bucket in sorted(b.name for b in client.list_buckets()) if buckets is None else buckets:
             objects = [o for o in client.list_objects(bucket, recursive=True) if not o.is_dir]
             counted[bucket] = {"objects": len(objects), "bytes": sum(o.size or 0 for o in objects)}
     except S3Error as exc:

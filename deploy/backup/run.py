@@ -25,7 +25,7 @@ from deploy.commands import backup as bk
 from deploy.commands import docker as dk
 from deploy.backup.sealing import Sealing, open_sealed_writer, open_unsealed_reader
 from deploy.core.console import Console
-from deploy.core.errors import HealthdeployError, IntegrityError, UsageError
+from deploy.core.errors import ExitCode, HealthdeployError, IntegrityError, UsageError
 from deploy.core.services import RESTORABLE, WRITERS
 from deploy.core.settings import BACKUPABLE, Settings
 from deploy.execute.ssh import progress_printer
@@ -144,8 +144,11 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         env_dir = root / settings.env_name
         env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in clean_stale_partials(env_dir, stamp):
+            console.phase(host.alias, f"removed {stale.name}, left by a backup that was killed")
         partial = env_dir / f".partial-{stamp}"
         partial.mkdir(mode=0o700)
+        _write_owner(partial)
         try:
             progress = _Progress(progress_printer("backup"))
             listing: Future = Future()  # set below; every stream ends by looking its container up in it
@@ -179,6 +182,12 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
                 json.dump(manifest, out, indent=2, sort_keys=True)
                 out.flush()
                 os.fsync(out.fileno())
+            if settings.backup_signing_key:
+                from deploy.backup import signing
+
+                signer = signing.sign_set(partial, signing_key(settings))
+                console.phase(host.alias, f"manifest signed by {signer}")
+            (partial / OWNER_FILE).unlink(missing_ok=True)
             final = env_dir / stamp
             os.rename(partial, final)  # complete and checked: only now does it look like a backup set
             return final
@@ -187,6 +196,68 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
                 getattr(host, "abort_streams", lambda: None)()
             shutil.rmtree(partial, ignore_errors=True)
             raise
+
+
+OWNER_FILE = ".owner"
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot), "" when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_owner(partial: Path) -> None:
+    pid = os.getpid()
+    (partial / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _process_start(pid), "boot_id": _boot_id()}))
+
+
+def _owner_alive(partial: Path) -> bool:
+    try:
+        owner = json.loads((partial / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # no owner file: made before owners were recorded, or its owner died writing it
+    if owner.get("boot_id") != _boot_id():
+        return False
+    return bool(owner.get("start")) and _process_start(int(owner.get("pid", 0))) == owner.get("start")
+
+
+def clean_stale_partials(env_dir: Path, stamp: str) -> list[Path]:
+    """Remove the ``.partial-*`` directories of backups that were killed (SIGKILL, a crash: no clean-up ran):
+    older than the backup starting now (``stamp``) and not owned by a live process. Returns what went."""
+    removed = []
+    for partial in sorted(env_dir.glob(".partial-*")):
+        if partial.name[len(".partial-"):] >= stamp or _owner_alive(partial):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    return removed
+
+
+def signing_key(settings: Settings) -> str:
+    """BACKUP_SIGNING_KEY; in the sandbox a throwaway pair is made on first use (its public key goes into
+    BACKUP_ALLOWED_SIGNERS), so tests and the demo sign and verify like production."""
+    from deploy.backup import signing
+
+    key = settings.backup_signing_key
+    if not Path(key).exists():
+        if settings.env_kind != "sandbox":
+            raise UsageError(f"BACKUP_SIGNING_KEY {key} does not exist",
+                             "make one with `inv backup.keygen --signing --out FILE` and add its public key to "
+                             "BACKUP_ALLOWED_SIGNERS")
+        Path(key).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signing.write_keypair(key, settings.backup_allowed_signers or None)
+    return key
 
 
 # Two at a time: measured on 2 cores, four concurrent streams made a 46 MB pg_dump slower (6.5 s) than two
@@ -266,14 +337,17 @@ def _take(settings: Settings, host, console: Console, partial: Path, artifact: A
                 checked = "each object checked against its Content-Length and ETag"
             content_bytes, content_sha256 = counted.bytes, counted.sha256.hexdigest()
         else:
-            result = host.stream_to_file(artifact.command, writer, progress=progress)
+            result = host.stream_to_file(artifact.command, writer, progress=progress, structured=bk.STRUCTURED)
             content_bytes, content_sha256 = result.bytes, result.sha256
             version = bk.parse_version(result.stderr)
             checked = "checked on both ends"
             if artifact.file == "postgres.dump":
                 extra["rows"] = bk.parse_rows(result.stderr)
             if artifact.service == "influxdb" and settings.influx_version == "1":
-                extra["influx"] = bk.parse_influx_counts(result.stderr)
+                extra["influx"] = bk.parse_influx_counts(result.stderr, settings.influx_bucket)
+                if not extra["influx"].get("t0"):
+                    raise IntegrityError(f"{artifact.file}: the InfluxDB backup reported no cut-off time (T0)",
+                                         "run the backup again; see the InfluxDB container's logs")
     seconds = time.monotonic() - t0
     sealed = f", stored {writer.stored_bytes} bytes ({_describe(sealing)})" if sealing.sealed else ""
     console.phase(host.alias, f"{path.name}: {content_bytes} bytes in {seconds:.1f}s, sha256 {content_sha256[:12]} "
@@ -292,32 +366,49 @@ def _describe(sealing: Sealing) -> str:
     return ", ".join(parts)
 
 
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of the set at ``path``, or None when it is unreadable, truncated or not a manifest."""
+    try:
+        data = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("artifacts"), list) or not all(
+            isinstance(a, dict) and "service" in a and "file" in a for a in data["artifacts"]):
+        return None
+    return data
+
+
 def list_sets(root: Path, env: str) -> list[dict]:
-    """Every set with its manifest's summary; a set whose manifest cannot be read (truncated, not JSON) is listed
-    with a ``problem`` instead of stopping the listing."""
+    """Every set of ``env``, oldest first. A set whose manifest cannot be read (truncated, not JSON, no valid
+    finish time) is listed with kind ``damaged`` and a ``problem`` instead of stopping the listing."""
     sets = []
     for manifest in sorted((root / env).glob("*/manifest.json")):
-        entry = {"set": manifest.parent.name, "finished": None, "host": None, "release": None, "bytes": 0,
-                 "services": [], "verified": None, "problem": None}
-        try:
-            data = json.loads(manifest.read_text())
-            _dt.datetime.fromisoformat(str(data["finished"]).replace("Z", "+00:00"))
-            entry.update({"finished": data.get("finished"), "host": data.get("host"), "release": data.get("release"),
-                          "bytes": sum(a.get("bytes", 0) for a in data.get("artifacts", [])),
-                          "services": sorted({a["service"] for a in data.get("artifacts", [])})})
-        except json.JSONDecodeError:
-            entry["problem"] = "manifest.json is not valid JSON (truncated?)"
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            entry["problem"] = f"manifest.json is unreadable ({type(exc).__name__}: {exc})"
-        if entry["problem"]:
-            sets.append(entry)
+        path = manifest.parent
+        data = read_manifest(path)
+        problem = None
+        if data is None:
+            problem = "manifest.json is unreadable or truncated"
+        else:
+            try:
+                _dt.datetime.fromisoformat(str(data["finished"]).replace("Z", "+00:00"))
+            except (KeyError, ValueError, TypeError):
+                problem = "manifest.json has no valid finish time"
+        signed = (path / "manifest.json.sig").exists()
+        if problem:
+            sets.append({"set": path.name, "finished": None, "host": None, "release": None, "bytes": 0,
+                         "services": [], "kind": "damaged", "signed": signed, "verified": None,
+                         "damaged": problem, "problem": problem})
             continue
-        verify = manifest.parent / "verify.json"
+        verify = path / "verify.json"
         try:
-            entry["verified"] = json.loads(verify.read_text()).get("result") if verify.exists() else None
+            verified = json.loads(verify.read_text()).get("result") if verify.exists() else None
         except (OSError, ValueError, AttributeError):
-            entry["verified"] = "unreadable"
-        sets.append(entry)
+            verified = "unreadable"
+        sets.append({"set": path.name, "finished": data.get("finished"), "host": data.get("host"),
+                     "release": data.get("release"),
+                     "bytes": sum(a.get("bytes", 0) for a in data["artifacts"]),
+                     "services": sorted({a["service"] for a in data["artifacts"]}),
+                     "kind": data.get("kind") or "backup", "signed": signed, "verified": verified, "problem": None})
     return sets
 
 
@@ -338,7 +429,8 @@ def resolve_set(root: Path, env: str, name: str) -> Path:
     if not path.is_absolute() and not path.exists():
         path = root / env / name
     if name == "latest":
-        sets = sorted(p.parent for p in (root / env).glob("*/manifest.json"))
+        # The newest set a person took: never a safety backup (taken by a restore) nor a damaged one.
+        sets = [root / env / x["set"] for x in list_sets(root, env) if x["kind"] == "backup"]
         if not sets:
             raise UsageError(f"no backup set for env '{env}' in {root / env}", f"inv backup --env {env}")
         path = sets[-1]
@@ -377,61 +469,52 @@ def check_set(path: Path) -> dict:
 
 
 
+def check_origin(settings: Settings, path: Path, console: Console | None = None) -> str:
+    """Who signed the set (their key's fingerprint), checked before anything else of it is read.
+
+    With BACKUP_ALLOWED_SIGNERS set, or in production, an unsigned or wrongly signed set is refused (exit 8).
+    Elsewhere an unsigned set is accepted with a warning and "" is returned: nothing that runs as the
+    database superuser (the roles file) is applied from it."""
+    from deploy.backup import signing
+
+    if settings.backup_allowed_signers:
+        if settings.env_kind == "sandbox" and not Path(settings.backup_allowed_signers).exists() \
+                and settings.backup_signing_key:
+            signing_key(settings)  # the sandbox's pair is made on first use
+        return signing.verify_set(path, settings.backup_allowed_signers)
+    if settings.env_kind == "production":
+        raise IntegrityError(f"{path.name}: cannot check who made this set: BACKUP_ALLOWED_SIGNERS is not set",
+                             f"set it in env/{settings.env_name}.env to the public keys that sign backups")
+    if console is not None:
+        console.warn(f"{path.name}: origin not checked (BACKUP_ALLOWED_SIGNERS is not set); roles will not be applied")
+    return ""
+
+
+def prove_readable(settings: Settings, path: Path, manifest: dict, services) -> int:
+    """Every artifact of ``services`` read through to its end: decrypted with the configured key and
+    decompressed, streamed (no copy), its content's SHA-256 compared with the manifest. A set encrypted to
+    another key, or damaged inside its encryption, is refused here (exit 8), before the host is touched.
+    Returns the content bytes read."""
+    check_keys(settings, manifest, services)
+    total = 0
+    for record in manifest["artifacts"]:
+        if record["service"] not in services:
+            continue
+        digest = hashlib.sha256()
+        with _unsealed(settings, path, record) as source:
+            for chunk in iter(lambda: source.read(1 << 20), b""):
+                digest.update(chunk)
+                total += len(chunk)
+        _check_content(path, record, digest.hexdigest())
+    return total
+
+
 def artifact_record(manifest: dict, name: str) -> dict | None:
     """The manifest record of artifact ``name`` (e.g. postgres.dump), whatever suffix sealing gave its file."""
     return next((a for a in manifest["artifacts"] if a.get("artifact", a["file"]) == name), None)
 
 
-def restore(settings: Settings, host, console: Console, path: Path, manifest: dict,
-            services: tuple[str, ...] | None, session=None) -> list[str]:
-    """Restore the set's artifacts into the running stack on ``host``. The caller holds the deploy lock."""
-    wanted = restore_plan(settings, manifest, services)
-    target = Target.of(settings, host.alias, host.address)
-    containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
-    by_service = {}
-    for c in containers:
-        by_service.setdefault(c.service, c)
-    missing = [s for s in wanted if s not in by_service]
-    if missing:
-        raise HealthdeployError(f"{host.alias}: not running: {', '.join(missing)}", "start the stack first")
-    writers = tuple(c.id for c in containers if c.service in WRITERS)
-    if writers:
-        console.phase(host.alias, f"stopping the application's writers ({len(writers)} container(s))")
-        host.run(dk.stop_containers(writers))
-    try:
-        for service in wanted:
-            container = by_service[service].name
-            detail = ""
-            if service == "postgres":
-                globals_record = artifact_record(manifest, "postgres-globals.sql")
-                if globals_record:
-                    _send(settings, host, bk.postgres_restore_globals(container), path, globals_record)
-                _send(settings, host, bk.postgres_restore(container), path, artifact_record(manifest, "postgres.dump"))
-            elif service == "influxdb":
-                _send(settings, host, bk.influx_restore(container, settings.influx_version, settings.influx_bucket),
-                      path, artifact_record(manifest, "influxdb.tar"))
-            elif service == "mongodb":
-                _send(settings, host, bk.mongo_restore(container), path, artifact_record(manifest, "mongodb.archive.gz"))
-            elif service == "minio":
-                summary = _restore_objects(settings, object_store(settings, host, container), path,
-                                           artifact_record(manifest, "minio.tar"))
-                detail = (f": {summary.objects} objects, {summary.bytes} bytes, {summary.removed} extra removed"
-                          + (f"; buckets not in the set, left alone: {', '.join(summary.missing_buckets)}"
-                             if summary.missing_buckets else ""))
-            console.phase(host.alias, f"{service} restored from {path.name}{detail}")
-    except BaseException:
-        if writers:  # bring the application back, but report the restore's own error, not this
-            try:
-                _restart_writers(host, settings, console, writers, session)
-            except HealthdeployError as exc:
-                console.warn(f"{host.alias}: restarting the application after the failed restore: {exc.message}")
-        raise
-    if writers:
-        _restart_writers(host, settings, console, writers, session)
-    return list(wanted)
-
-
-def restore_plan(settings: Settings, manifest: dict, services: tuple[str, ...] | None) -> tuple[str, ...]:
+def restore_services(settings: Settings, manifest: dict, services: tuple[str, ...] | None) -> tuple[str, ...]:
     """Which services a restore takes; refuses what the set lacks or cannot restore, and a missing key."""
     present = sorted({a["service"] for a in manifest["artifacts"]})
     wanted = services or tuple(s for s in RESTORABLE if s in present)
@@ -440,6 +523,8 @@ def restore_plan(settings: Settings, manifest: dict, services: tuple[str, ...] |
             raise UsageError(f"the set has no {service} backup", f"it has: {', '.join(present)}")
         if service not in RESTORABLE:
             raise UsageError(f"restoring {service} is not supported", f"restorable: {', '.join(RESTORABLE)}")
+        if service not in settings.enabled_infra:
+            raise UsageError(f"{service} is disabled in env '{settings.env_name}'", "remove it from --services")
     check_keys(settings, manifest, wanted)
     return tuple(wanted)
 
@@ -455,21 +540,6 @@ def check_keys(settings: Settings, manifest: dict, services) -> None:
         from deploy.backup.sealing import load_identities
 
         load_identities(settings.backup_age_identity_file)  # unreadable or invalid: one clear line now
-
-
-def _restart_writers(host, settings: Settings, console: Console, writers: tuple[str, ...], session) -> None:
-    from deploy.execute.gateway import Gateway
-    from deploy.execute.wait import wait_for
-
-    host.run(dk.start_containers(writers))
-    if session is not None:
-        def healthy():
-            current = [c for c in session.containers() if c.id in writers]
-            return True if current and all(c.healthy for c in current) else None
-        wait_for(healthy, settings.health_timeout, "the application's writers healthy again",
-                 hint="`fab health` and `fab logs SERVICE` show why")
-        Gateway(session).refresh(facts_release(host, settings))  # a restarted container may have a new address
-    console.phase(host.alias, "application writers started again and back in the gateway")
 
 
 def facts_release(host, settings: Settings) -> str:
@@ -525,7 +595,11 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
     report = {"set": path.name, "checked_at": _utc(), "host": host.alias, "checks": [], "result": "ok"}
     services = {a["service"] for a in manifest["artifacts"]}
     check_keys(settings, manifest, services)
-    prefix = f"hd-verify-{path.name.lower()}-{_secrets.token_hex(3)}"
+    check_resources(settings, host, manifest, tuple(services), drill=True)
+    # The host's name is part of the container's: test suites of several checkouts sharing one engine remove
+    # only their own hosts' leftovers.
+    safe_alias = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in host.alias.lower())
+    prefix = f"hd-verify-{safe_alias}-{path.name.lower()}-{_secrets.token_hex(3)}"
     drills = {"postgres": _drill_postgres, "influxdb": _drill_influx, "minio": _drill_objects}
     for service, drill in drills.items():
         if service in services:
@@ -551,15 +625,71 @@ def verify(settings: Settings, host, console: Console, path: Path, manifest: dic
     return report
 
 
+DRILL_MEMORY = "512m"  # each throwaway server's memory limit
+
+
+def check_resources(settings: Settings, host, manifest: dict, services: tuple[str, ...], drill: bool) -> None:
+    """Free disk under the Docker root and the deploy path, and available memory, against what the set needs;
+    refused in one line (exit 3, nothing started) when short."""
+    from deploy.facts.resources import Resources, resources
+    from deploy.plan.restore import resource_needs, resource_problems
+
+    target = Target.of(settings, host.alias, host.address)
+    facts = Resources.parse(host.run(resources(target.deploy_path)).text)
+    content: dict[str, int] = {}
+    for a in manifest["artifacts"]:
+        content[a["service"]] = content.get(a["service"], 0) + int(a.get("content_bytes", a.get("bytes", 0)) or 0)
+    disk, memory = resource_needs(content, services, drill=drill)
+    what = "the restore drill" if drill else "the restore beside the live data"
+    problems = resource_problems(disk, memory, facts.docker_free_mb, facts.deploy_free_mb, facts.mem_available_mb,
+                                 facts.docker_root, what)
+    if problems:
+        raise HealthdeployError(f"{host.alias}: {'; '.join(problems)}", "free space or memory on the host first; "
+                                "nothing was started", exit_code=ExitCode.PREFLIGHT)
+
+
+def influx_mismatches(recorded: dict, restored: dict) -> list[str]:
+    """Everything up to the cut-off must be back, in every retention policy; more is possible (points written
+    late with old timestamps)."""
+    mismatches = []
+    policies = [("", recorded.get("points", {}), restored.get("points", {}))]
+    policies += [(rp, counts, restored.get("rp_points", {}).get(rp, {}))
+                 for rp, counts in sorted((recorded.get("rp_points") or {}).items())]
+    for rp, wanted, got_points in policies:
+        for measurement, fields in sorted(wanted.items()):
+            for field_name, count in sorted(fields.items()):
+                got = got_points.get(measurement, {}).get(field_name, 0)
+                if got < count:
+                    where = f"{rp}.{measurement}" if rp else measurement
+                    mismatches.append(f"{where}.{field_name}: recorded {count} points, restored {got}")
+    for measurement, count in sorted(recorded.get("series", {}).items()):
+        got = restored.get("series", {}).get(measurement, 0)
+        if got < count:
+            mismatches.append(f"{measurement}: recorded {count} series, restored {got}")
+    wanted_rps = {rp["name"] for rp in recorded.get("retention_policies") or []}
+    got_rps = {rp["name"] for rp in restored.get("retention_policies") or []}
+    if wanted_rps and restored.get("retention_policies") is not None and wanted_rps - got_rps:
+        mismatches.append(f"retention policies missing: {', '.join(sorted(wanted_rps - got_rps))}")
+    return mismatches
+
+
 def _differences(recorded: dict, restored: dict) -> list[str]:
     """Every key whose restored value is not exactly the recorded one."""
     return [f"{key}: recorded {recorded.get(key)}, restored {restored.get(key)}"
             for key in sorted(set(recorded) | set(restored)) if recorded.get(key) != restored.get(key)]
 
 
-def _wait(host, probe, what: str, seconds: float = 60) -> None:
+def _wait(host, probe, what: str, seconds: float = 120, name: str = "") -> None:
     deadline = time.monotonic() + seconds
+    checks = 0
     while not probe():
+        checks += 1
+        if name and checks % 10 == 0:  # every 5 s: a container that is gone will never answer
+            state = host.run(dk.container_state(name), check=False).text.strip()
+            if state not in ("running", "created", "restarting"):
+                raise HealthdeployError(f"the throwaway {what} container {name} is {state or 'gone'} before it "
+                                        "answered", "see `docker logs` on the host (a memory limit too low? removed "
+                                        "by someone else?) and run it again")
         if time.monotonic() > deadline:
             raise HealthdeployError(f"the throwaway {what} did not start within {seconds:.0f}s",
                                     "see `docker logs` on the host")
@@ -572,15 +702,15 @@ def _drill_postgres(settings: Settings, host, console: Console, path: Path, mani
     from deploy.commands import cmd
 
     drill_password = _secrets.token_hex(16)  # a throwaway server with no network: not a secret of the system
-    host.run(dk.run_throwaway(name, settings.postgres_image, network="none",
+    host.run(dk.run_throwaway(name, settings.postgres_image, network="none", memory=DRILL_MEMORY,
                               environment=(f"POSTGRES_USER={settings.db_user}", f"POSTGRES_DB={settings.db_name}",
                                            f"POSTGRES_PASSWORD={drill_password}"),
                               description="start a throwaway PostgreSQL"))
     ready = cmd("docker", "exec", name, "pg_isready", "-q", "-h", "127.0.0.1", description="wait for PostgreSQL",
                 readonly=True)
-    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL", name=name)
     time.sleep(1)  # the image restarts the server once after initdb
-    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL")
+    _wait(host, lambda: host.run(ready, check=False).ok, "PostgreSQL", name=name)
     globals_record = artifact_record(manifest, "postgres-globals.sql")
     if globals_record:
         _send(settings, host, bk.postgres_restore_globals(name), path, globals_record)
@@ -602,31 +732,28 @@ def _drill_influx(settings: Settings, host, console: Console, path: Path, manife
         return {"service": "influxdb", "result": "skipped",
                 "reason": "InfluxDB 2.x has no drill yet" if settings.influx_version != "1"
                 else "this set recorded no point counts"}
+    if not recorded.get("t0"):
+        raise IntegrityError(f"{path / record['file']}: the set recorded InfluxDB counts but no cut-off time (T0)",
+                             "the counts cannot be compared; take a new backup")
     # Not the service's env file: its INFLUX_DB makes the image create the database in an init phase whose
     # temporary server answers /ping and is then restarted under the drill (seen as a failed count query).
-    host.run(dk.run_throwaway(name, settings.influxdb_image, network="none",
+    host.run(dk.run_throwaway(name, settings.influxdb_image, network="none", memory=DRILL_MEMORY,
                               environment=("INFLUXDB_HTTP_AUTH_ENABLED=false",),
                               description="start a throwaway InfluxDB"))
-    _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB")
+    _wait(host, lambda: host.run(bk.influx_ready(name), check=False).ok, "InfluxDB", name=name)
     _send(settings, host, bk.influx_drill_restore(name, settings.influx_bucket), path, record)
-    restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, bk.DRILL_DATABASE, recorded["t0"])).err)
-    # Everything up to the cut-off must be back; more is possible (points written late with old times).
-    mismatches = []
-    for measurement, fields in sorted(recorded["points"].items()):
-        for field_name, count in sorted(fields.items()):
-            got = restored["points"].get(measurement, {}).get(field_name, 0)
-            if got < count:
-                mismatches.append(f"{measurement}.{field_name}: recorded {count} points, restored {got}")
-    for measurement, count in sorted(recorded["series"].items()):
-        got = restored["series"].get(measurement, 0)
-        if got < count:
-            mismatches.append(f"{measurement}: recorded {count} series, restored {got}")
-    points = sum(sum(f.values()) for f in restored["points"].values())
+    restored = bk.parse_influx_counts(host.run(bk.influx_counts(name, bk.DRILL_DATABASE, recorded["t0"]),
+                                               structured=bk.STRUCTURED).err)
+    mismatches = influx_mismatches(recorded, restored)
+    points = sum(sum(f.values()) for f in restored["points"].values()) + sum(
+        sum(sum(f.values()) for f in rp.values()) for rp in restored.get("rp_points", {}).values())
     console.phase(host.alias, f"influxdb drill: {len(restored['series'])} measurements, "
                               f"{sum(restored['series'].values())} series, {points} field values up to "
-                              f"{recorded['t0']}, {len(mismatches)} mismatch(es)")
+                              f"{recorded['t0']} in {len(restored.get('retention_policies') or [1])} retention "
+                              f"policies, {len(mismatches)} mismatch(es)")
     return {"service": "influxdb", "cutoff": recorded["t0"], "points": restored["points"],
-            "series": restored["series"], "mismatches": mismatches, "result": "ok" if not mismatches else "failed"}
+            "rp_points": restored.get("rp_points", {}), "series": restored["series"], "mismatches": mismatches,
+            "result": "ok" if not mismatches else "failed"}
 
 
 def _drill_objects(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
@@ -636,6 +763,7 @@ def _drill_objects(settings: Settings, host, console: Console, path: Path, manif
     target = Target.of(settings, host.alias, host.address)
     arguments = () if settings.stack_variant == "sandbox" else ("server", "/data")
     host.run(dk.run_throwaway(name, settings.minio_image, *arguments, publish=S3_PORT, tmpfs=("/tmp",),
+                              memory=DRILL_MEMORY,
                               env_files=(f"{target.current}/env/minio.env", f"{target.env_dir}/minio.env"),
                               description="start a throwaway object store"))
     client = object_store(settings, host, name)
@@ -647,7 +775,7 @@ def _drill_objects(settings: Settings, host, console: Console, path: Path, manif
         except Exception:  # not listening yet: connection refused, reset, 503
             return False
 
-    _wait(host, answers, "object store")
+    _wait(host, answers, "object store", name=name)
     _restore_objects(settings, client, path, record)
     restored = objects.count_objects(client)
     recorded = record.get("objects", {})

@@ -17,6 +17,7 @@ import time
 from deploy.backup import run as bk
 from deploy.cli import Runtime
 from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
+from deploy.core.services import WRITERS
 from deploy.core.settings import PROJECT_ROOT, Settings
 from deploy.execute.session import Session
 from deploy.plan import retention
@@ -68,9 +69,19 @@ def run_backup(runtime: Runtime, host_alias: str | None, services: tuple[str, ..
     return EXIT_OK
 
 
-def backup_keygen(console, out: str) -> int:
-    """Write a new age identity to ``out`` (0600, never overwritten) and print its public key."""
+def backup_keygen(console, out: str, signing: bool = False, allowed_signers: str | None = None) -> int:
+    """Write a new age identity (or, with ``signing``, an ed25519 signing key) to ``out`` (0600, never
+    overwritten) and print its public key."""
     from deploy.backup.sealing import generate_identity
+
+    if signing:
+        from deploy.backup.signing import PRINCIPAL, write_keypair
+
+        public = write_keypair(out, allowed_signers)
+        console.result(f"signing key written to {out} (operator machine only; set BACKUP_SIGNING_KEY={out})")
+        console.result(f"public key (a line of the BACKUP_ALLOWED_SIGNERS file): {PRINCIPAL} {public}"
+                       + (f"; appended to {allowed_signers}" if allowed_signers else ""))
+        return EXIT_OK
 
     secret, public = generate_identity()
     try:
@@ -93,8 +104,9 @@ def list_backups(runtime: Runtime, as_json: bool = False) -> int:
     if as_json:
         runtime.console.json({"sets": sets, **({"error": error.to_json()} if error else {})})
     else:
-        runtime.console.table(["set", "finished", "host", "release", "services", "bytes", "verified"],
-                              [[x["set"], x["finished"], x["host"], x["release"], ",".join(x["services"]), x["bytes"],
+        runtime.console.table(["set", "kind", "finished", "host", "release", "services", "bytes", "signed", "verified"],
+                              [[x["set"], x["kind"], x["finished"] or "-", x["host"] or "-", x["release"] or "-",
+                                ",".join(x["services"]) or "-", x["bytes"], "yes" if x["signed"] else "no",
                                 "UNREADABLE" if x["problem"] else x["verified"] or "-"] for x in sets])
     if error:  # listed, then reported: exit 8
         error.json_reported = as_json
@@ -108,17 +120,71 @@ def _check_env(s: Settings, path, manifest: dict, what: str) -> None:
                          f"{what} a set of this environment (`inv backup.list --env {s.env_name}`)")
 
 
+def _app_hosts(s: Settings, data_alias: str) -> list[str]:
+    """The hosts whose writers stop for a restore of ``data_alias``: with TOPOLOGY=shared and a separate data
+    host, every application host (their backend and ai-service write to it); otherwise the host itself."""
+    if s.topology == "shared" and len(s.hosts) > 1:
+        return [h for h in s.hosts if s.role_of(h).runs_app]
+    return [data_alias]
+
+
+def plan_for(runtime: Runtime, path, manifest: dict, services: tuple[str, ...], alias: str, safety_backup: bool,
+             signer: str):
+    from deploy.plan import restore as rp
+
+    s = runtime.settings
+    minio = bk.artifact_record(manifest, "minio.tar") or {}
+    buckets = tuple(sorted(minio.get("objects", {}))) if "minio" in services else ()
+    artifacts = {}
+    content = {}
+    for a in manifest["artifacts"]:
+        if a["service"] in services:
+            artifacts.setdefault(a["service"], ()) 
+            artifacts[a["service"]] += (a["file"],)
+            content[a["service"]] = content.get(a["service"], 0) + int(a.get("content_bytes", a.get("bytes", 0)) or 0)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    apps = _app_hosts(s, alias)
+    disk, memory = rp.resource_needs(content, services)
+    checks = ["manifest signature " + (f"verified (signer {signer})" if signer else "NOT checked (no BACKUP_ALLOWED_SIGNERS)"),
+              "every artifact's size and SHA-256",
+              "every artifact decrypted and decompressed to its end, content SHA-256 compared (streamed)",
+              "the set belongs to this env and host; it has every store asked for",
+              f"free disk and memory on {alias}",
+              "unfinished earlier restores recovered first"]
+    return rp.RestorePlan(
+        set_name=path.name, env=s.env_name, data_host=alias, stamp=stamp,
+        stores=rp.store_plans(services, stamp, s.db_name, s.influx_bucket, s.influx_version, buckets, artifacts),
+        writers=tuple(rp.WriterStop(h, WRITERS) for h in apps), lock_hosts=tuple(dict.fromkeys([alias, *apps])),
+        safety_backup=safety_backup, safety_services=services if safety_backup else (), checks=tuple(checks),
+        signed_by=signer, apply_globals=bool(signer), buckets=buckets, need_disk_mb=disk, need_memory_mb=memory)
+
+
+def _confirm(s: Settings, question: str, refusal: str, flag: str) -> None:
+    if not sys.stdin.isatty():
+        raise UsageError(refusal, f"rerun with {flag}")
+    answer = input(f"{question} Type the env name: ")
+    if answer.strip() != s.env_name:
+        raise UsageError("not confirmed", "nothing was changed")
+
+
 def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, services: tuple[str, ...] | None,
                 yes: bool = False, safety_backup: bool = True, break_lock: bool = False,
-                other_host: bool = False) -> int:
-    """Check the set, confirm, lock, take a safety backup, stop writers, restore, restart, check health, audit."""
+                other_host: bool = False, dry_run: bool = False, yes_really: bool = False,
+                as_json: bool = False) -> int:
+    """Check the set (signature, checksums, every artifact readable with the key), confirm, lock every host
+    involved, then load every store beside its live data, check, switch all, bring the writers back, audit."""
+    import contextlib
+
+    from deploy.backup.restore import Restore, RestoreFailed, recover_journals
     from deploy.cli.health import health
 
     s = runtime.settings
+    console = runtime.console
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
+    signer = bk.check_origin(s, path, console)  # before anything else of the set is read
     manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
     _check_env(s, path, manifest, "restore")
-    services = bk.restore_plan(s, manifest, services)  # what it lacks or a missing key: refused before any change
+    services = bk.restore_services(s, manifest, services)  # what it lacks or a missing key: refused before any change
     if s.topology == "cells" and len(s.hosts) > 1 and not host_alias:
         raise UsageError("with TOPOLOGY=cells every host keeps its own data: name the host to restore onto",
                          f"inv restore --env {s.env_name} --from {path.name} --host HOST")
@@ -127,34 +193,73 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     if origin and origin != alias and not other_host:
         raise UsageError(f"{path.name} was taken on {origin}, not on {alias}",
                          "restore it onto its own host, or pass --other-host to restore it here on purpose")
+    if not safety_backup and s.env_kind == "production" and not yes_really and not dry_run:
+        _confirm(s, f"Restore {path.name} on {s.env_name} WITHOUT a safety backup of the live data?",
+                 f"--no-safety-backup on production '{s.env_name}' needs its own confirmation", "--yes-really")
+    plan = plan_for(runtime, path, manifest, services, alias, safety_backup, signer)
+    read = bk.prove_readable(s, path, manifest, services)  # wrong key, damage inside: exit 8, host untouched
+    if dry_run:
+        if as_json:
+            console.json({"plan": plan.record(), "content_bytes_read": read})
+        else:
+            for line in plan.lines():
+                console.result(line)
+            console.result(f"dry run: every artifact read ({read} bytes of content); nothing was changed")
+        return EXIT_OK
     if s.env_kind == "production" and not yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"restoring {path.name} over production data of '{s.env_name}' needs confirmation",
-                             "rerun with --yes")
-        answer = input(f"Restore {path.name} over the live data of {s.env_name} on {alias}? Type the env name: ")
-        if answer.strip() != s.env_name:
-            raise UsageError("not confirmed", "nothing was changed")
+        _confirm(s, f"Restore {path.name} over the live data of {s.env_name} on {alias}?",
+                 f"restoring {path.name} over production data of '{s.env_name}' needs confirmation", "--yes")
     started = time.monotonic()
-    safety = None
-    with runtime.connect(alias) as host:
-        session = _session(runtime, alias, host)
-        with session.locked("restore", path.name, break_lock):
-            try:
-                if safety_backup:
-                    runtime.console.phase(alias, "safety backup of the current data first")
-                    safety = bk.backup(s, host, runtime.console, BACKUP_ROOT,
-                                       tuple(x for x in (services or s.backup_services) if x in s.enabled_infra),
-                                       role=session.t.role.value, kind="safety")
-                restored = bk.restore(s, host, runtime.console, path, manifest, services, session=session)
-                session.audit({"event": "restore", "set": path.name, "services": restored, "result": "ok",
-                               "safety_backup": safety.name if safety else None,
-                               "duration_s": round(time.monotonic() - started, 1)})
-            except HealthdeployError as exc:
-                session.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
-                               "duration_s": round(time.monotonic() - started, 1)})
-                raise
-    runtime.console.result(f"restored {', '.join(restored)} from {path.name} on {alias}"
-                           + (f"; safety backup {safety.name}" if safety else ""))
+    with contextlib.ExitStack() as stack:
+        sessions = {}
+        for h in plan.lock_hosts:
+            host = stack.enter_context(runtime.connect(h))
+            sessions[h] = _session(runtime, h, host)
+            stack.enter_context(sessions[h].locked("restore", path.name, break_lock))
+        data = sessions[alias]
+        host = data.host
+        bk.check_resources(s, host, manifest, services, drill=False)
+        recovered = recover_journals(s, data, console, plan.stamp)
+        restore = Restore(
+            s, plan, path, manifest, data, {h: sessions[h] for h in _app_hosts(s, alias)}, console, BACKUP_ROOT,
+            take_backup=lambda: bk.backup(s, host, console, BACKUP_ROOT, services, role=data.t.role.value,
+                                          kind="safety"),
+            verify_set=lambda p: bk.verify(s, host, console, p, bk.check_set(p)))
+        try:
+            report = restore.run()
+        except RestoreFailed as exc:
+            entry = {"event": "restore", "set": path.name, "result": "failed", "reason": exc.cause_message,
+                     "stores": exc.states, "safety_backup": restore.report.safety_backup,
+                     "duration_s": round(time.monotonic() - started, 1)}
+            for session in sessions.values():
+                try:
+                    session.audit(entry)
+                except HealthdeployError:
+                    pass
+            if as_json:
+                console.json({**restore.report.record(), "result": "failed", "error": exc.message})
+            else:
+                console.table(["store", "state"], [[k, v] for k, v in exc.states.items()])
+            raise
+        except HealthdeployError as exc:
+            data.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
+                        "duration_s": round(time.monotonic() - started, 1)})
+            raise
+        report.recovered = recovered
+        entry = {"event": "restore", "set": path.name, "result": "ok", "services": list(services),
+                 "stores": report.states, "safety_backup": report.safety_backup, "signed_by": signer or None,
+                 "duration_s": round(time.monotonic() - started, 1),
+                 "writers_down_s": round(report.writers_down_seconds, 1)}
+        for session in sessions.values():
+            session.audit(entry)
+    if as_json:
+        console.json({**report.record(), "result": "ok"})
+    else:
+        console.table(["store", "state", "detail"],
+                      [[k, v, report.details.get(k, "")] for k, v in report.states.items()])
+        console.result(f"restored {', '.join(services)} from {path.name} on {alias} in {time.monotonic() - started:.1f}s"
+                       + (f"; safety backup {report.safety_backup} (drill {report.safety_verified})"
+                          if report.safety_backup else ""))
     # The application must be healthy again with the restored data.
     return health(runtime, [])
 
@@ -162,6 +267,7 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
 def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
     s = runtime.settings
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
+    bk.check_origin(s, path, runtime.console)  # before anything else of the set is read
     manifest = bk.check_set(path)
     _check_env(s, path, manifest, "verify")  # a drill of another env's set would compare the wrong settings
     alias = manifest.get("host") if manifest.get("host") in s.hosts and s.role_of(manifest["host"]).runs_data \

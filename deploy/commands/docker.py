@@ -181,3 +181,9 @@ def run_throwaway(name: str, image: str, *args: str, env_files: tuple[str, ...] 
 
 def remove_force(name: str, description: str = "remove the throwaway container") -> Command:
     return cmd("docker", "rm", "-f", "-v", name, description=description, intent=("rm", name))
+
+
+def container_state(name: str) -> Command:
+    """A container's state (running, exited, ...); empty output when there is no such container."""
+    return script('docker inspect --format "{{.State.Status}}" "$1" 2>/dev/null; exit 0', name,
+                  description="read a container's state", readonly=True, intent=("container-state", name))

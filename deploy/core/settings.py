@@ -145,6 +145,14 @@ SCHEMA: tuple[Key, ...] = (
         "`inv backup.keygen` makes a pair."),
     Key("BACKUP_AGE_IDENTITY_FILE", "path", "",
         "Private age (or OpenSSH) key that decrypts encrypted sets for restore and verify; keep it off the servers."),
+    Key("BACKUP_SIGNING_KEY", "path", "",
+        "Operator's ed25519 private key (OpenSSH format, no passphrase, operator machine only) that signs every "
+        "backup manifest (manifest.json.sig, an OpenSSH signature, namespace healthdeploy-backup); "
+        "`inv backup.keygen --signing --out FILE` makes one."),
+    Key("BACKUP_ALLOWED_SIGNERS", "path", "",
+        "File of the public keys allowed to sign backups (`healthdeploy-backup ssh-ed25519 AAAA...` lines, "
+        "ssh-keygen's allowed_signers format). When set (always in production), restore and verify refuse an "
+        "unsigned or wrongly signed set (exit 8) before reading anything else of it."),
     Key("EMQX_USERNAME", "str", "health", "MQTT user of the backend."),
     Key("EMQX_PASSWORD", "secret", None, "MQTT / EMQX dashboard password.", production_secret=True, service="emqx"),
     Key("JWT_SECRET", "secret", None, "JWT signing secret (at least 32 characters).", production_secret=True),

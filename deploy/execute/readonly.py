@@ -21,11 +21,11 @@ class ReadOnlyHost:
         self.address = real.address
 
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result:
+            on_line: Callable[[str], None] | None = None, structured: tuple[str, ...] = ()) -> Result:
         if not command.readonly:
             raise WriteRefused(f"internal: a read-only phase tried to run {command.description!r} on {self.alias}",
                                "this is a bug in healthdeploy; nothing was changed")
-        return self.real.run(command, check=check, timeout=timeout, on_line=on_line)
+        return self.real.run(command, check=check, timeout=timeout, on_line=on_line, structured=structured)
 
     def __getattr__(self, name):
         if name in ("hold", "stream_from_file"):

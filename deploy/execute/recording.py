@@ -43,7 +43,7 @@ class RecordingHost:
 
     # -- the executor protocol ------------------------------------------------------------------------
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result:
+            on_line: Callable[[str], None] | None = None, structured: tuple[str, ...] = ()) -> Result:
         self._record(command)
         result = self.world.answer(command)
         if on_line:
@@ -60,7 +60,7 @@ class RecordingHost:
             return HeldCommand(None, first, rest)
         return HeldCommand(lambda: self.world.drop_holder(command), "acquired", "")
 
-    def stream_from_file(self, command: Command, source: BinaryIO, progress=None) -> StreamResult:
+    def stream_from_file(self, command: Command, source: BinaryIO, progress=None, structured=()) -> StreamResult:
         self._record(command)
         data = source.read()
         result = self.world.receive(command, data)
@@ -69,7 +69,7 @@ class RecordingHost:
             raise RemoteCommandError(f"{command.description} on {self.alias}", result.exit_status, result.err)
         return StreamResult(len(data), digest, digest, 0, 0.0, "")
 
-    def stream_to_file(self, command: Command, target: BinaryIO, progress=None) -> StreamResult:
+    def stream_to_file(self, command: Command, target: BinaryIO, progress=None, structured=()) -> StreamResult:
         self._record(command)
         data, stderr = self.world.send(command)
         target.write(data)

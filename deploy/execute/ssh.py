@@ -38,6 +38,66 @@ STREAM_RECV = 4 << 20
 NO_CLIENT_REKEY = 2**40
 
 STDERR_KEEP = 64 << 10  # bytes of stderr kept per command (the tail, for error messages)
+# Structured stderr lines (row counts, InfluxDB counts and cut-off: ``structured=`` prefixes) are all kept,
+# whatever else the command prints; past this cap the command fails clearly instead of losing some.
+STRUCTURED_KEEP = 64 << 20
+
+
+class StderrKeeper:
+    """Every stderr line that starts with one of ``prefixes``, in order, plus the tail of everything else.
+
+    A stream's tail alone is not enough: a dump that reports the row counts of 2,000 tables first, then its
+    tool's messages, would lose the first counts."""
+
+    def __init__(self, prefixes: tuple[str, ...] = (), keep: int = STDERR_KEEP, cap: int = STRUCTURED_KEEP,
+                 what: str = "the command"):
+        self.prefixes = tuple(p.encode() for p in prefixes)
+        self.keep, self.cap, self.what = keep, cap, what
+        self.structured: list[bytes] = []
+        self.structured_bytes = 0
+        self.tail = bytearray()
+        self.pending = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if not self.prefixes:
+            self.tail += data
+            del self.tail[: max(0, len(self.tail) - self.keep)]
+            return
+        self.pending += data
+        while True:
+            index = self.pending.find(b"\n")
+            if index < 0:
+                break
+            self._line(bytes(self.pending[: index + 1]))
+            del self.pending[: index + 1]
+        head = bytes(self.pending[:64])
+        if len(self.pending) > self.keep and not any(p.startswith(head[:len(p)]) or head.startswith(p)
+                                                     for p in self.prefixes):
+            self._line(bytes(self.pending))  # a long unstructured line: it goes to the tail
+            self.pending.clear()
+        if self.structured_bytes + len(self.pending) > self.cap:
+            raise IntegrityError(f"{self.what} printed more than {self.cap >> 20} MiB of structured lines "
+                                 "(row counts, InfluxDB counts)",
+                                 "report it: the set would not record every count; raise STRUCTURED_KEEP")
+
+    def _line(self, line: bytes) -> None:
+        if self.prefixes and line.startswith(self.prefixes):
+            self.structured.append(line if line.endswith(b"\n") else line + b"\n")
+            self.structured_bytes += len(line)
+            if self.structured_bytes > self.cap:
+                raise IntegrityError(f"{self.what} printed more than {self.cap >> 20} MiB of structured lines "
+                                     "(row counts, InfluxDB counts)",
+                                     "report it: the set would not record every count; raise STRUCTURED_KEEP")
+            return
+        self.tail += line
+        del self.tail[: max(0, len(self.tail) - self.keep)]
+
+    def finish(self) -> bytes:
+        """The structured lines, then the tail of the rest."""
+        if self.pending:
+            self._line(bytes(self.pending))
+            self.pending.clear()
+        return b"".join(self.structured) + bytes(self.tail)
 
 # Every command that changes something runs under this wrapper. It reports its process group, so at a
 # deadline the whole group is killed on the host (not only our channel closed), and a watchdog kills the
@@ -408,9 +468,9 @@ class RemoteHost:
         return channel
 
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
-            on_line: Callable[[str], None] | None = None) -> Result:
+            on_line: Callable[[str], None] | None = None, structured: tuple[str, ...] = ()) -> Result:
         with self._connection_errors(command.description):
-            return self._run(command, check, timeout, on_line)
+            return self._run(command, check, timeout, on_line, structured)
 
     @contextlib.contextmanager
     def _connection_errors(self, what: str) -> Iterator[None]:
@@ -425,7 +485,7 @@ class RemoteHost:
                                  "check the network and the host, then run the task again") from None
 
     def _run(self, command: Command, check: bool = True, timeout: float | None = None,
-             on_line: Callable[[str], None] | None = None) -> Result:
+             on_line: Callable[[str], None] | None = None, structured: tuple[str, ...] = ()) -> Result:
         """Run to completion; stdout is kept whole (facts are small), stderr's tail is kept.
 
         ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress. Every command
@@ -442,7 +502,8 @@ class RemoteHost:
             channel.shutdown_write()
         deadline = time.monotonic() + timeout
         stdout = bytearray()
-        stderr = bytearray()
+        stderr = bytearray()  # only until the wrapper's first line is read; then the keeper has it
+        kept = StderrKeeper(structured, what=f"{command.description} on {self.alias}")
         pending = b""
         pgid = ""
         marker = watched
@@ -465,9 +526,7 @@ class RemoteHost:
                         pgid = first.decode(errors="replace").removeprefix(PGID_MARKER).strip()
                         stderr.clear()
                         marker = False
-                    stderr += chunk
-                    if len(stderr) > STDERR_KEEP:
-                        del stderr[: len(stderr) - STDERR_KEEP]
+                    kept.feed(chunk)
                     if on_line:
                         pending = self._emit(pending + chunk, on_line)
                 if stdout_open:
@@ -490,8 +549,7 @@ class RemoteHost:
                     if chunk == b"" and not got_stderr:
                         break
                     if chunk:
-                        stderr += chunk
-                        del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+                        kept.feed(chunk)
                         if on_line:
                             pending = self._emit(pending + chunk, on_line)
                 if time.monotonic() > deadline:
@@ -511,7 +569,7 @@ class RemoteHost:
             on_line(redact(pending.decode("utf-8", "replace"), self.secrets))
         status = channel.recv_exit_status()
         channel.close()
-        result = Result(status, bytes(stdout), bytes(stderr))
+        result = Result(status, bytes(stdout), bytes(stderr) + kept.finish())
         if check and not result.ok:
             raise RemoteCommandError(f"{command.description} on {self.alias}", status,
                                      redact(result.err or result.text[-2000:], self.secrets))
@@ -576,7 +634,8 @@ class RemoteHost:
         return rest
 
     def stream_to_file(self, command: Command, target: BinaryIO,
-                       progress: Callable[[int], None] | None = None) -> StreamResult:
+                       progress: Callable[[int], None] | None = None,
+                       structured: tuple[str, ...] = ()) -> StreamResult:
         """Copy the command's stdout byte for byte into ``target`` at constant memory.
 
         The remote side checksums the same bytes; exit status, byte count and SHA-256 are compared.
@@ -584,21 +643,20 @@ class RemoteHost:
         started = time.monotonic()
         with self._connection_errors(command.description), \
                 self._stream_channel(checksummed_stdout(command).render()) as channel:
-            return self._receive(command, channel, target, progress, started)
+            return self._receive(command, channel, target, progress, started, structured)
 
     def _receive(self, command: Command, channel: paramiko.Channel, target: BinaryIO,
-                 progress: Callable[[int], None] | None, started: float) -> StreamResult:
+                 progress: Callable[[int], None] | None, started: float,
+                 structured: tuple[str, ...] = ()) -> StreamResult:
         channel.shutdown_write()
         digest = hashlib.sha256()
         total = 0
-        stderr = bytearray()
+        stderr = StderrKeeper(structured, what=f"{command.description} on {self.alias}")
         channel.settimeout(0.5)
         last_report = 0.0
         while True:
             while channel.recv_stderr_ready():
-                stderr += channel.recv_stderr(1 << 16)
-                if len(stderr) > STDERR_KEEP:
-                    del stderr[: len(stderr) - STDERR_KEEP]
+                stderr.feed(channel.recv_stderr(1 << 16))
             try:
                 data = channel.recv(STREAM_RECV)
             except socket.timeout:
@@ -615,31 +673,33 @@ class RemoteHost:
             if progress and time.monotonic() - last_report > 0.5:
                 last_report = time.monotonic()
                 progress(total)
-        stderr += self._drain_stderr(channel)
+        self._drain_stderr(channel, keeper=stderr)
         status = channel.recv_exit_status()
         channel.close()
         target.flush()
         if progress:
             progress(total)
-        remote_sha, rest = parse_checksum(stderr.decode("utf-8", "replace"))
+        remote_sha, rest = parse_checksum(stderr.finish().decode("utf-8", "replace"))
         result = StreamResult(total, digest.hexdigest(), remote_sha, status, time.monotonic() - started,
                               redact(rest, self.secrets))
         self._check_stream(command, result)
         return result
 
     def stream_from_file(self, command: Command, source: BinaryIO,
-                         progress: Callable[[int], None] | None = None) -> StreamResult:
+                         progress: Callable[[int], None] | None = None,
+                         structured: tuple[str, ...] = ()) -> StreamResult:
         """Feed ``source`` to the command's stdin at constant memory, checksummed on both ends."""
         started = time.monotonic()
         with self._connection_errors(command.description), \
                 self._stream_channel(checksummed_stdin(command).render()) as channel:
-            return self._send(command, channel, source, progress, started)
+            return self._send(command, channel, source, progress, started, structured)
 
     def _send(self, command: Command, channel: paramiko.Channel, source: BinaryIO,
-              progress: Callable[[int], None] | None, started: float) -> StreamResult:
+              progress: Callable[[int], None] | None, started: float,
+              structured: tuple[str, ...] = ()) -> StreamResult:
         digest = hashlib.sha256()
         total = 0
-        stderr = bytearray()
+        stderr = StderrKeeper(structured, what=f"{command.description} on {self.alias}")
         while True:
             data = source.read(1 << 20)
             if not data:
@@ -648,35 +708,36 @@ class RemoteHost:
                 channel.sendall(data)
             except OSError:
                 # The remote command ended early (full disk, a failed restore): its stderr says why.
-                stderr += self._drain_stderr(channel, discard_stdout=True)
+                self._drain_stderr(channel, discard_stdout=True, keeper=stderr)
                 status = channel.recv_exit_status() if channel.exit_status_ready() else -1
                 channel.close()
                 raise RemoteCommandError(f"{command.description} on {self.alias}", status,
-                                         redact(parse_checksum(stderr.decode("utf-8", "replace"))[1], self.secrets)
+                                         redact(parse_checksum(stderr.finish().decode("utf-8", "replace"))[1],
+                                                self.secrets)
                                          or "the remote side closed the stream") from None
             digest.update(data)
             total += len(data)
             while channel.recv_stderr_ready():
-                stderr += channel.recv_stderr(1 << 16)
-                del stderr[: max(0, len(stderr) - STDERR_KEEP)]
+                stderr.feed(channel.recv_stderr(1 << 16))
             while channel.recv_ready():  # the command's stdout is not wanted, but must not stall it
                 channel.recv(1 << 20)
             if progress:
                 progress(total)
         channel.shutdown_write()
-        stderr += self._drain_stderr(channel, discard_stdout=True)
+        self._drain_stderr(channel, discard_stdout=True, keeper=stderr)
         status = channel.recv_exit_status()
         channel.close()
-        remote_sha, rest = parse_checksum(stderr.decode("utf-8", "replace"))
+        remote_sha, rest = parse_checksum(stderr.finish().decode("utf-8", "replace"))
         result = StreamResult(total, digest.hexdigest(), remote_sha, status, time.monotonic() - started,
                               redact(rest, self.secrets))
         self._check_stream(command, result)
         return result
 
     @staticmethod
-    def _drain_stderr(channel: paramiko.Channel, discard_stdout: bool = False) -> bytes:
-        """Read stderr until its EOF. The exit status can arrive before the last stderr bytes
-        (a process that outlives the command still holds stderr), so exit status alone is not the end."""
+    def _drain_stderr(channel: paramiko.Channel, discard_stdout: bool = False,
+                      keeper: "StderrKeeper | None" = None) -> bytes:
+        """Read stderr until its EOF (into ``keeper`` when given). The exit status can arrive before the last
+        stderr bytes (a process that outlives the command still holds stderr), so exit status alone is not the end."""
         out = bytearray()
         channel.settimeout(0.2)
         while True:
@@ -689,7 +750,10 @@ class RemoteHost:
                 continue
             if not chunk:
                 return bytes(out[-STDERR_KEEP:])
-            out += chunk
+            if keeper is not None:
+                keeper.feed(chunk)
+            else:
+                out += chunk
 
     def _check_stream(self, command: Command, result: StreamResult) -> None:
         where = f"{command.description} on {self.alias}"

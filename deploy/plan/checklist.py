@@ -229,6 +229,26 @@ def check_backup_age(facts: Facts, item: Item) -> Outcome:
     return Outcome(item.name, item.kind, "pass", f"newest verified backup {newest[0]} is {age:.1f} h old")
 
 
+def check_backup_protection(facts: Facts, item: Item) -> Outcome:
+    """Backups hold patient data: encrypted at rest (BACKUP_AGE_RECIPIENTS) and signed (BACKUP_SIGNING_KEY with
+    BACKUP_ALLOWED_SIGNERS, so a restore can refuse a set it cannot trust). Fails on production; a warning
+    elsewhere (``production_only = false`` makes it fail everywhere)."""
+    s = facts.settings
+    missing = []
+    if not s.backup_age_recipients:
+        missing.append("backups are not encrypted at rest (BACKUP_AGE_RECIPIENTS is empty)")
+    if not s.backup_signing_key:
+        missing.append("backups are not signed (BACKUP_SIGNING_KEY is empty)")
+    if not s.backup_allowed_signers:
+        missing.append("restores cannot check who made a set (BACKUP_ALLOWED_SIGNERS is empty)")
+    if not missing:
+        return Outcome(item.name, item.kind, "pass", "backups encrypted with age and signed; restores check the signer")
+    strict = s.env_kind == "production" or not item.params.get("production_only", True)
+    return Outcome(item.name, item.kind, "fail" if strict else "warn", "; ".join(missing),
+                   "`inv backup.keygen --out FILE` (age) and `inv backup.keygen --signing --out FILE`, then set the "
+                   f"keys in {s.source}")
+
+
 def check_services_healthy(facts: Facts, item: Item) -> Outcome:
     bad = [h for h, ok in facts.healthy.items() if not ok] + list(facts.host_errors)
     if bad:
@@ -250,7 +270,8 @@ def check_same_release(facts: Facts, item: Item) -> Outcome:
 CHECKS: dict[str, Callable[[Facts, Item], Outcome]] = {
     "secrets_not_default": check_secrets, "required_keys": check_required_keys, "tls_certificate": check_tls,
     "log_rotation": check_log_rotation, "disk_free": check_disk, "docker_version": check_docker,
-    "compose_version": check_compose, "backup_age": check_backup_age, "services_healthy": check_services_healthy,
+    "compose_version": check_compose, "backup_age": check_backup_age, "backup_protection": check_backup_protection,
+    "services_healthy": check_services_healthy,
     "same_release": check_same_release,
 }
 REMOTE_KINDS = {"log_rotation", "disk_free", "docker_version", "compose_version", "services_healthy", "same_release"}

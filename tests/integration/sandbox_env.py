@@ -44,8 +44,9 @@ def _remove_leftovers() -> None:
             ids.append(cid)
     if ids:
         subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-    subprocess.run("docker ps -aq --filter label=healthdeploy.role=drill | xargs -r docker rm -f -v", shell=True,
-                   capture_output=True)  # restore drills killed before their clean-up
+    for host in TEST_HOSTS:  # restore drills killed before their clean-up (only our hosts': names carry the host)
+        subprocess.run(f"docker ps -aq --filter label=healthdeploy.role=drill --filter name=hd-verify-{host}- "
+                       "| xargs -r docker rm -f -v", shell=True, capture_output=True)
     for host in TEST_HOSTS:
         subprocess.run(f"docker network ls -q --filter name=hd-t | xargs -r -n1 docker network inspect --format '{{{{.Name}}}}' "
                        f"| grep -- '-{host}_' | xargs -r docker network rm", shell=True, capture_output=True)

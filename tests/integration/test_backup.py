@@ -151,8 +151,9 @@ def test_backup_destroy_restore_is_identical(env):
     assert files["minio.tar"]["objects"]["avatars"] == {"objects": 1, "bytes": 3004}
     assert files["influxdb.tar"]["influx"]["points"] == {"bp": {"dia": 2, "sys": 2}, "hr": {"bpm": 1}}
     assert files["influxdb.tar"]["influx"]["series"] == {"bp": 2, "hr": 1}
-    assert files["postgres.dump"]["rows"] == {"public.patients": 5000, "public.readings": 20000,
-                                              "public.schema_migrations": 1}
+    rows = files["postgres.dump"]["rows"]
+    assert rows["public.patients"] == 5000 and rows["public.readings"] == 20000
+    assert rows == {t: int(psql(f"SELECT count(*) FROM {t}")) for t in rows}  # every table, as it is
     assert files["postgres.dump"]["engine_version"].startswith("postgres (PostgreSQL) 15")
     for name in files:
         assert oct((backup_set / name).stat().st_mode & 0o777) == "0o600"
@@ -167,14 +168,17 @@ def test_backup_destroy_restore_is_identical(env):
                    check=True, capture_output=True)
     destroy_objects()
     assert s3_snapshot() != objects_before
-    proc = inv(env, "restore", "--env", "bk", "--from", backup_set.name, "--yes")
+    proc = inv(env, "restore", "--env", "bk", "--from", backup_set.name, "--yes", "--json")
     assert proc.returncode == 0, proc.stderr
     assert "safety backup" in proc.stderr and "bk: healthy" in proc.stdout
+    result, _ = json.JSONDecoder().raw_decode(proc.stdout.lstrip())  # the result, then `fab health`'s table
+    assert result.get("stores") == {"postgres": "restored", "influxdb": "restored", "minio": "restored"}, proc.stdout
+    assert result.get("safety_verified") == "ok"
     after = (psql(ROW_CHECKSUM), psql("SELECT md5(string_agg(r::text, ',' ORDER BY id)) FROM readings r"),
              json.dumps(influx("SELECT * FROM /.*/"), sort_keys=True))
     assert after == before
     assert s3_snapshot() == objects_before  # bytes, content type, metadata and tags; the extra object removed
-    assert "1 extra removed" in proc.stderr
+    assert "buckets not in the set" not in proc.stderr
     assert psql("SELECT count(*) FROM pg_roles WHERE rolname = 'report_reader'") == "1"
     assert len(sets(env)) == 2  # the set and the safety backup taken before the restore
     audit = (Path(f"/var/lib/healthdeploy-test/{HOST}/bk/shared/audit.log")).read_text()
@@ -192,7 +196,7 @@ def test_restore_drill_verifies_the_set(env):
     assert checks["influxdb"]["result"] == "ok" and checks["influxdb"]["series"] == {"bp": 2, "hr": 1}
     assert checks["minio"]["result"] == "ok"
     assert checks["minio"]["buckets"]["avatars"] == {"objects": 1, "bytes": 3004}
-    assert not subprocess.run(["docker", "ps", "-aq", "--filter", "name=hd-verify-"], capture_output=True,
+    assert not subprocess.run(["docker", "ps", "-aq", "--filter", f"name=hd-verify-{HOST}-"], capture_output=True,
                               text=True).stdout.strip()  # the throwaway container is gone
     listing = json.loads(inv(env, "backup.list", "--env", "bk", "--json").stdout)
     assert {s["set"]: s["verified"] for s in listing["sets"]}[backup_set.name] == "ok"
@@ -266,6 +270,11 @@ def test_encrypted_compressed_set_round_trip(env, tmp_path):
                   BACKUP_AGE_IDENTITY_FILE=str(other))
         proc = inv(env, "backup.verify", "--env", "bk", "--from", sealed.name)
         assert proc.returncode == 8 and "cannot decrypt" in proc.stderr and ".age" in proc.stderr
+        # ... and a restore with it is refused before any writer stops or any safety backup is taken.
+        proc = inv(env, "restore", "--env", "bk", "--from", sealed.name, "--yes")
+        assert proc.returncode == 8 and "cannot decrypt" in proc.stderr, proc.stderr
+        assert "stopping" not in proc.stderr and "safety backup" not in proc.stderr
+        assert psql(ROW_CHECKSUM) == damaged and len(set(sets(env)) - known) == 1
 
         env.write(hosts=HOST, BACKUP_COMPRESSION="zstd", BACKUP_AGE_RECIPIENTS=recipient,
                   BACKUP_AGE_IDENTITY_FILE=str(key))
@@ -304,6 +313,32 @@ def test_a_backup_killed_halfway_leaves_no_good_set(env):
     assert partial, "the interrupted set stays under its temporary name"
     refused = inv(env, "restore", "--env", "bk", "--from", str(partial[0]), "--yes")
     assert refused.returncode == 2 and "is not a backup set (no manifest.json)" in refused.stderr
+    # The next backup removes what the killed one left (older, its owner gone).
+    proc = inv(env, "backup", "--env", "bk", "--services", "postgres")
+    assert proc.returncode == 0 and f"removed {partial[0].name}" in proc.stderr, proc.stderr
+    assert not [p for p in root.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_a_drill_of_2000_tables_compares_every_table(env):
+    psql("CREATE SCHEMA wide")
+    psql("DO $$ BEGIN FOR i IN 1..2000 LOOP EXECUTE format('CREATE TABLE wide.t%s (id int)', i); "
+         "EXECUTE format('INSERT INTO wide.t%s SELECT generate_series(1, %s)', i, i % 5); END LOOP; END $$")
+    try:
+        known = set(sets(env))
+        proc = inv(env, "backup", "--env", "bk", "--services", "postgres")
+        assert proc.returncode == 0, proc.stderr
+        [wide] = set(sets(env)) - known
+        rows = json.loads((wide / "manifest.json").read_text())["artifacts"][0]["rows"]
+        assert len([t for t in rows if t.startswith("wide.")]) == 2000 and rows["wide.t1999"] == 4
+        started = time.monotonic()
+        proc = inv(env, "backup.verify", "--env", "bk", "--from", wide.name, "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        assert report["result"] == "ok" and len(report["checks"][0]["tables"]) >= 2003
+        print(f"2,000-table drill: ok in {time.monotonic() - started:.1f}s, "
+              f"{len(report['checks'][0]['tables'])} tables compared")
+    finally:
+        psql("DROP SCHEMA wide CASCADE")
 
 
 def test_prune_keeps_the_newest_verified_set(env):

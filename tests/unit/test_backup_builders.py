@@ -43,11 +43,18 @@ def test_influx2_backup_and_restore_use_the_token_from_the_environment():
     assert text.startswith("set -e")
 
 
-def test_influx1_restore_goes_through_a_temporary_database_and_checks_bodies():
-    text = rendered(bk.influx_restore("influx", "1", "health_data"))
-    assert "influxd restore -portable" in text and "-newdb" in text
-    assert "SELECT * INTO" in text and '"error"' in text
-    assert text.endswith(" sh health_data")
+def test_influx1_restore_is_staged_under_a_new_name_and_dropped_on_any_failure():
+    import pytest
+
+    text = rendered(bk.influx_stage("influx", "health_data", "health_data__hd_new_1"))
+    assert "influxd restore -portable" in text and '-db "$1" -newdb "$2"' in text and '"error"' in text
+    assert text.endswith(" sh health_data health_data__hd_new_1")
+    stage = bk.INFLUX1_STAGE
+    # the EXIT trap drops the new database when anything failed; TERM/INT/HUP end through it
+    assert "trap cleanup EXIT" in stage and "trap 'exit 143' TERM INT HUP" in stage
+    assert 'DROP DATABASE \\"$2\\"' in stage and stage.index("trap cleanup EXIT") < stage.index("influxd restore")
+    with pytest.raises(ValueError, match="beside the live database"):
+        bk.influx_restore("influx", "1", "health_data")
 
 
 def test_row_parser():
@@ -74,8 +81,30 @@ def test_influx_count_parser_skips_fields_a_measurement_lacks():
                                             "series": {"bp": 2}}
 
 
+def test_influx_counts_per_retention_policy_and_continuous_queries():
+    import json
+
+    rps = {"results": [{"series": [{"columns": ["name", "duration", "shardGroupDuration", "replicaN", "default"],
+                                    "values": [["autogen", "0s", "168h0m0s", 1, True],
+                                               ["weekly", "87360h0m0s", "168h0m0s", 1, False]]}]}]}
+    cqs = {"results": [{"series": [{"name": "health_data", "columns": ["name", "query"],
+                                    "values": [["cq1", "CREATE CONTINUOUS QUERY cq1 ON health_data BEGIN x END"]]},
+                                   {"name": "other", "columns": ["name", "query"], "values": [["c", "q"]]}]}]}
+    auto = {"results": [{"series": [{"name": "bp", "columns": ["time", "count_sys"], "values": [["0", 2]]}]}]}
+    weekly = {"results": [{"series": [{"name": "bp_mean", "columns": ["time", "count_mean"], "values": [["0", 1]]}]}]}
+    text = (f"HEALTHDEPLOY-T0 T\nHEALTHDEPLOY-INFLUX-RPS {json.dumps(rps)}\nHEALTHDEPLOY-INFLUX-CQS {json.dumps(cqs)}\n"
+            f"HEALTHDEPLOY-INFLUX-RP autogen {json.dumps(auto)}\nHEALTHDEPLOY-INFLUX-RP weekly {json.dumps(weekly)}\n")
+    counts = bk.parse_influx_counts(text, "health_data")
+    assert counts["points"] == {"bp": {"sys": 2}} and counts["rp_points"] == {"weekly": {"bp_mean": {"mean": 1}}}
+    assert [r["name"] for r in counts["retention_policies"]] == ["autogen", "weekly"]
+    assert counts["continuous_queries"] == [{"database": "health_data", "name": "cq1",
+                                             "query": "CREATE CONTINUOUS QUERY cq1 ON health_data BEGIN x END"}]
+
+
 def test_influx1_restores_wait_until_the_restored_shards_are_enabled():
-    assert "shard is disabled" in rendered(bk.influx_restore("influx", "1", "health_data"))
+    # every retention policy, two clean rounds in a row; each query also retries "shard is disabled"
+    assert "shard is disabled" in bk.INFLUX1_HTTP and 'while [ "$ok" -lt 2 ]' in bk.INFLUX1_WAIT_SHARDS
+    assert 'for rp in $(influx_rps "$1")' in bk.INFLUX1_WAIT_SHARDS
     drill = rendered(bk.influx_drill_restore("drill", "health_data"))
     assert '-db "$1" -newdb "$2"' in drill and 'wait_shards "$2"' in drill and drill.endswith(" health_data healthdeploy_drill")
 
@@ -123,7 +152,7 @@ def test_an_encrypted_set_needs_the_identity_before_anything_runs():
 
     import pytest
 
-    from deploy.backup.run import artifact_record, restore_plan
+    from deploy.backup.run import artifact_record, restore_services as restore_plan
     from deploy.core.errors import UsageError
     from deploy.core.settings import load_settings
 
@@ -136,15 +165,17 @@ def test_an_encrypted_set_needs_the_identity_before_anything_runs():
         restore_plan(s, manifest, None)
     with pytest.raises(UsageError, match="restoring redis is not supported"):
         restore_plan(dataclasses.replace(s, backup_age_identity_file="/nonexistent"), manifest, ("redis",))
+    with pytest.raises(UsageError, match="mongodb is disabled"):
+        restore_plan(s, {"artifacts": [{"service": "mongodb", "file": "m"}]}, ("mongodb",))
     assert artifact_record(manifest, "redis.rdb")["file"] == "redis.rdb"
     assert artifact_record(manifest, "postgres.dump")["file"] == "postgres.dump.age"
 
 
 def test_an_empty_influx_database_restores_as_an_empty_database():
     # `influxd restore` refuses a backup without shard files; both restores recreate the database instead.
-    live = bk.INFLUX1_RESTORE
-    assert live.index('ls "$d"/*.tar.gz') < live.index("influxd restore -portable")
-    assert 'CREATE DATABASE \\"$2\\"' in bk.INFLUX1_DRILL_RESTORE
+    stage = bk.INFLUX1_STAGE
+    assert stage.index('ls "$d"/*.tar.gz') < stage.index("influxd restore -portable")
+    assert 'CREATE DATABASE \\"$2\\"' in stage
 
 
 def test_influx_counts_fail_loudly_when_a_query_fails():

@@ -401,10 +401,21 @@ def test_truncated_manifest_does_not_crash_backup_prune(envs, dry_run):
 
 
 def test_production_restore_needs_yes_when_not_interactive(envs):
-    envs.write("production")
-    envs.backup_set("20260101T000000Z")
+    from deploy.backup import signing
+
+    key, allowed = envs.dir / "signing_key", envs.dir / "allowed_signers"
+    signing.write_keypair(str(key), str(allowed))
+    envs.write("production", BACKUP_SIGNING_KEY=str(key), BACKUP_ALLOWED_SIGNERS=str(allowed))
+    signing.sign_set(envs.backup_set("20260101T000000Z"), str(key))
     refused(envs.run("inv", "restore", "--env", envs.name, "--from", "20260101T000000Z"), 2,
             f"restoring 20260101T000000Z over production data of '{envs.name}' needs confirmation", "rerun with --yes")
+
+
+def test_production_restore_of_an_unsigned_set_is_refused(envs):
+    envs.write("production")
+    envs.backup_set("20260101T000000Z")
+    refused(envs.run("inv", "restore", "--env", envs.name, "--from", "20260101T000000Z", "--yes"), 8,
+            "cannot check who made this set: BACKUP_ALLOWED_SIGNERS is not set", f"set it in env/{envs.name}.env")
 
 
 def test_encrypted_set_without_its_key(envs):
