@@ -8,14 +8,22 @@ from deploy.plan.deploy import DeployPlan
 from deploy.plan.steps import StepKind
 
 
-def summary(console: Console, outcomes: list[HostOutcome], as_json: bool) -> None:
+def summary(console: Console, outcomes: list[HostOutcome], as_json: bool, build: dict | None = None) -> None:
     if as_json:
-        console.json({"hosts": [o.__dict__ for o in outcomes]})
+        console.json({"hosts": [o.__dict__ for o in outcomes], **({"build": build} if build else {})})
         return
+    if build:
+        console.info(f"built on {build['where']} once: {', '.join(build['services'])} in {build['build_seconds']}s, "
+                     f"pushed in {build['push_seconds']}s ({build['layers_pushed']} new layer(s))")
     console.table(["host", "role", "result", "release", "previous", "services", "migrated", "sent", "seconds", "message"],
                   [[o.host, o.role, o.result, o.release, o.previous, ",".join(o.services) or "-",
-                    "yes" if o.migrated else "no", f"{o.uploaded_files} files/{o.uploaded_bytes} B", o.seconds, o.message]
+                    "yes" if o.migrated else "no", _sent(o), o.seconds, o.message]
                    for o in outcomes])
+
+
+def _sent(o: HostOutcome) -> str:
+    text = f"{o.uploaded_files} files/{o.uploaded_bytes} B"
+    return text + (f" + images {o.shipped_bytes} B" if o.shipped_bytes else "")
 
 
 def plan_lines(plan) -> list[str]:
@@ -28,7 +36,8 @@ def plan_lines(plan) -> list[str]:
             lines.append(f"would send {path} ({how})")
         build = plan.step(StepKind.BUILD)
         if build:
-            lines.append(f"would rebuild: {', '.join(build.items)}")
+            where = "on this host" if build.target == "host" else f"on {build.target}, then shipped to this host"
+            lines.append(f"would rebuild: {', '.join(build.items)} ({where})")
     else:
         lines.append(f"plan: rollback to {plan.target} (live: {plan.previous})")
     for step in plan.steps:
