@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.sandbox import netns
+from deploy.sandbox import netns, setup
 from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, new_env
 from testbed_env import TESTBED_NODES, docker
 
@@ -58,6 +58,7 @@ def remove_local_build_images(env_name: str) -> None:
 
 @pytest.fixture(scope="module")
 def env(testbed_hosts, tmp_path_factory):
+    setup.ensure_tools(setup.REGISTRY_TOOLS)  # the shipping registry runs on this machine
     env = new_env(tmp_path_factory, ENV)
     cache = env.directory / "build-cache"
     env.write(hosts=TARGET, BUILD_ON="operator", BUILD_CACHE=str(cache))
@@ -222,6 +223,7 @@ def test_a_ship_failure_leaves_the_host_as_it_was(env):
 # -- a loopback sandbox host: the operator's engine is the host's --------------------------------------------
 @pytest.fixture
 def loopback(sandbox_hosts, tmp_path_factory):
+    setup.ensure_tools(setup.REGISTRY_TOOLS)
     env = new_env(tmp_path_factory, "bol")
     env.write(hosts=MAIN, BUILD_ON="operator", BUILD_CACHE=str(env.directory / "build-cache"))
     _cleanup(env)
