@@ -336,6 +336,23 @@ class RemoteHost:
 
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
             on_line: Callable[[str], None] | None = None) -> Result:
+        with self._connection_errors(command.description):
+            return self._run(command, check, timeout, on_line)
+
+    @contextlib.contextmanager
+    def _connection_errors(self, what: str) -> Iterator[None]:
+        """What the network does to a channel (reset, EOF, a closed transport) is one error: ConnectionLost."""
+        try:
+            yield
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            if isinstance(exc, socket.timeout):
+                raise
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise ConnectionLost(f"connection to {self.alias} was lost during {what}: {reason}",
+                                 "check the network and the host, then run the task again") from None
+
+    def _run(self, command: Command, check: bool = True, timeout: float | None = None,
+             on_line: Callable[[str], None] | None = None) -> Result:
         """Run to completion; stdout is kept whole (facts are small), stderr's tail is kept.
 
         ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress. Every command
@@ -450,6 +467,10 @@ class RemoteHost:
     def hold(self, command: Command, timeout: float = 30) -> HeldCommand:
         """Start ``command`` and read its first line; it keeps running until the HeldCommand is closed (or our
         process dies: its stdin closes). If it ends on its own, everything it printed is returned."""
+        with self._connection_errors(command.description):
+            return self._hold(command, timeout)
+
+    def _hold(self, command: Command, timeout: float) -> HeldCommand:
         channel = self._open(command.render())
         channel.settimeout(timeout)
         data = b""
@@ -488,7 +509,8 @@ class RemoteHost:
         The remote side checksums the same bytes; exit status, byte count and SHA-256 are compared.
         """
         started = time.monotonic()
-        with self._stream_channel(checksummed_stdout(command).render()) as channel:
+        with self._connection_errors(command.description), \
+                self._stream_channel(checksummed_stdout(command).render()) as channel:
             return self._receive(command, channel, target, progress, started)
 
     def _receive(self, command: Command, channel: paramiko.Channel, target: BinaryIO,
@@ -507,6 +529,10 @@ class RemoteHost:
             try:
                 data = channel.recv(STREAM_RECV)
             except socket.timeout:
+                if not self._active():
+                    raise ConnectionLost(f"connection to {self.alias} was lost during {command.description}",
+                                         "check the network and the host, then run it again") from None
+                check_cancelled()
                 continue
             if not data:
                 break
@@ -532,7 +558,8 @@ class RemoteHost:
                          progress: Callable[[int], None] | None = None) -> StreamResult:
         """Feed ``source`` to the command's stdin at constant memory, checksummed on both ends."""
         started = time.monotonic()
-        with self._stream_channel(checksummed_stdin(command).render()) as channel:
+        with self._connection_errors(command.description), \
+                self._stream_channel(checksummed_stdin(command).render()) as channel:
             return self._send(command, channel, source, progress, started)
 
     def _send(self, command: Command, channel: paramiko.Channel, source: BinaryIO,
