@@ -264,9 +264,10 @@ class DeployApply:
         tags = {s: self.d.image_ref(s, self.release) for s in step.items}
         # Registered first: a pull cut half-way may have tagged some; removing a tag this release added is safe
         # (the release is new, so nothing else uses it; docker keeps an image a container still runs).
-        self.session.undo.push(f"remove the images shipped for {self.release}",
-                               lambda: self.run_cmd(dk.remove_images(tuple(tags.values())), check=False), FILES)
+        self.session.undo.push(f"remove the images shipped for {self.release}", dk.remove_images(tuple(tags.values())),
+                               FILES)
         self.say(f"shipping {', '.join(step.items)} from {step.target} (only the layers this host lacks)")
+        faults.point("during:ship", self.session.host, delay=1.0)
         shipped = self.built.ship(self.session.host, step.items, tags, self.say)
         self.report.shipped_bytes += shipped.bytes
         self.report.shipped_seconds += shipped.seconds

@@ -27,6 +27,7 @@ from deploy.core.console import Console
 from deploy.core.errors import HealthdeployError, RemoteCommandError
 from deploy.core.settings import Settings
 from deploy.execute.executor import Executor, shielded
+from deploy.execute import faults
 from deploy.execute import registry as reg
 from deploy.facts.host import HostFacts, host_facts, version_tuple
 from deploy.facts.images import parse_image_ids, project_images
@@ -136,6 +137,7 @@ class OffHostBuild:
         try:
             self.builder.run(fs.mkdirs(context, mode="0700"))
             self.builder.stream_from_file(fs.extract_tar(context), io.BytesIO(pl.tar_of(files, tuple(files))))
+            faults.point("during:build", None if self.where == "operator" else self.builder, delay=1.0)
             try:
                 self.builder.run(dk.compose_build(f"{project}-build", f"{context}/compose.yaml",
                                                   f"{context}/{pl.RELEASE_ENV}", services, f"{context}/{OVERRIDE}"),

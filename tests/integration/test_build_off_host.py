@@ -220,6 +220,35 @@ def test_a_ship_failure_leaves_the_host_as_it_was(env):
     assert get_build() == "backend-v3"
 
 
+def test_the_operator_killed_during_a_ship_leaves_the_host_as_it_was(env):
+    """SIGKILL of the deploy 1 s into the host's pull (HEALTHDEPLOY_FAULT=during:ship=kill): nothing local runs any
+    more; the host's lock holder runs the journal (the release and the shipped tags go) and releases the lock."""
+    before = engine_state(TARGET)
+    root = Path(f"/var/lib/healthdeploy-test/{TARGET}/{ENV}")
+    releases = sorted(os.listdir(root / "releases"))
+    blob = env.app / "backend" / "blob.bin"
+    blob.write_bytes(os.urandom(24 << 20))  # a new 24 MB layer that does not compress: the pull takes a while
+    env.set_build("backend", "backend-v4")
+    proc = env.run("fab", "deploy", "--env", env.name, "--json", timeout=900,
+                   extra_env={"HEALTHDEPLOY_FAULT": "during:ship=kill"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert "shipping backend from operator" in proc.stderr
+    deadline = time.monotonic() + 60
+    while (root / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not (root / ".lock").exists(), "the host's lock holder did not undo and release"
+    deadline = time.monotonic() + 30
+    while engine_state(TARGET) != before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine_state(TARGET) == before
+    assert sorted(os.listdir(root / "releases")) == releases and get_build() == "backend-v3"
+    blob.unlink()
+    env.set_build("backend", "backend-v5")
+    proc = fab(env, "deploy", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert get_build() == "backend-v5"
+
+
 # -- a loopback sandbox host: the operator's engine is the host's --------------------------------------------
 @pytest.fixture
 def loopback(sandbox_hosts, tmp_path_factory):

@@ -11,6 +11,7 @@ import hashlib
 import io
 import shutil
 import tarfile
+import time
 
 import pytest
 
@@ -334,3 +335,31 @@ def test_a_ship_failure_on_host_b_leaves_b_as_it_was(app, tmp_path, monkeypatch,
     w1 = fleet.worlds["h1"]
     assert w1.current != before_b[0] and {c.image for c in w1.running("backend")} == {
         fleet.builder.images[f"healthdeploy/build-sandbox/backend:{w1.current}"]}
+
+
+# -- the operator's machine as an executor -------------------------------------------------------------------
+def test_local_host_runs_commands_as_argv_with_lines_errors_and_deadlines(tmp_path):
+    from deploy.commands.base import cmd, script
+    from deploy.core.errors import RemoteCommandError
+    from deploy.core.secret import Secret
+    from deploy.execute.local import LocalHost
+
+    host = LocalHost(secrets=(Secret("s3cr3t-value"),))
+    lines = []
+    result = host.run(script('echo "$1"; echo err >&2; echo s3cr3t-value', "a b; rm -rf /", description="t"),
+                      on_line=lines.append)
+    assert result.text.splitlines()[0] == "a b; rm -rf /"  # an argument, never shell text
+    assert sorted(lines) == ["***", "a b; rm -rf /", "err"]  # secrets are redacted from what is shown
+    with pytest.raises(RemoteCommandError) as caught:
+        host.run(script("echo nope >&2; exit 3", description="fails"))
+    assert caught.value.exit_status == 3 and "fails on this machine failed with exit status 3: nope" in caught.value.message
+    marker = tmp_path / "child-alive"
+    started = time.monotonic()
+    with pytest.raises(HealthdeployError, match="did not finish within 1s"):
+        host.run(script('(sleep 3; touch "$1") & sleep 30', str(marker), description="slow", timeout=1))
+    assert time.monotonic() - started < 10
+    time.sleep(3.5)
+    assert not marker.exists()  # the whole process group was killed at the deadline
+    out = host.stream_from_file(cmd("tar", "-x", "-f", "-", "-C", str(tmp_path), description="unpack"),
+                                io.BytesIO(pl.tar_of({"x/y.txt": b"hi"}, ("x/y.txt",))))
+    assert (tmp_path / "x" / "y.txt").read_bytes() == b"hi" and out.sha256 == out.remote_sha256
