@@ -192,7 +192,7 @@ def release_(c, env, checklist=None):
     return cli_health.release(cli.Runtime(load_settings(env), Console()), checklist_file=checklist)
 
 
-@task(help={"which": "deploy, backup or streaming"})
+@task(help={"which": "deploy, backup, streaming or build"})
 def bench(c, which="deploy"):
     """Benchmarks side by side with their baselines; prints a Markdown table (bench/results/)."""
     os.execv(sys.executable, [sys.executable, f"bench/{which}_bench.py"])

@@ -200,6 +200,22 @@ class World:
                 f"{self.rel(release)}/src/app.py", b"")
             self.images[f"{self.prefix}/{service}:{release}"] = "sha256:" + sha(service.encode() + content)[:20]
 
+    def on_ship(self, command, registry, *words):
+        """Images built off the host arrive by digest and get their release tags."""
+        for image_id, _repository, _digest, tag in zip(words[0::4], words[1::4], words[2::4], words[3::4]):
+            self.images[tag] = image_id
+        return self.text("".join(f"HEALTHDEPLOY-SHIPPED {t}\n" for t in words[3::4]))
+
+    def on_rmi(self, command, *refs):
+        """``docker image rm TAG...`` ignoring errors: a tag goes unless it is an image's last and a container uses it."""
+        for ref in refs:
+            image_id = self.images.get(ref)
+            if image_id is None:
+                continue
+            others = [r for r, i in self.images.items() if i == image_id and r != ref]
+            if others or not any(c.image == image_id for c in self.containers):
+                del self.images[ref]
+
     def on_tag(self, command, *words):
         for source, target in zip(words[0::2], words[1::2]):
             self.images[target] = self.images[source]

@@ -14,8 +14,10 @@ from deploy.commands.git import git_resolve
 from deploy.core.errors import EXIT_OK, HealthdeployError, RemoteCommandError
 from deploy.core.services import Role
 from deploy.execute.apply import DeployApply, RolledBack, apply_rollback
+from deploy.execute.build import OffHostBuild
 from deploy.execute.executor import Interrupted, shielded
 from deploy.execute.fleet import FleetStopped, HostOutcome, HostResult, batches, in_parallel
+from deploy.execute.local import LocalHost
 from deploy.execute.readonly import ReadOnlyHost
 from deploy.execute.roll import RollFailure
 from deploy.execute.session import Session
@@ -136,6 +138,13 @@ def _dry_run(runtime: Runtime, jobs: list[HostJob], as_json: bool) -> int:
         o.steps = [st.to_json() for st in job.plan.steps]
         if problems:
             o.result, o.message = HostResult.REFUSED.value, "; ".join(problems)
+    where, services, _ = _off_host(jobs)
+    if where:  # the build side is checked too (read-only), so the dry run shows what the deploy would refuse
+        try:
+            _build_side(runtime, where).close()
+            runtime.console.phase(where, f"would build {', '.join(services)} here once, for every host")
+        except HealthdeployError as exc:
+            runtime.console.phase(where, f"preflight would refuse: {exc.message}")
     summary(runtime.console, [j.outcome for j in jobs], as_json)
     return EXIT_OK
 
@@ -162,6 +171,49 @@ def _unlock_all(jobs: list[HostJob]) -> None:
             job.held = None
 
 
+def _off_host(jobs: list[HostJob]) -> tuple[str, tuple[str, ...], HostJob | None]:
+    """(where, services, the job whose release files it builds from) of the deploy's build off the hosts: every
+    service some host's plan builds, built once; ("", (), None) when every host builds its own (BUILD_ON=host)."""
+    where, services, source = "", [], None
+    for job in jobs:
+        there, items = job.plan.builds_off_host if job.plan else ("", ())
+        if there:
+            where, source = there, source or job
+            services += [s for s in items if s not in services]
+    order = {s: i for i, s in enumerate(source.desired.app_services)} if source else {}
+    return where, tuple(sorted(services, key=lambda s: order.get(s, 99))), source
+
+
+def _build_side(runtime: Runtime, where: str) -> OffHostBuild:
+    """The build side, checked (registry binary, Docker and Compose there) before any host is locked."""
+    builder = LocalHost(runtime.settings.secrets) if where == "operator" else runtime.connect(where)
+    built = OffHostBuild(runtime.settings, runtime.console, where, builder)
+    try:
+        facts = built.preflight()
+    except BaseException:
+        built.close()
+        raise
+    runtime.console.phase(where, f"build side ok: docker {facts.docker}, compose {facts.compose}")
+    return built
+
+
+def _build_once(runtime: Runtime, jobs: list[HostJob], built: OffHostBuild | None) -> OffHostBuild | None:
+    """Under every host's lock, before any host changes: the one build of this deploy, pushed to the registry."""
+    where, services, source = _off_host(jobs)
+    if not services:
+        return built
+    if built is None or built.where != where:  # the plans under the lock differ from the preflight's
+        built = _build_side(runtime, where)
+    try:
+        built.build(source.payload, source.desired.release, services, source.session.t.project)
+    except BaseException as exc:
+        reason = exc.message.splitlines()[0] if isinstance(exc, HealthdeployError) else "interrupted during the build"
+        for job in jobs:
+            job.outcome.result, job.outcome.message = HostResult.SKIPPED.value, f"{reason}"
+        raise
+    return built
+
+
 def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bool) -> int:
     release = jobs[0].desired.release
     # Preflight every host (read-only) before any is locked or changed.
@@ -179,6 +231,19 @@ def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bo
             _finish(job)
         summary(runtime.console, [j.outcome for j in jobs], as_json)
         return EXIT_OK
+    where, _, _ = _off_host(jobs)
+    built = _build_side(runtime, where) if where else None  # checked before any lock, like the hosts
+    sides = [built] if built is not None else []  # closed at the end (the registry stops, a build host disconnects)
+    try:
+        return _deploy_locked(runtime, jobs, release, break_lock, as_json, sides)
+    finally:
+        for side in sides:
+            side.close()
+
+
+def _deploy_locked(runtime: Runtime, jobs: list[HostJob], release: str, break_lock: bool, as_json: bool,
+                   sides: list[OffHostBuild]) -> int:
+    built = sides[0] if sides else None
     _lock_all(jobs, release, break_lock)
     try:
         for job in jobs:  # observed again under the lock: what the plan sees is what it changes
@@ -189,11 +254,16 @@ def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bo
                 raise PreflightError(f"{job.alias}: " + "; ".join(problems), "fix the host, nothing was changed")
             job.session.say(f"preflight ok: docker {job.observed.host.docker}, compose {job.observed.host.compose}, "
                             f"{job.observed.host.free_mb} MB free, live release {job.observed.current or '(none)'}")
-            job.apply = DeployApply(job.session, job.plan, job.desired, job.payload, job.observed)
             job.outcome.previous = job.plan.previous
             job.session.say(f"plan: {job.plan.action} ({len(job.plan.steps)} step(s))")
             if job.plan.action != "unchanged":
                 job.session.audit({"event": "lock", "operation": "deploy", "release": job.plan.release})
+        # A build off the hosts runs once, here: it fails before any host changed.
+        built = _build_once(runtime, jobs, built)
+        if built is not None and built not in sides:
+            sides.append(built)
+        for job in jobs:
+            job.apply = DeployApply(job.session, job.plan, job.desired, job.payload, job.observed, built)
         data = [j for j in jobs if j.session.t.role is Role.DATA]
         apps = [j for j in jobs if j.session.t.role is not Role.DATA]
         size = runtime.settings.batch_size
@@ -219,8 +289,23 @@ def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bo
             _unlock_all(jobs)
         raise FleetStopped([j.outcome for j in jobs], exc) from None
     _unlock_all(jobs)
-    summary(runtime.console, [j.outcome for j in jobs], as_json)
+    if built is not None and built.report is not None:
+        try:
+            built.prune(runtime.settings.keep_releases)
+        except HealthdeployError as exc:
+            runtime.console.warn(f"{built.where}: old build images were not pruned: {exc.message}")
+    summary(runtime.console, [j.outcome for j in jobs], as_json, build=_build_summary(built))
     return EXIT_OK
+
+
+def _build_summary(built: OffHostBuild | None) -> dict | None:
+    if built is None or built.report is None:
+        return None
+    r = built.report
+    return {"where": r.where, "services": list(r.services), "build_seconds": round(r.build_seconds, 1),
+            "push_seconds": round(r.push_seconds, 1), "layers_pushed": r.layers_pushed,
+            "layers_present": r.layers_present, "from_build_host_bytes": r.from_build_host,
+            "images": {s: {"id": i.image_id, "digest": i.digest} for s, i in built.images.items()}}
 
 
 def _steps(job: HostJob, before_apps: bool):
@@ -273,6 +358,7 @@ def _finish(job: HostJob) -> None:
     o.services = [r.service for r in apply.report.rolls]
     o.migrated = apply.report.migrated
     o.uploaded_bytes, o.uploaded_files = apply.report.uploaded_bytes, apply.report.uploaded_files
+    o.shipped_bytes, o.shipped_seconds = apply.report.shipped_bytes, round(apply.report.shipped_seconds, 2)
     o.steps = [{"step": key, "outcome": outcome} for key, outcome in apply.report.applied.done]
     o.closed_at_drain_limit = sum(r.closed_at_limit for r in apply.report.rolls)
     o.result = {"deploy": HostResult.DEPLOYED, "converge": HostResult.CONVERGED,

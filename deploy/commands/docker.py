@@ -22,9 +22,87 @@ def compose_config_check(project: str, compose_file: str, env_file: str) -> Comm
                    description="validate the compose file", readonly=True, intent=("compose-config",))
 
 
-def compose_build(project: str, compose_file: str, env_file: str, services: tuple[str, ...]) -> Command:
-    return compose(project, compose_file, env_file, "build", *services, description="build images",
+def compose_build(project: str, compose_file: str, env_file: str, services: tuple[str, ...],
+                  override_file: str = "") -> Command:
+    """``docker compose build``; ``override_file`` (a build off the host) renames the images it tags."""
+    extra = ("--file", override_file) if override_file else ()
+    return compose(project, compose_file, env_file, *extra, "build", *services, description="build images",
                    intent=("build", *services), timeout=BUILD_TIMEOUT)
+
+
+# -- images built off the host (docs/build.md) -------------------------------------------------------------
+PUSHED_MARKER = "HEALTHDEPLOY-PUSHED "
+SHIPPED_MARKER = "HEALTHDEPLOY-SHIPPED "
+
+# $1 registry (127.0.0.1:port), then pairs: local tag, repository in the registry. Each image is pushed under a
+# temporary tag (dockerd skips every blob the registry has), its digest and ID reported, the temporary
+# references removed again (the build side keeps only its own tag).
+PUSH_IMAGES = r"""reg="$1"; shift
+while [ $# -ge 2 ]; do
+  src="$1"; repo="$2"; shift 2
+  ref="$reg/$repo:push"
+  docker tag "$src" "$ref" || exit 1
+  if ! docker push "$ref"; then docker image rm "$ref" >/dev/null 2>&1; exit 1; fi
+  digest=$(docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$ref" | grep -F "$reg/$repo@" | head -n 1 | cut -d @ -f 2)
+  id=$(docker image inspect --format '{{.Id}}' "$ref")
+  docker image rm "$ref" >/dev/null
+  [ -n "$digest" ] && docker image rm "$reg/$repo@$digest" >/dev/null 2>&1
+  [ -n "$digest" ] || { echo "the registry reported no digest for $src" >&2; exit 1; }
+  echo "HEALTHDEPLOY-PUSHED $src $id $digest"
+done
+"""
+
+# $1 registry as the host sees it (127.0.0.1:<tunnel port>), then quadruples: image ID, repository, digest, tag.
+# An image the host has already (same ID) is only tagged; any other is pulled by digest (dockerd fetches only the
+# blobs it lacks), tagged, and the pull's own reference removed, so `docker image ls` shows the release tags only.
+SHIP_IMAGES = r"""reg="$1"; shift
+while [ $# -ge 4 ]; do
+  id="$1"; repo="$2"; digest="$3"; tag="$4"; shift 4
+  if [ "$(docker image inspect --format '{{.Id}}' "$id" 2>/dev/null)" = "$id" ]; then
+    docker tag "$id" "$tag" || exit 1
+    echo "already here: $tag"
+  else
+    docker pull "$reg/$repo@$digest" || exit 1
+    docker tag "$reg/$repo@$digest" "$tag" || exit 1
+    docker image rm "$reg/$repo@$digest" >/dev/null || exit 1
+  fi
+  got=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null)
+  [ "$got" = "$id" ] || { echo "$tag is ${got:-missing} after the pull, expected $id" >&2; exit 1; }
+  echo "HEALTHDEPLOY-SHIPPED $tag"
+done
+"""
+
+
+def push_images(registry: str, pairs: tuple[tuple[str, str], ...]) -> Command:
+    """Push each (local tag, registry repository) to ``registry``; prints one PUSHED line per image."""
+    words = [w for pair in pairs for w in pair]
+    return script(PUSH_IMAGES, registry, *words, description="push images to the shipping registry",
+                  intent=("push", registry, *words), timeout=BUILD_TIMEOUT)
+
+
+def parse_pushed(text: str) -> dict[str, tuple[str, str]]:
+    """PUSHED lines -> {local tag: (image ID, manifest digest)}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(PUSHED_MARKER):
+            fields = line[len(PUSHED_MARKER):].split()
+            if len(fields) == 3 and fields[1].startswith("sha256:") and fields[2].startswith("sha256:"):
+                out[fields[0]] = (fields[1], fields[2])
+    return out
+
+
+def ship_images(registry: str, entries: tuple[tuple[str, str, str, str], ...]) -> Command:
+    """On a host: each (image ID, repository, digest, release tag) from ``registry`` by digest, then tagged."""
+    for image_id, _, digest, _ in entries:
+        if not (image_id.startswith("sha256:") and digest.startswith("sha256:")):
+            raise ValueError(f"not an image ID and digest: {image_id!r} {digest!r}")
+    words = [w for entry in entries for w in entry]
+    return script(SHIP_IMAGES, registry, *words, description="pull images built off the host",
+                  intent=("ship", registry, *words), timeout=BUILD_TIMEOUT)
+
+
+def parse_shipped(text: str) -> list[str]:
+    return [line[len(SHIPPED_MARKER):].strip() for line in text.splitlines() if line.startswith(SHIPPED_MARKER)]
 
 
 def compose_up(project: str, compose_file: str, env_file: str, services: tuple[str, ...], timeout: int,
@@ -91,7 +169,7 @@ def remove_containers(ids: tuple[str, ...]) -> Command:
 def remove_images(refs: tuple[str, ...]) -> Command:
     # Images still used by a container are kept (docker refuses); that is what we want.
     return script('docker image rm "$@" >/dev/null 2>&1; exit 0', *refs, description="remove images of pruned releases",
-                  intent=("rmi",))
+                  intent=("rmi", *refs))
 
 
 def exec_in(container: str, *argv: str, description: str, readonly: bool = False, intent: tuple = ()) -> Command:

@@ -87,6 +87,15 @@ SCHEMA: tuple[Key, ...] = (
         "keys, keystores, cloud credentials, .npmrc with a token, ...) but are shipped on purpose: paths or globs, "
         "gitignore syntax, relative to APP_SOURCE (e.g. certs/public-ca.pem,config/*.key). Without it such a file "
         "stops the deploy before connecting unless .deployignore in APP_SOURCE leaves it out (docs/security.md)."),
+    # -- where images are built (docs/build.md) --------------------------------------------------
+    Key("BUILD_ON", "str", "", "Where the application images are built: host (each host builds its own, next to its "
+        "live traffic), operator (this machine, once per deploy) or the SSH alias of a build host (once per deploy). "
+        "Built off the host, images reach each host over its SSH connection from a registry healthdeploy runs on this "
+        "machine: only the layers the host lacks, gzip-compressed. Default: host for ENV_KIND=sandbox, operator otherwise."),
+    Key("BUILD_CACHE", "path", "~/.cache/healthdeploy", "On this machine, with BUILD_ON other than host: the shipping "
+        "registry's storage (registry/<env>) and the build contexts of BUILD_ON=operator."),
+    Key("BUILD_HOST_PATH", "str", "/var/tmp/healthdeploy-build/{env}", "On a build host: where each deploy's build "
+        "context is unpacked (removed after the build; {env} is expanded)."),
     # -- deploy behaviour -------------------------------------------------------------------------
     Key("MIN_FREE_DISK_MB", "int", 2048, "Preflight refuses a host with less free disk under DEPLOY_PATH."),
     Key("HEALTH_TIMEOUT", "int", 120, "Seconds new containers get to become healthy before rollback."),
@@ -255,6 +264,11 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
         return Role.BOTH
 
     @property
+    def build_side(self) -> str:
+        """Where images are built: "host", "operator" or a build host's alias (BUILD_ON, or its default)."""
+        return self.build_on or ("host" if self.env_kind == "sandbox" else "operator")
+
+    @property
     def data_hosts(self) -> tuple[str, ...]:
         return tuple(h for h in self.hosts if self.role_of(h).runs_data)
 
@@ -382,6 +396,7 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     if typed["stack_variant"] == "production" and not typed["app_source"] and kind != "sandbox":
         problems.append(Problem("APP_SOURCE", f"required for env '{env_name}'",
                                 "a local directory of the application or a git URL"))
+    problems += _build_problems(typed, hosts, kind)
     if not 1 <= typed["backup_zstd_level"] <= 19:
         problems.append(Problem("BACKUP_ZSTD_LEVEL", "must be between 1 and 19", KEYS_BY_NAME["BACKUP_ZSTD_LEVEL"].doc))
     for service in typed["backup_services"]:
@@ -454,6 +469,18 @@ def _tls_problems(cert_file: str, key_file: str) -> list[Problem]:
             != certs[0].public_key().public_bytes(serialization.Encoding.DER, raw)):
         return [Problem("TLS_KEY_FILE", f"{key_file} does not belong to the certificate in {cert_file}",
                         "give the key the certificate was issued for (the first certificate of the chain)")]
+    return []
+
+
+def _build_problems(typed: dict, hosts: tuple[str, ...], kind: str) -> list[Problem]:
+    where = typed["build_on"]
+    if not where or where in ("host", "operator"):
+        return []
+    if not all(ch.isalnum() or ch in "._-@" for ch in where) or where.startswith("-"):
+        return [Problem("BUILD_ON", f"{where!r} is not host, operator or an SSH host alias", KEYS_BY_NAME["BUILD_ON"].doc)]
+    if where in hosts and kind == "production":
+        return [Problem("BUILD_ON", f"{where} is in HOSTS: production does not build where patients are served",
+                        "name a build host that serves nothing, or BUILD_ON=operator")]
     return []
 
 

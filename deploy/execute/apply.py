@@ -77,6 +77,8 @@ class ApplyReport:
     migrated: bool = False
     uploaded_bytes: int = 0
     uploaded_files: int = 0
+    shipped_bytes: int = 0  # image layers pulled from the shipping registry (BUILD_ON other than host)
+    shipped_seconds: float = 0.0
     undo: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -84,8 +86,10 @@ class DeployApply:
     """Runs one host's plan. ``run(steps)`` may be called in phases (the fleet migrates between them); the
     undo stack lives in the session across phases."""
 
-    def __init__(self, session: Session, plan: DeployPlan, desired: Desired, payload: Payload, observed: Observed):
+    def __init__(self, session: Session, plan: DeployPlan, desired: Desired, payload: Payload, observed: Observed,
+                 built=None):
         self.session = session
+        self.built = built  # execute.build.OffHostBuild when the plan builds off the host
         self.plan = plan
         self.d = desired
         self.payload = payload
@@ -244,6 +248,13 @@ class DeployApply:
             self.say(line)
 
     def do_build(self, step: Step) -> None:
+        if step.target != "host":
+            # Built once for the whole deploy before any host changed (cli.deploy); here it is only checked.
+            missing = [s for s in step.items if self.built is None or s not in self.built.images]
+            if missing:
+                raise StepFailed(f"{self.t.alias}: {', '.join(missing)} were not built on {step.target}",
+                                 "this is a bug in healthdeploy; nothing was switched")
+            return
         project, compose_file, env_file = self.compose_files(self.release)
         self.say(f"building images: {', '.join(step.items)}")
         log: list[str] = []
@@ -253,6 +264,21 @@ class DeployApply:
         except RemoteCommandError as exc:
             raise StepFailed(f"{self.t.alias}: image build failed; the live release keeps serving",
                              "\n".join(log[-15:]) or exc.message) from None
+        self._read_new_images(step.items)
+
+    def do_ship(self, step: Step) -> None:
+        tags = {s: self.d.image_ref(s, self.release) for s in step.items}
+        # Registered first: a pull cut half-way may have tagged some; removing a tag this release added is safe
+        # (the release is new, so nothing else uses it; docker keeps an image a container still runs).
+        self.session.undo.push(f"remove the images shipped for {self.release}", dk.remove_images(tuple(tags.values())),
+                               FILES)
+        self.say(f"shipping {', '.join(step.items)} from {step.target} (only the layers this host lacks)")
+        faults.point("during:ship", self.session.host, delay=1.0)
+        shipped = self.built.ship(self.session.host, step.items, tags, self.say)
+        self.report.shipped_bytes += shipped.bytes
+        self.report.shipped_seconds += shipped.seconds
+        self.say(f"shipped {', '.join(step.items)}: {shipped.bytes:,} bytes in {shipped.seconds:.1f}s "
+                 f"({shipped.pulled} pulled, {len(step.items) - shipped.pulled} already here)")
         self._read_new_images(step.items)
 
     def do_tag(self, step: Step) -> None:

@@ -48,6 +48,17 @@ class StreamResult:
     stderr: str
 
 
+@dataclass
+class Tunnel:
+    """A reverse tunnel while it is open (``reverse_tunnel``): the port the host listens on (its 127.0.0.1), and
+    the bytes carried each way so far (``to_host``: what this machine's service sent to the host)."""
+
+    port: int
+    to_host: int = 0
+    from_host: int = 0
+    connections: int = 0
+
+
 class HeldCommand:
     """A command kept running for as long as we hold something (the lock's holder process)."""
 
@@ -85,6 +96,8 @@ class Executor(Protocol):
                          structured: tuple[str, ...] = ()) -> StreamResult: ...
 
     def open_tcp(self, address: str, port: int, timeout: float = 10): ...
+
+    def reverse_tunnel(self, address: str, port: int) -> "contextlib.AbstractContextManager[Tunnel]": ...
 
     def abort_streams(self) -> None: ...
 

@@ -6,7 +6,8 @@
   the host sees the channel end and its lock holder undoes).
 ``<point>`` names: ``after:<step key>`` / ``before:<step key>`` (e.g. ``after:send-files``, ``before:switch``),
 ``roll:<service>:healthy`` (new containers healthy, before the switch), ``roll:<service>:drain`` (switched,
-draining), ``during:build`` (1 s into the image build). Unset, every call is a no-op.
+draining), ``during:build`` (1 s into the image build, on the host or off it), ``during:ship`` (1 s into a host's
+pull of images built off it). Unset, every call is a no-op.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ class HostOutcome:
     message: str = ""
     uploaded_bytes: int = 0
     uploaded_files: int = 0
+    shipped_bytes: int = 0  # image layers pulled from the shipping registry (docs/build.md)
+    shipped_seconds: float = 0.0
     steps: list[dict] = field(default_factory=list)
     undo: list[list[str]] = field(default_factory=list)
     closed_at_drain_limit: int = 0

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
+import signal
+import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
-from deploy.core.errors import HealthdeployError
+from deploy.core.errors import HealthdeployError, RemoteCommandError
+from deploy.core.secret import redact
+from deploy.execute.executor import DEFAULT_TIMEOUT, Result, StreamResult, cancelled, check_cancelled
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,6 @@ def pipe_local(producer: list[str] | tuple[str, ...], consumers: list[list[str]]
     """``producer | consumer`` for one consumer (a kernel pipe), or the producer's stdout fed to every
     consumer's stdin (a tee, one read of the producer for all). Raises when any side fails."""
     import tempfile
-    import time
 
     def read(f) -> str:
         f.seek(0)
@@ -127,3 +134,108 @@ def pipe_local(producer: list[str] | tuple[str, ...], consumers: list[list[str]]
         for out, err in outs:
             out.close()
             err.close()
+
+
+class LocalHost:
+    """The operator's machine as an executor (``Executor`` protocol): runs ``Command``s as argv, without a shell
+    (a pipeline goes through ``bash -c`` of its one rendering), in their own process group, with the same
+    deadlines, cancellation and errors as ``RemoteHost``. What ``BUILD_ON=operator`` builds with."""
+
+    alias = "operator"
+    address = "127.0.0.1"
+
+    def __init__(self, secrets: tuple = ()):
+        self.secrets = secrets
+
+    @staticmethod
+    def argv_of(command) -> list[str]:
+        parts = command.parts
+        if len(parts) == 1 and isinstance(parts[0], tuple):
+            return list(parts[0])
+        return ["bash", "-c", command.render()]
+
+    def run(self, command, check: bool = True, timeout: float | None = None, on_line=None):
+        return self._run(command, check, timeout, on_line, command.stdin)
+
+    def stream_from_file(self, command, source, progress=None):
+        """Feed ``source`` to the command's stdin (e.g. ``tar -x`` of a build context), checksummed."""
+        started = time.monotonic()
+        data = source.read()
+        self._run(command, True, None, None, data)
+        digest = hashlib.sha256(data).hexdigest()
+        if progress:
+            progress(len(data))
+        return StreamResult(len(data), digest, digest, 0, time.monotonic() - started, "")
+
+    def _run(self, command, check, timeout, on_line, stdin: bytes | None):
+        timeout = timeout or command.timeout or DEFAULT_TIMEOUT
+        argv = self.argv_of(command)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError:
+            raise HealthdeployError(f"{argv[0]} is not installed on this machine",
+                                    f"install it, or set BUILD_ON=host ({command.description})") from None
+        out, err = bytearray(), bytearray()
+
+        def pump(pipe, sink: bytearray) -> None:
+            pending = b""
+            for chunk in iter(lambda: pipe.read1(1 << 16), b""):
+                sink += chunk
+                if on_line:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        on_line(redact(line.decode("utf-8", "replace").rstrip("\r"), self.secrets))
+            if on_line and pending:
+                on_line(redact(pending.decode("utf-8", "replace"), self.secrets))
+
+        readers = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+        for reader in readers:
+            reader.start()
+        if stdin is not None:
+            try:
+                proc.stdin.write(stdin)
+            except BrokenPipeError:
+                pass
+            finally:
+                proc.stdin.close()
+        deadline = time.monotonic() + timeout
+
+        def kill_group() -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+
+        while proc.poll() is None:
+            if cancelled():
+                kill_group()
+                check_cancelled()
+            if time.monotonic() > deadline:
+                kill_group()
+                raise HealthdeployError(f"{command.description} on this machine did not finish within {timeout:.0f}s",
+                                        "it was stopped; run the deploy again")
+            time.sleep(0.05)
+        for reader in readers:
+            reader.join(timeout=5)
+        result = Result(proc.returncode, bytes(out), bytes(err[-(64 << 10):]))
+        if check and not result.ok:
+            raise RemoteCommandError(f"{command.description} on this machine", result.exit_status,
+                                     redact(result.err, self.secrets))
+        return result
+
+    def open_tcp(self, address: str, port: int, timeout: float = 10):
+        return socket.create_connection((address, port), timeout=timeout)
+
+    def abort_streams(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

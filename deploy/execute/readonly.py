@@ -28,6 +28,6 @@ class ReadOnlyHost:
         return self.real.run(command, check=check, timeout=timeout, on_line=on_line, structured=structured)
 
     def __getattr__(self, name):
-        if name in ("hold", "stream_from_file"):
+        if name in ("hold", "stream_from_file", "reverse_tunnel"):
             raise WriteRefused(f"internal: a read-only phase tried to {name} on {self.alias}")
         return getattr(self.real, name)

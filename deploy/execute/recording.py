@@ -6,12 +6,13 @@ in milliseconds, without sshd.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import BinaryIO, Callable
 
 from deploy.commands.base import Command
 from deploy.core.errors import RemoteCommandError
-from deploy.execute.executor import HeldCommand, Result, StreamResult
+from deploy.execute.executor import HeldCommand, Result, StreamResult, Tunnel
 
 
 class RecordingHost:
@@ -27,6 +28,7 @@ class RecordingHost:
         self.error = error or RemoteCommandError("injected failure", 1, "injected")
         self.failed: Command | None = None
         self.identity = "SHA256:recording"
+        self.tunnels: list[tuple[str, int, int]] = []  # (local address, local port, host port) of reverse tunnels
 
     # -- fault injection ----------------------------------------------------------------------------
     def _record(self, command: Command) -> None:
@@ -78,6 +80,13 @@ class RecordingHost:
 
     def open_tcp(self, address: str, port: int, timeout: float = 10):
         raise NotImplementedError("the recording executor has no tunnels")
+
+    @contextlib.contextmanager
+    def reverse_tunnel(self, address: str, port: int):
+        """A pretend reverse tunnel: the model sees its port; ``world.tunnel_bytes`` says what "crossed" it."""
+        tunnel = Tunnel(40000 + len(self.commands), to_host=getattr(self.world, "tunnel_bytes", 0))
+        self.tunnels.append((address, port, tunnel.port))
+        yield tunnel
 
     def abort_streams(self) -> None:
         pass

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -22,7 +24,7 @@ from fabric import Config, Connection
 from deploy.commands.base import Command, checksummed_stdin, checksummed_stdout, parse_checksum, script
 from deploy.core.errors import HealthdeployError, HostKeyError, IntegrityError, RemoteCommandError, UsageError
 from deploy.core.secret import Secret, redact
-from deploy.execute.executor import (DEFAULT_TIMEOUT, ConnectionLost, HeldCommand, Result, StreamResult,
+from deploy.execute.executor import (DEFAULT_TIMEOUT, ConnectionLost, HeldCommand, Result, StreamResult, Tunnel,
                                      check_cancelled)
 
 # Streaming tuning measured on this kind of machine (see docs/streaming.md): AES-GCM first,
@@ -454,6 +456,86 @@ class RemoteHost:
             hint = ("the host's sshd refuses TCP forwarding: set `AllowTcpForwarding local` for this user"
                     if exc.code == 1 else f"is anything listening on {address}:{port} on the host?")
             raise HealthdeployError(f"{self.alias}: cannot open a tunnel to {address}:{port}: {exc.text}", hint) from None
+
+    @contextlib.contextmanager
+    def reverse_tunnel(self, address: str, port: int) -> Iterator[Tunnel]:
+        """For the life of the block, the host's sshd listens on its 127.0.0.1 (a free port, ``Tunnel.port``) and
+        each connection to it is carried back over this SSH connection to ``address:port`` on this machine (like
+        ``ssh -R 0:address:port``). How a host's dockerd pulls from healthdeploy's registry here, with nothing
+        installed on the host. The bytes carried are counted."""
+        transport = self.connection.transport
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(f"connection to {self.alias} was lost", "run the task again")
+        if getattr(self, "_tunnel_open", False):
+            raise HealthdeployError(f"internal: a second reverse tunnel on the connection to {self.alias}")
+        open_pairs: set = set()
+        state = {"closed": False}
+        lock = threading.Lock()
+
+        def carry(channel: paramiko.Channel, tunnel: Tunnel) -> None:
+            try:
+                sock = socket.create_connection((address, port), timeout=10)
+            except OSError:
+                channel.close()
+                return
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with lock:
+                open_pairs.add((channel, sock))
+                tunnel.connections += 1
+            try:
+                while not state["closed"]:
+                    ready, _, _ = select.select([channel, sock], [], [], 1.0)
+                    if channel in ready:
+                        data = channel.recv(STREAM_RECV)
+                        if not data:
+                            break
+                        sock.sendall(data)
+                        tunnel.from_host += len(data)
+                    if sock in ready:
+                        data = sock.recv(1 << 20)
+                        if not data:
+                            break
+                        channel.sendall(data)
+                        tunnel.to_host += len(data)
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+            finally:
+                with lock:
+                    open_pairs.discard((channel, sock))
+                sock.close()
+                channel.close()
+
+        tunnel = Tunnel(0)
+
+        def on_connection(channel, origin, server) -> None:  # in paramiko's thread: hand over at once
+            threading.Thread(target=carry, args=(channel, tunnel), daemon=True, name=f"tunnel-{self.alias}").start()
+
+        # Forwarded channels get the stream window (paramiko's default would cap a pull at a few MB/s).
+        saved = transport.default_window_size, transport.default_max_packet_size
+        transport.default_window_size, transport.default_max_packet_size = STREAM_WINDOW, STREAM_PACKET
+        try:
+            tunnel.port = transport.request_port_forward("127.0.0.1", 0, on_connection)
+        except paramiko.SSHException:
+            transport.default_window_size, transport.default_max_packet_size = saved
+            raise HealthdeployError(f"{self.alias}: sshd refused a remote port forward (how images reach the host)",
+                                    "set `AllowTcpForwarding yes` (or `remote`) for this user in the host's "
+                                    "sshd_config, or BUILD_ON=host") from None
+        self._tunnel_open = True
+        try:
+            yield tunnel
+        finally:
+            state["closed"] = True
+            with contextlib.suppress(Exception):
+                transport.cancel_port_forward("127.0.0.1", tunnel.port)
+            with lock:
+                pairs = list(open_pairs)
+            for channel, sock in pairs:
+                with contextlib.suppress(Exception):
+                    sock.close()
+                    channel.close()
+            transport.default_window_size, transport.default_max_packet_size = saved
+            self._tunnel_open = False
 
     # -- running ---------------------------------------------------------------------------------
     def _open(self, command_line: str, window: int | None = None) -> paramiko.Channel:

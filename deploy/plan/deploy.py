@@ -56,6 +56,7 @@ class Desired:
     migrate_here: bool = False  # this host runs the deploy's migrations
     min_free_mb: int = 0
     keep_releases: int = 5
+    build_on: str = "host"  # where images are built: "host", "operator" or a build host's alias (BUILD_ON)
 
     @property
     def app_services(self) -> tuple[str, ...]:
@@ -94,6 +95,12 @@ class DeployPlan:
     def builds(self) -> tuple[str, ...]:
         step = self.step(StepKind.BUILD)
         return step.items if step else ()
+
+    @property
+    def builds_off_host(self) -> tuple[str, tuple[str, ...]]:
+        """(where, services) of a build that runs off this host, or ("", ())."""
+        step = self.step(StepKind.BUILD)
+        return (step.target, step.items) if step and step.target != "host" else ("", ())
 
     @property
     def migrates(self) -> bool:
@@ -206,7 +213,12 @@ def plan_deploy(desired: Desired, observed: Observed) -> DeployPlan:
             target_image[service] = live_image
     if build:
         reason = "first release" if not current else "source changed"
-        b.add(StepKind.BUILD, release, reason, build)
+        if d.build_on == "host":
+            b.add(StepKind.BUILD, "host", reason, build)
+        else:
+            # Built once per deploy off the host (before any host changes), then shipped into each host.
+            b.add(StepKind.BUILD, d.build_on, f"{reason}; once for every host of this deploy", build)
+            b.add(StepKind.SHIP, d.build_on, "only the layers this host lacks, compressed, over SSH", build)
     if tag:
         b.add(StepKind.TAG, release, "source unchanged: the live image gets the release's tag", tag)
 

@@ -46,5 +46,6 @@ def desired_for(settings: Settings, target: Target, source_files: dict[str, byte
         definitions=definitions, image_inputs=pl.image_inputs(manifest, apps, settings.stack_variant),
         image_prefix=image_prefix(settings, target), variant=settings.stack_variant, git_commit=git_commit,
         migrate_here=migrate_here, min_free_mb=settings.min_free_disk_mb, keep_releases=settings.keep_releases,
+        build_on=settings.build_side,
     )
     return desired, Payload(files, secrets, ("\n".join(lines) + "\n").encode())

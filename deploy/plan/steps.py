@@ -19,7 +19,8 @@ class StepKind(str, enum.Enum):
     WRITE_RELEASE = "write-release"  # release.env + MANIFEST
     STAGE_SECRETS = "stage-secrets"  # a new secrets version under shared/env/.versions
     VALIDATE = "validate"  # compose config, nginx -t of the new gateway config with the staged TLS files
-    BUILD = "build"
+    BUILD = "build"  # target: where ("host", "operator" or a build host); off the host it runs once per deploy
+    SHIP = "ship"  # images built off the host into this host: only the layers it lacks (target: where they were built)
     TAG = "tag"  # unchanged source: the live image gets the new release's tag, no build
     ROTATE_PREPARE = "rotate-prepare"  # a server accepts the new credential beside the old one
     INSTALL_SECRETS = "install-secrets"
@@ -85,7 +86,8 @@ class Step:
 VERBS = {
     StepKind.NEW_RELEASE: "create release", StepKind.EXPORT_SOURCE: "export git commit",
     StepKind.SEND_FILES: "send files", StepKind.REMOVE_FILES: "remove files", StepKind.WRITE_RELEASE: "write release files of",
-    StepKind.STAGE_SECRETS: "stage secrets version", StepKind.VALIDATE: "validate release", StepKind.BUILD: "build images of",
+    StepKind.STAGE_SECRETS: "stage secrets version", StepKind.VALIDATE: "validate release", StepKind.BUILD: "build images on",
+    StepKind.SHIP: "ship images built on",
     StepKind.TAG: "tag live images for", StepKind.ROTATE_PREPARE: "let accept the new password:",
     StepKind.INSTALL_SECRETS: "install secrets version", StepKind.INSTALL_GATEWAY_CONF: "install the gateway config",
     StepKind.START: "start", StepKind.RECREATE: "recreate", StepKind.RESTART: "restart",

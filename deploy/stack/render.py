@@ -147,6 +147,20 @@ def image_prefix(settings: Settings, target: Target) -> str:
     return f"healthdeploy/{target.project}"
 
 
+def build_prefix(settings: Settings) -> str:
+    """Where a build off the host tags its images (never a host's own prefix: on a machine whose engine is also a
+    host's, the host's tags stay the host's)."""
+    return f"healthdeploy/build-{settings.env_name}"
+
+
+def build_override(prefix: str, release: str, services: tuple[str, ...]) -> bytes:
+    """A second compose file for a build off the host: the same release files, images tagged ``prefix/svc:release``."""
+    lines = ["# Written by healthdeploy for a build off the host: only the image names differ.", "services:"]
+    for service in services:
+        lines += [f"  {service}:", f"    image: {prefix}/{service}:{release}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
 def _render_compose(settings: Settings, target: Target, definitions: dict[str, str]) -> str:
     sandbox = settings.stack_variant == "sandbox"
     here = services_on(settings, target)
