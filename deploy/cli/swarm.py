@@ -51,16 +51,22 @@ def manager_session(runtime: Runtime, host) -> Session:
 
 
 def observe(runtime: Runtime, session: Session, desired, nodes: NodeLink) -> SwarmObserved:
+    """The manager and every edge node, read at the same time (one round trip each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     s = runtime.settings
-    text = session.run(sf.manager_observe(session.t.deploy_path, s.stack_name, tuple(desired.data_images))).text
-    manager = sf.parse_manager(text, s.stack_name)
-    facts = {}
-    for node in desired.edge_nodes:
+
+    def one(node: str) -> sf.NodeFacts:
         try:
-            facts[node] = node_facts(s, nodes(node), node)
+            return node_facts(s, nodes(node), node)
         except HealthdeployError as exc:
-            facts[node] = sf.NodeFacts(node, reachable=False, error=exc.message.splitlines()[0])
-    return SwarmObserved(manager, facts)
+            return sf.NodeFacts(node, reachable=False, error=exc.message.splitlines()[0])
+    edges = list(desired.edge_nodes)
+    with ThreadPoolExecutor(max_workers=max(1, len(edges))) as pool:
+        futures = [pool.submit(one, node) for node in edges]
+        text = session.run(sf.manager_observe(session.t.deploy_path, s.stack_name, tuple(desired.data_images))).text
+        facts = {node: f.result() for node, f in zip(edges, futures)}
+    return SwarmObserved(sf.parse_manager(text, s.stack_name), facts)
 
 
 # -- deploy -------------------------------------------------------------------------------------------------

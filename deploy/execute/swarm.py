@@ -165,7 +165,6 @@ class SwarmApply:
         self.say(f"node labels: {'; '.join(step.items)}")
 
     def do_new_release(self, step: Step) -> None:
-        self.run_cmd(fs.mkdirs(self.t.releases, mode="0750"))
         source = self.t.release_dir(self.previous) if self.previous else ""
         self.session.undo.push(f"remove release {self.release}",
                                lambda: self.run_cmd(fs.remove_tree(self.rdir), check=False), FILES)
@@ -463,42 +462,46 @@ class SwarmApply:
     # -- after the stack ----------------------------------------------------------------------------------
     def do_verify(self, step: Step) -> None:
         """Each edge gateway's upstream files list exactly the running tasks, and each site answers /health."""
+        from concurrent.futures import ThreadPoolExecutor
+
         deadline = time.monotonic() + VERIFY_TIMEOUT
         apps = list(self.d.apps)
-        while True:
-            _, services_now, tasks, _ = sf.parse_tasks_poll(self.run_cmd(sc_tasks(self.stack, tuple(apps))).text,
-                                                            self.stack)
-            by_name = {x.service: x for x in services_now}
-            expected = {}
-            for service in apps:
-                live = by_name.get(service)
-                addresses = [a for t in tasks if live and t.service_id == live.id and t.running for a in t.addresses]
-                expected[service] = tuple(sorted(f"{a}:{APP_PORTS[service]}" for a in addresses))
+        urls = tuple(f"http://127.0.0.1:{GATEWAY_PORT_OF[s]}/health" for s in apps)
+
+        def check(node: str) -> list[str]:
+            text = self.nodes(node).run(sf.gateway_check(sw.node_deploy_path(self.s, node), self.stack, urls)).text
+            facts, probes = sf.parse_gateway_check(node, text)
             problems = []
-            for node in step.items:
-                host = self.nodes(node)
-                facts = node_facts(self.s, host, node)
+            for service in apps:
+                listed = tuple(sorted(facts.upstreams.get(service, ())))
+                if listed != expected[service]:
+                    problems.append(f"{node}: the {service} upstream lists {', '.join(listed) or 'nothing'}, "
+                                    f"the running tasks are {', '.join(expected[service]) or 'none'}")
+            if facts.container_of(self.full(GATEWAY)) is None:
+                return problems + [f"{node}: no gateway container runs"]
+            bad = [u for u in urls if f"ok {u}" not in probes.splitlines()]
+            if bad:
+                problems.append(f"{node}: no answer through the gateway from {', '.join(bad)}")
+            return problems
+
+        with ThreadPoolExecutor(max_workers=max(1, len(step.items))) as pool:
+            while True:
+                _, services_now, tasks, _ = sf.parse_tasks_poll(
+                    self.run_cmd(sf.services_and_tasks(self.stack, tuple(apps))).text, self.stack)
+                by_name = {x.service: x for x in services_now}
+                expected = {}
                 for service in apps:
-                    listed = facts.upstreams.get(service, ())
-                    if tuple(sorted(listed)) != expected[service]:
-                        problems.append(f"{node}: the {service} upstream lists {', '.join(listed) or 'nothing'}, "
-                                        f"the running tasks are {', '.join(expected[service]) or 'none'}")
-                gateway = facts.container_of(self.full(GATEWAY))
-                if gateway is None:
-                    problems.append(f"{node}: no gateway container runs")
-                    continue
-                urls = tuple(f"http://127.0.0.1:{GATEWAY_PORT_OF[s]}/health" for s in apps)
-                answers = host.run(http_probes(gateway.name, urls), check=False).text
-                bad = [u for u in urls if f"ok {u}" not in answers.splitlines()]
-                if bad:
-                    problems.append(f"{node}: no answer through the gateway from {', '.join(bad)}")
-            if not problems:
-                self.say(f"verified through the gateways of {', '.join(step.items)}")
-                return
-            if time.monotonic() > deadline:
-                raise StackRolledBack(f"{self.t.alias}: the gateways do not serve the new tasks: {problems[0]}",
-                                      GATEWAY, problems[0])
-            time.sleep(1.0)
+                    live = by_name.get(service)
+                    addresses = [a for t in tasks if live and t.service_id == live.id and t.running for a in t.addresses]
+                    expected[service] = tuple(sorted(f"{a}:{APP_PORTS[service]}" for a in addresses))
+                problems = [p for found in pool.map(check, step.items) for p in found]
+                if not problems:
+                    self.say(f"verified through the gateways of {', '.join(step.items)}")
+                    return
+                if time.monotonic() > deadline:
+                    raise StackRolledBack(f"{self.t.alias}: the gateways do not serve the new tasks: {problems[0]}",
+                                          GATEWAY, problems[0])
+                time.sleep(0.5)
 
     def do_switch(self, step: Step) -> None:
         self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{self.release}"))
@@ -554,7 +557,7 @@ def _converged(service, live: sf.Service, tasks: list[sf.Task], wanted: str, sta
 
 
 def sc_tasks(stack: str, services: tuple[str, ...]):
-    return sf.services_and_tasks(stack, services)
+    return sf.services_and_tasks(stack, services, nodes=GATEWAY in services)
 
 
 def sf_now():

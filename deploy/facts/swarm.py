@@ -34,7 +34,7 @@ echo "=== state"; cat "$base/shared/state.json" 2>/dev/null; echo
 echo "=== nodes"; ids=$(docker node ls -q 2>/dev/null); [ -n "$ids" ] && docker node inspect $ids 2>/dev/null
 echo "=== services"; ids=$(docker service ls -q --filter "label=com.docker.stack.namespace=$stack" 2>/dev/null)
 [ -n "$ids" ] && docker service inspect $ids 2>/dev/null
-echo "=== tasks"; ids=$(docker stack ps -q --no-trunc "$stack" 2>/dev/null)
+echo "=== tasks"; ids=$(docker stack ps -q --no-trunc --filter desired-state=running "$stack" 2>/dev/null)
 [ -n "$ids" ] && docker inspect $ids 2>/dev/null
 echo "=== secrets"; docker secret ls --format '{{.Name}}' 2>/dev/null | grep -F "_" || true
 echo "=== configs"; docker config ls --format '{{.Name}}' 2>/dev/null | grep -F "_" || true
@@ -48,21 +48,48 @@ def manager_observe(deploy_path: str, stack: str, images: tuple[str, ...] = ()) 
                   intent=("swarm-observe", stack))
 
 
-# $1 stack, $2.. service names: the stack's services and their tasks (what a wait polls).
-SERVICES_AND_TASKS = r"""stack="$1"; shift
+# $1 stack, $2 "nodes" or "", $3.. service names: those services and their tasks (what a wait polls), in
+# as few docker calls as possible (a poll runs every second).
+SERVICES_AND_TASKS = r"""stack="$1"; with_nodes="$2"; shift 2
+names=""; for s in "$@"; do names="$names ${stack}_$s"; done
 echo "=== now"; date -u +%Y-%m-%dT%H:%M:%S.%NZ
-echo "=== services"; ids=$(docker service ls -q --filter "label=com.docker.stack.namespace=$stack")
-[ -n "$ids" ] && docker service inspect $ids
-echo "=== tasks"; ids=$(for s in "$@"; do docker service ps -q --no-trunc "${stack}_$s" 2>/dev/null; done)
+echo "=== services"; docker service inspect $names 2>/dev/null
+echo "=== tasks"; ids=$(docker service ps -q --no-trunc $names 2>/dev/null)
 [ -n "$ids" ] && docker inspect $ids 2>/dev/null
-echo "=== nodes"; ids=$(docker node ls -q 2>/dev/null); [ -n "$ids" ] && docker node inspect $ids 2>/dev/null
+echo "=== nodes"; if [ -n "$with_nodes" ]; then ids=$(docker node ls -q 2>/dev/null); [ -n "$ids" ] && docker node inspect $ids 2>/dev/null; fi
 exit 0
 """
 
 
-def services_and_tasks(stack: str, services: tuple[str, ...]) -> Command:
-    return script(SERVICES_AND_TASKS, stack, *services, description="read services and tasks", readonly=True,
-                  intent=("swarm-tasks", stack, *services))
+def services_and_tasks(stack: str, services: tuple[str, ...], nodes: bool = False) -> Command:
+    return script(SERVICES_AND_TASKS, stack, "nodes" if nodes else "", *services, description="read services and tasks",
+                  readonly=True, intent=("swarm-tasks", stack, *services))
+
+
+# On an edge node: $1 deploy path, $2 stack, $3.. URLs probed from inside its gateway. Its upstream files,
+# its gateway container and the answers, in one round trip (what a deploy's verification repeats).
+GATEWAY_CHECK = r"""base="$1"; stack="$2"; shift 2
+echo "=== upstreams"; for f in "$base"/shared/gateway/upstreams/*.conf; do [ -f "$f" ] || continue
+  echo "--- $(basename "$f" .conf)"; grep -E '^\s*server ' "$f"; done
+echo "=== containers"; docker ps --no-trunc --filter "label=com.docker.swarm.service.name=${stack}_gateway" \
+  --format '{{.ID}} {{.Names}} {{.Label "com.docker.swarm.service.name"}} {{.Label "com.docker.swarm.task.id"}} {{.State}}'
+c=$(docker ps -q --filter "label=com.docker.swarm.service.name=${stack}_gateway" | head -n 1)
+echo "=== probes"; [ -n "$c" ] && docker exec "$c" sh -c "$HTTP_GETS" sh 3 "$@"
+exit 0
+"""
+
+
+def gateway_check(deploy_path: str, stack: str, urls: tuple[str, ...]) -> Command:
+    from deploy.commands.docker import HTTP_GETS
+
+    return script("HTTP_GETS=" + _sh_quote(HTTP_GETS) + "\n" + GATEWAY_CHECK, deploy_path, stack, *urls,
+                  description="check the gateway", readonly=True, intent=("gateway-check", stack))
+
+
+def _sh_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 # On an edge or data node: $1 deploy path, $2 stack. The gateway's files, and the containers of the
@@ -376,6 +403,11 @@ def parse_node(node: str, text: str) -> NodeFacts:
                      upstreams={k: tuple(sorted(v)) for k, v in upstreams.items()},
                      backups={k: tuple(sorted(v)) for k, v in backups.items()},
                      containers=tuple(containers), gwbridge=gwbridge)
+
+
+def parse_gateway_check(node: str, text: str) -> tuple[NodeFacts, str]:
+    """(the node's upstreams and gateway container, the probes' "ok URL" / "fail URL" lines)."""
+    return parse_node(node, text), split_sections(text).get("probes", "")
 
 
 def parse_tasks_poll(text: str, stack: str) -> tuple[str, list[Service], list[Task], list[Node]]:
