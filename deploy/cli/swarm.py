@@ -134,7 +134,8 @@ def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_
                     with shielded():
                         apply.abort()
                     raise _failure(session, outcome, plan, apply, exc) from None
-                outcome.result, outcome.release = HostResult.DEPLOYED.value, plan.release
+                outcome.result = (HostResult.DEPLOYED if plan.action == "deploy" else HostResult.CONVERGED).value
+                outcome.release = plan.release
                 outcome.services = list(plan.changes)
                 outcome.migrated = apply.report.migrated
                 outcome.uploaded_bytes, outcome.uploaded_files = apply.report.uploaded_bytes, apply.report.uploaded_files
@@ -280,14 +281,22 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
                 apply.started_at = apply._manager_now()
                 session.undo.push("the stack as before the rollback",
                                   lambda: session.run(sc.stack_deploy(s.stack_name, f"{session.t.release_dir(current)}/"
-                                                                      f"{sw.STACK_FILE}", bool(s.registry_user))),
+                                                                      f"{sw.STACK_FILE}", "")),
                                   1)
+                from deploy.execute.swarm import docker_config_dir
+
+                config = docker_config_dir(s, session.t)
                 try:
-                    session.run(sc.stack_deploy(s.stack_name, f"{path}.rollback", bool(s.registry_user)))
+                    if config:
+                        session.run(sc.registry_login(s.registry, s.registry_user,
+                                                      s.registry_password.reveal().encode(), config))
+                    session.run(sc.stack_deploy(s.stack_name, f"{path}.rollback", config))
                     apply.wait_converged(list(changed), definitions=_labels_of(new_text))
                     apply.do_verify(_step_verify(s))
                     session.run(fs.switch_symlink(session.t.current, f"releases/{target}"))
                     session.undo.discard()
+                    if config:
+                        session.run(sc.registry_logout(s.registry, config), check=False)
                 except BaseException as exc:
                     with shielded():
                         session.undo.run(session.warn)

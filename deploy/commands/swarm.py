@@ -23,11 +23,23 @@ def node_update_labels(node: str, add: dict[str, str], remove: tuple[str, ...]) 
                intent=("node-labels", node, tuple(sorted(add)), tuple(sorted(remove))))
 
 
-def registry_login(registry: str, user: str, password: bytes) -> Command:
+def _docker(config_dir: str) -> tuple[str, ...]:
+    """``docker`` with healthdeploy's own client config (registry credentials of this environment only, in a
+    0700 directory on the manager) instead of the user's ~/.docker, when a login is used."""
+    return ("docker", "--config", config_dir) if config_dir else ("docker",)
+
+
+def registry_login(registry: str, user: str, password: bytes, config_dir: str) -> Command:
     """``docker login --password-stdin``: the password is stdin, never a word of the command line."""
     host = registry.split("/", 1)[0]
-    return cmd("docker", "login", "--username", user, "--password-stdin", host, description=f"log in to {host}",
-               stdin=password, intent=("registry-login", host))
+    return script('set -e; umask 077; mkdir -p "$1"; chmod 0700 "$1"; shift; exec "$@"', config_dir,
+                  *_docker(config_dir), "login", "--username", user, "--password-stdin", host,
+                  description=f"log in to {host}", stdin=password, intent=("registry-login", host))
+
+
+def registry_logout(registry: str, config_dir: str) -> Command:
+    host = registry.split("/", 1)[0]
+    return cmd(*_docker(config_dir), "logout", host, description=f"log out of {host}", intent=("registry-logout", host))
 
 
 def build_image(tag: str, context: str, build_args: dict[str, str] | None = None, network_none: bool = False) -> Command:
@@ -39,20 +51,24 @@ def build_image(tag: str, context: str, build_args: dict[str, str] | None = None
     return cmd(*words, context, description=f"build {tag}", intent=("build-image", tag), timeout=BUILD_TIMEOUT)
 
 
-# Push, then print the digest the registry now serves it under (RepoDigests entry of this repository).
+# Push, then print the digest the registry serves it under (its RepoDigests entry of this repository) and the
+# image's config (its entrypoint and command, which the stack file runs through healthdeploy's entrypoint).
 PUSH = r"""set -e
-docker push --quiet "$1" >/dev/null
-repo="${1%:*}"
-docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$1" | grep -F "$repo@" | head -n 1
+tag="$1"; shift
+"$@" push --quiet "$tag" >/dev/null
+repo="${tag%:*}"
+docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$tag" | grep -F "$repo@" | head -n 1
+docker image inspect "$tag"
 """
 
 
-def push_image(tag: str) -> Command:
-    return script(PUSH, tag, description=f"push {tag}", intent=("push", tag), timeout=PUSH_TIMEOUT)
+def push_image(tag: str, config_dir: str = "") -> Command:
+    return script(PUSH, tag, *_docker(config_dir), description=f"push {tag}", intent=("push", tag), timeout=PUSH_TIMEOUT)
 
 
-def pull_image(ref: str) -> Command:
-    return cmd("docker", "pull", "--quiet", ref, description=f"pull {ref}", intent=("pull", ref), timeout=PUSH_TIMEOUT)
+def pull_image(ref: str, config_dir: str = "") -> Command:
+    return cmd(*_docker(config_dir), "pull", "--quiet", ref, description=f"pull {ref}", intent=("pull", ref),
+               timeout=PUSH_TIMEOUT)
 
 
 def image_configs(refs: tuple[str, ...]) -> Command:
@@ -84,15 +100,25 @@ def remove_configs(names: tuple[str, ...]) -> Command:
                   description="remove unused configs", intent=("config-rm", *names))
 
 
+UNPACK_AND_CHECK = 'set -e; tar -x -m -f - -C "$1" --no-same-owner; docker stack config --compose-file "$1/$2" >/dev/null'
+
+
+def unpack_and_check(directory: str, stack_file: str) -> Command:
+    """The stack files arriving as a tar on stdin, then `docker stack config` of the stack file: one round trip."""
+    return script(UNPACK_AND_CHECK, directory, stack_file, description="write and validate the stack file",
+                  intent=("stack-files", directory))
+
+
 def stack_config_check(stack_file: str) -> Command:
     return cmd("docker", "stack", "config", "--compose-file", stack_file, description="validate the stack file",
                readonly=True, intent=("stack-config",))
 
 
-def stack_deploy(stack: str, stack_file: str, with_registry_auth: bool) -> Command:
-    """Images are deployed exactly as the file names them (by digest); no registry query per tag."""
-    words = ["docker", "stack", "deploy", "--detach=true", "--resolve-image", "never"]
-    if with_registry_auth:
+def stack_deploy(stack: str, stack_file: str, config_dir: str = "") -> Command:
+    """Images are deployed exactly as the file names them (by digest); no registry query per tag. With a login
+    its credentials go to the nodes with the services (--with-registry-auth)."""
+    words = [*_docker(config_dir), "stack", "deploy", "--detach=true", "--resolve-image", "never"]
+    if config_dir:
         words.append("--with-registry-auth")
     return cmd(*words, "--compose-file", stack_file, stack, description=f"deploy stack {stack}",
                intent=("stack-deploy", stack, stack_file), timeout=DEPLOY_TIMEOUT)

@@ -85,6 +85,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("SWARM_SUBNET", "str", "", "TARGET=swarm: the subnet of the stack's overlay network (an explicit private range "
         "that no node uses, never Docker's default pool), e.g. 10.252.0.0/24."),
     Key("SWARM_REPLICAS", "int", 2, "TARGET=swarm: tasks of each stateless service (spread over the app nodes)."),
+    Key("SWARM_PARALLELISM", "int", 1, "TARGET=swarm: tasks of a stateless service replaced at a time (each new one "
+        "starts before its old one stops, so more is faster and still drops nothing, at the cost of that many extra "
+        "tasks during the update)."),
     Key("SWARM_MONITOR", "float", 10.0, "TARGET=swarm: seconds Swarm watches each updated task before it counts the update "
         "as good (update_config.monitor); a task failing meanwhile rolls the service back."),
     Key("REGISTRY", "str", "", "TARGET=swarm: registry and repository prefix the built images are pushed to and deployed "
@@ -470,10 +473,15 @@ def _swarm_problems(typed: dict) -> list[Problem]:
                                 "e.g. REGISTRY=registry.example.com/health"))
     if bool(typed["registry_user"]) != bool(typed["registry_password"]):
         problems.append(Problem("REGISTRY_USER", "REGISTRY_USER and REGISTRY_PASSWORD go together", "set both or neither"))
+    if typed["swarm_parallelism"] < 1:
+        problems.append(Problem("SWARM_PARALLELISM", "must be at least 1", KEYS_BY_NAME["SWARM_PARALLELISM"].doc))
     if typed["swarm_replicas"] < 1:
         problems.append(Problem("SWARM_REPLICAS", "must be at least 1", KEYS_BY_NAME["SWARM_REPLICAS"].doc))
     if typed["swarm_monitor"] < 0:
         problems.append(Problem("SWARM_MONITOR", "must not be negative", KEYS_BY_NAME["SWARM_MONITOR"].doc))
+    if "{address}" in (typed["deploy_path"] or ""):
+        problems.append(Problem("DEPLOY_PATH", "{address} has no meaning with TARGET=swarm (the gateway's directory is "
+                                "mounted by Swarm on every edge node alike)", "use {host} (the node's hostname) or neither"))
     stack = typed["swarm_stack"].replace("{env}", "x")
     if not stack or any(not (c.isalnum() or c in "-_") for c in stack):
         problems.append(Problem("SWARM_STACK", f"{typed['swarm_stack']!r}: a stack name has letters, digits, - and _ only",

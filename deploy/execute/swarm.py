@@ -153,12 +153,14 @@ class SwarmApply:
     def do_label_nodes(self, step: Step) -> None:
         from deploy.plan.swarm import label_changes
 
-        for node, add, remove in label_changes(self.d, self.m):
-            before = self.m.node(node).labels if self.m.node(node) else {}
+        for hostname, node, add, remove in label_changes(self.d, self.m):
+            # By ID: a hostname can also name an entry of a node that left and joined again.
+            found = self.m.node_by_id(node)
+            before = found.labels if found else {}
             old_add = {k: before[k] for k in remove if k in before}
             old_remove = tuple(k for k in add if k not in before)
             old_value = {k: before[k] for k in add if k in before}
-            self.session.undo.push(f"labels of {node} as before",
+            self.session.undo.push(f"labels of {hostname} as before",
                                    lambda n=node, a={**old_add, **old_value}, r=old_remove:
                                    self.run_cmd(sc.node_update_labels(n, a, r)), SETTINGS)
             self.run_cmd(sc.node_update_labels(node, add, remove))
@@ -186,8 +188,8 @@ class SwarmApply:
         self.run_cmd(fs.remove_paths(self.rdir, step.items))
 
     def do_write_release(self, step: Step) -> None:
-        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.RELEASE_ENV}", self.payload.release_env))
-        self.run_cmd(fs.write_file(f"{self.rdir}/{pl.MANIFEST}", pl.format_manifest(dict(self.d.files))))
+        files = {pl.RELEASE_ENV: self.payload.release_env, pl.MANIFEST: pl.format_manifest(dict(self.d.files))}
+        self.session.host.stream_from_file(fs.extract_tar(self.rdir), io.BytesIO(pl.tar_of(files, tuple(files))))
 
     def do_create_secrets(self, step: Step) -> None:
         created = []
@@ -207,8 +209,16 @@ class SwarmApply:
             self.run_cmd(sc.config_create(name, self.payload.configs[name], self.stack))
             created.append(name)
 
+    @property
+    def docker_config(self) -> str:
+        return docker_config_dir(self.s, self.t)
+
     def do_registry_login(self, step: Step) -> None:
-        self.run_cmd(sc.registry_login(self.s.registry, self.s.registry_user, self.s.registry_password.reveal().encode()))
+        self.run_cmd(sc.registry_login(self.s.registry, self.s.registry_user, self.s.registry_password.reveal().encode(),
+                                       self.docker_config))
+        # Not left at rest on the manager: the services carry what their nodes need to pull.
+        self.session.undo.push("log out of the registry", lambda: self.run_cmd(
+            sc.registry_logout(self.s.registry, self.docker_config), check=False), FILES)
 
     def do_build(self, step: Step) -> None:
         sandbox = self.s.stack_variant == "sandbox"
@@ -227,7 +237,9 @@ class SwarmApply:
                 raise SwarmStepFailed(f"{self.t.alias}: the {service} image build failed; the live release keeps "
                                       "serving", "\n".join(log[-15:]) or exc.message) from None
             try:
-                digest = self.run_cmd(sc.push_image(tag)).text.strip().splitlines()[-1:]
+                out = self.run_cmd(sc.push_image(tag, self.docker_config)).text
+                digest = [line for line in out.splitlines() if "@sha256:" in line][:1]
+                configs = sf.parse_image_configs(out[out.find("["):] if "[" in out else "")
             except RemoteCommandError as exc:
                 raise SwarmStepFailed(f"{self.t.alias}: pushing {tag} to {self.s.registry} failed: {exc.message}",
                                       "check REGISTRY (and REGISTRY_USER/REGISTRY_PASSWORD); every node pulls from it") from None
@@ -236,14 +248,12 @@ class SwarmApply:
                                       "is REGISTRY a registry (docker push must report a digest)?")
             self.images[service] = digest[0]
             self.report.built[service] = digest[0]
+            self.configs[service] = configs.get(tag, sw.ImageConfig())
             self.say(f"{service}: pushed {digest[0]}")
-        configs = sf.parse_image_configs(self.run_cmd(sc.image_configs(tuple(self.images[s] for s in step.items))).text)
-        for service in step.items:
-            self.configs[service] = configs.get(self.images[service], sw.ImageConfig())
 
     def do_pull(self, step: Step) -> None:
         for ref in step.items:
-            self.run_cmd(sc.pull_image(ref))
+            self.run_cmd(sc.pull_image(ref, self.docker_config))
 
     def _stack_text(self) -> str:
         """The stack file of this release: built images by digest, the others as they run now."""
@@ -280,10 +290,9 @@ class SwarmApply:
 
     def do_validate(self, step: Step) -> None:
         text = self._stack_text()
-        data = sw.data_stack(text, self.d.infra)
-        self.run_cmd(fs.write_file(f"{self.rdir}/{sw.STACK_FILE}", text.encode()))
-        self.run_cmd(fs.write_file(f"{self.rdir}/stack-data.yaml", data.encode()))
-        self.run_cmd(sc.stack_config_check(f"{self.rdir}/{sw.STACK_FILE}"))
+        files = {sw.STACK_FILE: text.encode(), "stack-data.yaml": sw.data_stack(text, self.d.infra).encode()}
+        self.session.host.stream_from_file(sc.unpack_and_check(self.rdir, sw.STACK_FILE),
+                                           io.BytesIO(pl.tar_of(files, tuple(files))))
         from deploy.stack.render import sandbox_report
 
         for line in sandbox_report(self.s):
@@ -317,7 +326,7 @@ class SwarmApply:
         self.say(f"data layer: {', '.join(step.items)}")
         self._register_stack_undo(changed)
         self.started_at = self._manager_now()
-        self.run_cmd(sc.stack_deploy(self.stack, f"{self.rdir}/stack-data.yaml", bool(self.s.registry_user)))
+        self.run_cmd(sc.stack_deploy(self.stack, f"{self.rdir}/stack-data.yaml", self.docker_config))
         self.wait_converged(changed)
 
     def do_migrate(self, step: Step) -> None:
@@ -362,8 +371,42 @@ class SwarmApply:
         self._register_stack_undo(changed)
         if not self.started_at:
             self.started_at = self._manager_now()
-        self.run_cmd(sc.stack_deploy(self.stack, f"{self.rdir}/{sw.STACK_FILE}", bool(self.s.registry_user)))
+        self.run_cmd(sc.stack_deploy(self.stack, f"{self.rdir}/{sw.STACK_FILE}", self.docker_config))
         self.wait_converged(changed)
+        self.rebalance(list(self.d.apps))
+
+    def do_rebalance(self, step: Step) -> None:
+        self.started_at = self._manager_now()
+        self.rebalance(list(self.d.apps))
+
+    def rebalance(self, services: list[str]) -> None:
+        """Spread each stateless service over the app nodes when its tasks crowd on fewer (after a start-first
+        update, or after a node that failed came back: Swarm never moves a running task). One more task is
+        placed where the service has none, then the service is scaled back: Swarm removes the extra task from
+        the node that has the most, and the gateways follow both through DNS (zero downtime)."""
+        from deploy.plan.swarm import crowded_services
+
+        for _ in range(2):
+            _, polled, tasks, nodes = sf.parse_tasks_poll(
+                self.run_cmd(sf.services_and_tasks(self.stack, tuple(services), nodes=True)).text, self.stack)
+            m = sf.ManagerFacts(services=tuple(polled), tasks=tuple(t for t in tasks if t.desired == "running"),
+                                nodes=tuple(nodes))
+            crowded = {s: w for s, w in crowded_services(self.d, m).items() if s in services}
+            if not crowded:
+                return
+            ready = [n for n in m.nodes if n.ready and n.labels.get("healthdeploy.app") == "true"]
+            plus = {}
+            for service in crowded:
+                live = m.service(service)
+                hosting = {t.node_id for t in m.tasks_of(service) if t.running}
+                plus[service] = (live.replicas, live.replicas + min(live.replicas, len(ready)) - len(hosting))
+            self.say("spreading " + "; ".join(f"{s} ({w})" for s, w in crowded.items()))
+            self.run_cmd(sc.service_scale(tuple((self.full(s), up) for s, (_, up) in plus.items())))
+            wanted = {s: m.service(s).definition for s in plus}
+            self.wait_converged(list(plus), definitions=wanted, quiet=True)
+            self.run_cmd(sc.service_scale(tuple((self.full(s), n) for s, (n, _) in plus.items())))
+            self.wait_converged(list(plus), definitions=wanted, quiet=True)
+        self.session.warn(f"tasks still crowded after spreading: {', '.join(crowded)}")
 
     def _manager_now(self) -> str:
         return self.run_cmd(sf_now()).text.strip()
@@ -387,7 +430,7 @@ class SwarmApply:
             self.run_cmd(sc.service_remove(tuple(self.full(s) for s in created)), check=False)
         if existed and self.previous:
             self.run_cmd(sc.stack_deploy(self.stack, f"{self.t.release_dir(self.previous)}/{sw.STACK_FILE}",
-                                         bool(self.s.registry_user)))
+                                         self.docker_config))
             wanted = {s: self.m.service(s).definition for s in existed}
             self.wait_converged(existed, definitions=wanted, rolling_back=True)
         elif existed:
@@ -400,7 +443,7 @@ class SwarmApply:
 
     # -- waiting ------------------------------------------------------------------------------------------
     def wait_converged(self, services: list[str], definitions: dict[str, str] | None = None,
-                       rolling_back: bool = False) -> None:
+                       rolling_back: bool = False, quiet: bool = False) -> None:
         if not services:
             return
         wanted = definitions or {s: self.d.definitions[s] for s in services}
@@ -426,6 +469,8 @@ class SwarmApply:
                 verdict = _converged(service, live, mine, wanted[service], started, nodes, edge, self.s)
                 if verdict is True:
                     done[service] = time.monotonic() - begun
+                    if quiet:
+                        continue
                     running = [t for t in mine if t.running and t.definition == wanted[service]]
                     action = ("rolled back" if rolling_back else
                               "created" if self.plan.changes.get(service) == "created" else "updated")
@@ -510,6 +555,8 @@ class SwarmApply:
         write_state(self.session, self.m, self.release, "deploy")
 
     def do_prune(self, step: Step) -> None:
+        if self.s.registry_user:
+            self.run_cmd(sc.registry_logout(self.s.registry, self.docker_config), check=False)
         releases = sorted(set(self.m.host.releases) | {self.release})
         keep = set(releases[-self.d.keep_releases:]) | {self.release}
         doomed = [r for r in releases if r not in keep]
@@ -599,6 +646,11 @@ def _referenced(releases_dir: str, stack: str):
 
     return script('cat "$1"/*/stack.yaml 2>/dev/null | grep -o "name: $2_[^ ]*" | sed "s/^name: //" | sort -u; exit 0',
                   releases_dir, stack, description="list the Swarm objects kept releases use", readonly=True)
+
+
+def docker_config_dir(settings, target) -> str:
+    """healthdeploy's docker client config on the manager (registry credentials), only with REGISTRY_USER."""
+    return f"{target.shared}/docker" if settings.registry_user else ""
 
 
 def write_state(session: Session, m: sf.ManagerFacts, release: str, event: str) -> None:

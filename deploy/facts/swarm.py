@@ -323,7 +323,9 @@ class ManagerFacts:
         return [t for t in self.tasks if service and t.service_id == service.id]
 
     def node(self, hostname: str) -> Node | None:
-        return next((n for n in self.nodes if n.hostname == hostname), None)
+        """The node of that hostname (a ready one first: a node that left and joined again is listed twice)."""
+        found = [n for n in self.nodes if n.hostname == hostname]
+        return next((n for n in found if n.state == "ready"), found[0] if found else None)
 
     def node_by_id(self, node_id: str) -> Node | None:
         return next((n for n in self.nodes if n.id == node_id), None)

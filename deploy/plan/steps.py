@@ -46,6 +46,7 @@ class StepKind(str, enum.Enum):
     DEPLOY_DATA = "deploy-data"  # the data layer first (stop-first, pinned), waited for
     DEPLOY_STACK = "deploy-stack"  # docker stack deploy, then wait until every changed service converged
     VERIFY = "verify"  # every edge gateway lists the healthy tasks and answers through each port
+    REBALANCE = "rebalance"  # a stateless service's tasks crowded on fewer app nodes than it could use
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ VERBS = {
     StepKind.LABEL_NODES: "label nodes", StepKind.REGISTRY_LOGIN: "log in to registry", StepKind.PULL: "pull",
     StepKind.CREATE_SECRETS: "create Swarm secrets", StepKind.CREATE_CONFIGS: "create Swarm configs",
     StepKind.DEPLOY_DATA: "deploy the data layer of", StepKind.DEPLOY_STACK: "deploy stack",
-    StepKind.VERIFY: "verify through the gateways of",
+    StepKind.VERIFY: "verify through the gateways of", StepKind.REBALANCE: "spread the tasks of",
 }
 
 

@@ -175,17 +175,21 @@ def moved_data(desired: SwarmDesired, m: ManagerFacts) -> list[str]:
 
 
 # -- the planner ----------------------------------------------------------------------------------------
-def label_changes(desired: SwarmDesired, m: ManagerFacts) -> list[tuple[str, dict[str, str], tuple[str, ...]]]:
-    """(node, labels to add, labels to remove) for each node whose healthdeploy labels differ."""
+def label_changes(desired: SwarmDesired, m: ManagerFacts) -> list[tuple[str, str, dict[str, str], tuple[str, ...]]]:
+    """(hostname, node id, labels to add, labels to remove) for each node whose healthdeploy labels differ. A
+    down entry of a hostname that also has a ready one (a node that left and joined again) is left alone."""
     out = []
+    ready = {n.hostname for n in m.nodes if n.state == "ready"}
     for node in m.nodes:
+        if node.state != "ready" and node.hostname in ready:
+            continue
         roles = desired.node_roles.get(node.hostname, frozenset())
         wanted = {ROLE_LABELS[r]: "true" for r in roles}
         have = {k: v for k, v in node.labels.items() if k in ROLE_LABELS.values()}
         add = {k: v for k, v in wanted.items() if have.get(k) != v}
         remove = tuple(sorted(k for k in have if k not in wanted))
         if add or remove:
-            out.append((node.hostname, add, remove))
+            out.append((node.hostname, node.id, add, remove))
     return out
 
 
@@ -238,9 +242,16 @@ def plan_swarm(desired: SwarmDesired, observed: SwarmObserved) -> SwarmPlan:
                                   ", ".join(differ + [f"{p} (removed)" for p in stale]) + " changed")
     pulls = tuple(sorted(r for r in d.data_images if r not in m.image_configs))
 
+    crowded = crowded_services(d, m)
     if not (changes or labels or missing_secrets or missing_configs or edge_updates or not change.empty
             or not current):
         notes += convergence_notes(d, m)
+        if crowded:  # after a node came back, Swarm leaves the tasks where they were rescheduled
+            add(StepKind.REBALANCE, "", "one node's failure would take all of their tasks",
+                [f"{s}: {n}" for s, n in crowded.items()])
+            add(StepKind.VERIFY, d.stack, "every edge gateway lists the healthy tasks and answers", d.edge_nodes)
+            return SwarmPlan(d.manager, d.stack, "converge", current, current, tuple(steps), tuple(notes), (),
+                             m.lock.state, {})
         return SwarmPlan(d.manager, d.stack, "unchanged", current, current, (), tuple(notes), (), m.lock.state, {})
 
     release = d.release
@@ -248,7 +259,7 @@ def plan_swarm(desired: SwarmDesired, observed: SwarmObserved) -> SwarmPlan:
     if labels:
         add(StepKind.LABEL_NODES, "", "SWARM_NODES", [
             f"{n}: " + " ".join([f"+{k.removeprefix(LABEL_PREFIX)}" for k in sorted(a)] +
-                                [f"-{k.removeprefix(LABEL_PREFIX)}" for k in r]) for n, a, r in labels])
+                                [f"-{k.removeprefix(LABEL_PREFIX)}" for k in r]) for n, _, a, r in labels])
     # -- the release on the manager -----------------------------------------------------------------------
     add(StepKind.NEW_RELEASE, release, f"copy of {current}" if current else "first release")
     sent = list(change.changed)
@@ -303,6 +314,22 @@ def plan_swarm(desired: SwarmDesired, observed: SwarmObserved) -> SwarmPlan:
     notes += convergence_notes(d, m)
     return SwarmPlan(d.manager, d.stack, "deploy", release, current, tuple(steps), tuple(notes), files,
                      m.lock.state, changes)
+
+
+def crowded_services(d: SwarmDesired, m: ManagerFacts) -> dict[str, str]:
+    """Stateless services whose running tasks sit on fewer app nodes than they could (service -> where)."""
+    ready = {n.id for n in m.nodes if n.ready and n.labels.get(ROLE_LABELS["app"]) == "true"}
+    out = {}
+    for service in d.apps:
+        live = m.service(service)
+        if live is None or live.mode != "replicated" or live.replicas < 2:
+            continue
+        running = [t for t in m.tasks_of(service) if t.running]
+        hosting = {t.node_id for t in running}
+        if len(running) >= live.replicas and len(hosting) < min(live.replicas, len(ready)):
+            names = sorted({(m.node_by_id(t.node_id).hostname if m.node_by_id(t.node_id) else t.node_id) for t in running})
+            out[service] = f"{len(running)} task(s) on {', '.join(names)}"
+    return out
 
 
 def convergence_notes(d: SwarmDesired, m: ManagerFacts) -> list[str]:

@@ -176,6 +176,7 @@ def _context(settings: Settings, target: Target, inputs: StackInputs, definition
     return {
         "release": inputs.release, "stack": settings.stack_name, "subnet": settings.swarm_subnet,
         "replicas": settings.swarm_replicas, "monitor": _seconds(settings.swarm_monitor),
+        "parallelism": settings.swarm_parallelism,
         "stop_delay": stop_delay(settings), "drain_ticks": drain_ticks(settings), "sync_interval": SYNC_INTERVAL,
         "data_node": data_node, "node_deploy_path": mount_deploy_path(settings),
         "images": {s: inputs.images.get(s, PLACEHOLDER_IMAGE) for s in apps},

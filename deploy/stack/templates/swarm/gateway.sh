@@ -10,6 +10,7 @@
 # connect to a new one fails). An empty or failed lookup keeps the last known tasks.
 #
 # HEALTHDEPLOY_SERVICES: "service=upstream:port ...", e.g. "backend=backend:5000 ai-service=ai_service:8001".
+# HEALTHDEPLOY_UPSTREAM_KEEPALIVE: idle upstream connections per worker (default 0, see render()).
 set -u
 conf=${HEALTHDEPLOY_GATEWAY_CONF:-/etc/healthdeploy-gateway/nginx.conf}
 dir=$(dirname "$conf")/upstreams
@@ -37,7 +38,9 @@ render() {  # service upstream port "ips" "backups"
       echo "    server $ip:$3 backup;"
     done
   fi
-  echo "    keepalive 16;"
+  # Idle connections kept per worker (HEALTHDEPLOY_UPSTREAM_KEEPALIVE, 0 = none): a node that is cut off
+  # strands every request nginx sends on a connection it had pooled there, until the client gives up.
+  [ "${HEALTHDEPLOY_UPSTREAM_KEEPALIVE:-0}" -gt 0 ] && echo "    keepalive $HEALTHDEPLOY_UPSTREAM_KEEPALIVE;"
   echo "}"
 }
 
