@@ -73,29 +73,33 @@ def _node_states(manager: netns.Node, nodes: list[netns.Node]) -> dict[str, str]
     return {n.name: states.get(n.name, "absent") for n in nodes}
 
 
-def remove_leftovers(nodes: list[netns.Node]) -> None:
+def remove_leftovers(nodes: list[netns.Node], stack: str = STACK, env_name: str = ENV_NAME,
+                     compose_project: str = "hd-tsw-compose", deploy_root: Path = DEPLOY_ROOT) -> None:
+    """Remove the stack, its containers, volumes, secrets, configs and network, the Compose project of the
+    same environment, its deploy directories and backups."""
     manager = nodes[0]
-    docker(manager, "stack", "rm", STACK)
-    eventually(lambda: not docker(manager, "service", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}")
+    docker(manager, "stack", "rm", stack)
+    eventually(lambda: not docker(manager, "service", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={stack}")
                .stdout.strip(), timeout=60)
     for node in nodes:  # the containers stop a moment after their services are gone
         eventually(lambda node=node: not docker(node, "ps", "-aq", "--filter",
-                                                f"label=com.docker.stack.namespace={STACK}").stdout.strip(), timeout=60)
-        compose = docker(node, "ps", "-aq", "--filter", "label=com.docker.compose.project=hd-tsw-compose").stdout.split()
+                                                f"label=com.docker.stack.namespace={stack}").stdout.strip(), timeout=60)
+        compose = docker(node, "ps", "-aq", "--filter", f"label=com.docker.compose.project={compose_project}").stdout.split()
         if compose:  # the Compose target of the backup test
             docker(node, "rm", "-f", "-v", *compose)
-        docker(node, "network", "rm", "hd-tsw-compose_default")
-        volumes = [v for v in docker(node, "volume", "ls", "-q").stdout.split() if v.startswith((f"{STACK}_", "hd-tsw-compose_"))]
+        docker(node, "network", "rm", f"{compose_project}_default")
+        volumes = [v for v in docker(node, "volume", "ls", "-q").stdout.split()
+                   if v.startswith((f"{stack}_", f"{compose_project}_"))]
         if volumes:
             docker(node, "volume", "rm", "-f", *volumes)
     for kind in ("secret", "config"):
-        names = [n for n in docker(manager, kind, "ls", "--format", "{{.Name}}").stdout.split() if n.startswith(f"{STACK}_")]
+        names = [n for n in docker(manager, kind, "ls", "--format", "{{.Name}}").stdout.split() if n.startswith(f"{stack}_")]
         if names:
             docker(manager, kind, "rm", *names)
-    eventually(lambda: STACK + "_default" not in docker(manager, "network", "ls", "--format", "{{.Name}}").stdout,
+    eventually(lambda: stack + "_default" not in docker(manager, "network", "ls", "--format", "{{.Name}}").stdout,
                timeout=30)
-    shutil.rmtree(DEPLOY_ROOT, ignore_errors=True)
-    shutil.rmtree(PROJECT_ROOT / "backups" / ENV_NAME, ignore_errors=True)
+    shutil.rmtree(deploy_root, ignore_errors=True)
+    shutil.rmtree(PROJECT_ROOT / "backups" / env_name, ignore_errors=True)
 
 
 class SwarmEnv:
