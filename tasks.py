@@ -67,10 +67,13 @@ def demo(c):
     return day2.show_endpoints(runtime, ["sandbox"])
 
 
-@task(help={"k": "only tests matching this expression", "unit": "unit tests only (no sshd, no Docker)"})
-def test(c, k=None, unit=False):
-    """Run the tests (unit + integration against the sandbox)."""
-    args = [sys.executable, "-m", "pytest", "-q"]
+@task(help={"k": "only tests matching this expression", "unit": "unit tests only (no sshd, no Docker)",
+            "workers": "parallel workers, one test module each (each its own sandbox hosts); 1 = serial"})
+def test(c, k=None, unit=False, workers=3):
+    """Run the tests (unit + integration against the sandbox and the namespaced test bed)."""
+    args = [sys.executable, "-m", "pytest", "-q", "--durations=15"]
+    if int(workers) > 1:
+        args += ["-n", str(int(workers)), "--dist", "loadfile"]
     if unit:
         args += ["-m", "not integration"]
     if k:

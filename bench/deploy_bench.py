@@ -1,22 +1,26 @@
-"""Deploy benchmarks, each side by side with its baseline in the same run (issue: deploy).
+"""Deploy benchmarks, each side by side with its baseline in the same run.
 
-1. Failed requests and p99 at 100 req/s (GET+POST) while a changed backend goes live:
-   `fab deploy` vs a naive `docker compose up -d --build backend` of the same change.
-2. A no-change deploy: time and bytes vs `rsync` of the same payload over ssh.
-3. `fab rollback`: time (no rebuild).
-4. A deploy to three sandbox hosts vs one (BATCH_SIZE=1 and BATCH_SIZE=3).
+1. A changed backend going live at 100 req/s (GET+POST): failed requests and p99 of `fab deploy` vs a naive
+   `docker compose up -d --build backend` of the same change, and a control run with no deploy.
+2. A no-change deploy: `fab deploy` (the whole command) vs `rsync -rc` of the same payload over ssh plus
+   `docker compose up -d` on the host (the hand-written fabfile's no-op). Best of N, alternating.
+3. `fab rollback`: time and failed requests (no rebuild).
+4. Several hosts (on the namespaced test bed: each node its own engine): a changed-backend deploy to
+   1 data + 3 app hosts with BATCH_SIZE=1 and BATCH_SIZE=3 vs the same deploy to 1 host.
 
-Uses sandbox hosts sandbox2..sandbox4 (127.0.0.3-5) so the demo (sandbox) and the tests
-(sandbox5-7) are not disturbed. Prints a Markdown report and writes it to bench/results/.
+`python3 bench/deploy_bench.py [--only nochange,multihost,...]`. Loopback sandbox hosts sandbox2-4 and
+testbed nodes node7-node10, so the demo, the tests and other work are not disturbed. Prints a Markdown
+report and writes it to bench/results/.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,18 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from deploy.sandbox import images
-
-from deploy.sandbox import hosts as sandbox  # noqa: E402
-from deploy.sandbox import setup  # noqa: E402
-from deploy.stack import payload as pl  # noqa: E402
 from deploy.core.settings import load_settings  # noqa: E402
+from deploy.sandbox import hosts as sandbox  # noqa: E402
+from deploy.sandbox import images, netns, setup  # noqa: E402
+from deploy.stack import payload as pl  # noqa: E402
 from deploy.stack.render import Target  # noqa: E402
 from load import Load  # noqa: E402
 
-HOSTS = ("sandbox2", "sandbox3", "sandbox4")
-ADDRESS = {"sandbox2": "127.0.0.3", "sandbox3": "127.0.0.4", "sandbox4": "127.0.0.5"}
+HOST = "sandbox2"
+ADDRESS = sandbox.host_for(HOST).address
+NODES = ("node7", "node8", "node9", "node10")
 ENV_NAME = "bench"
+SSH = ["ssh", "-F", str(ROOT / ".sandbox/ssh_config"), "-o", "BatchMode=yes"]
 
 
 class Bench:
@@ -46,7 +50,7 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="hd-bench-"))
         self.app = self.dir / "app"
         shutil.copytree(ROOT / "deploy" / "sandbox" / "app", self.app, ignore=shutil.ignore_patterns("__pycache__"))
-        self.write_env(hosts="sandbox2")
+        self.write_env(hosts=HOST)
 
     def write_env(self, hosts: str, **extra: str) -> None:
         base = (ROOT / "env" / "sandbox.env").read_text().splitlines()
@@ -57,9 +61,9 @@ class Bench:
         lines = [line for line in base if line.split("=", 1)[0] not in values]
         (self.dir / f"{ENV_NAME}.env").write_text("\n".join(lines + [f"{k}={v}" for k, v in values.items()]) + "\n")
 
-    def fab(self, *args: str, hosts: str = "sandbox2") -> tuple[subprocess.CompletedProcess, float]:
+    def fab(self, *args: str) -> tuple[subprocess.CompletedProcess, float]:
         started = time.monotonic()
-        proc = subprocess.run(["fab", "-H", hosts, *args], capture_output=True, text=True, cwd=ROOT,
+        proc = subprocess.run(["fab", args[0], "--env", ENV_NAME, *args[1:]], capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "HEALTHDEPLOY_ENV_DIR": str(self.dir)})
         elapsed = time.monotonic() - started
         if proc.returncode != 0:
@@ -70,13 +74,25 @@ class Bench:
         (self.app / "backend" / "build_id").write_text(build + "\n")
 
     def cleanup(self) -> None:
-        for host in HOSTS:
-            sandbox.remove_project(f"hd-b{ENV_NAME}-{host}")
+        sandbox.remove_project(f"hd-b{ENV_NAME}-{HOST}")
+        for node in NODES:
+            n = netns.node_for(node)
+            if n in netns.running_nodes():
+                ids = _docker(n, "ps", "-aq", "--filter", f"label=com.docker.compose.project=hd-b{ENV_NAME}-{node}").split()
+                if ids:
+                    _docker(n, "rm", "-f", "-v", *ids)
+                volumes = _docker(n, "volume", "ls", "-q", "--filter", f"name=hd-b{ENV_NAME}-{node}_").split()
+                if volumes:
+                    _docker(n, "volume", "rm", *volumes)
         shutil.rmtree("/var/lib/healthdeploy-bench", ignore_errors=True)
 
 
-def under_load(address: str, action) -> tuple[object, float]:
-    with Load(address, 5000, rate=100) as load:
+def _docker(node, *args: str) -> str:
+    return subprocess.run(["docker", "-H", node.docker_host, *args], capture_output=True, text=True).stdout
+
+
+def under_load(address: str, action, post_path: str | None = "/api/echo") -> tuple[object, float]:
+    with Load(address, 5000, rate=100, post_path=post_path) as load:
         time.sleep(4)  # steady state first
         started = time.monotonic()
         action()
@@ -87,88 +103,122 @@ def under_load(address: str, action) -> tuple[object, float]:
 
 def naive_rebuild(bench: Bench) -> None:
     """What an operator without healthdeploy does: edit the source in place, `up -d --build` the service."""
-    root = Path(f"/var/lib/healthdeploy-bench/sandbox2/{ENV_NAME}/current")
+    root = Path(f"/var/lib/healthdeploy-bench/{HOST}/{ENV_NAME}/current")
     (root / "src" / "backend" / "build_id").write_text((bench.app / "backend" / "build_id").read_text())
     release = root.resolve()
-    subprocess.run(["docker", "compose", "--project-name", f"hd-b{ENV_NAME}-sandbox2", "--file", str(release / "compose.yaml"),
+    subprocess.run(["docker", "compose", "--project-name", f"hd-b{ENV_NAME}-{HOST}", "--file", str(release / "compose.yaml"),
                     "--env-file", str(release / "release.env"), "up", "-d", "--build", "--no-deps", "backend"],
                    check=True, capture_output=True)
 
 
-def rsync_same_payload(bench: Bench) -> tuple[float, int]:
-    """rsync of the same payload (rendered files + source) to an up-to-date copy on the host."""
+def handwritten_noop(bench: Bench, local: Path) -> float:
+    """The hand-written fabfile's deploy when nothing changed: `rsync -rc` of the same payload to the live release
+    on the host, then `docker compose up -d` there (ssh for both)."""
+    release = Path(f"/var/lib/healthdeploy-bench/{HOST}/{ENV_NAME}/current").resolve()
+    ssh = " ".join(SSH)
+    started = time.monotonic()
+    subprocess.run(["rsync", "-rc", "-e", ssh, f"{local}/", f"{HOST}:{release}/"], check=True, capture_output=True)
+    subprocess.run([*SSH, HOST, f"docker compose --project-name hd-b{ENV_NAME}-{HOST} --file {release}/compose.yaml "
+                    f"--env-file {release}/release.env up -d"], check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def payload_dir(bench: Bench) -> Path:
     settings = load_settings(ENV_NAME, directory=bench.dir)
-    files = pl.build_payload(settings, Target.of(settings, "sandbox2", ADDRESS["sandbox2"]), pl.collect_source(str(bench.app)))
+    files = pl.build_payload(settings, Target.of(settings, HOST, ADDRESS), pl.collect_source(str(bench.app)))
     local = bench.dir / "payload"
     for path, data in files.items():
         (local / path).parent.mkdir(parents=True, exist_ok=True)
         (local / path).write_bytes(data)
-    ssh = f"ssh -F {ROOT / '.sandbox/ssh_config'}"
-    dest = "sandbox2:/var/lib/healthdeploy-bench/rsync-copy/"
-    subprocess.run(["rsync", "-a", "--delete", "-e", ssh, f"{local}/", dest], check=True, capture_output=True)
-    started = time.monotonic()
-    proc = subprocess.run(["rsync", "-a", "--delete", "--stats", "-e", ssh, f"{local}/", dest],
-                          check=True, capture_output=True, text=True)
-    elapsed = time.monotonic() - started
-    sent = int(re.search(r"Total bytes sent: ([\d,]+)", proc.stdout).group(1).replace(",", ""))
-    return elapsed, sent
+    return local
+
+
+def section_rolls(bench: Bench, rows: list) -> None:
+    control, _ = under_load(ADDRESS, lambda: time.sleep(8))
+    bench.set_build("backend-hd")
+    ours, ours_s = under_load(ADDRESS, lambda: bench.fab("deploy"))
+    bench.set_build("backend-naive")
+    naive, naive_s = under_load(ADDRESS, lambda: naive_rebuild(bench))
+    rows.append(("changed backend at 100 req/s: failed requests (control run, no deploy: "
+                 f"{control.failed}/{control.total})", f"{ours.failed}/{ours.total}", f"{naive.failed}/{naive.total}", "-"))
+    rows.append(("  p99 latency during the run (ms) (control: " f"{control.p99_ms():.0f})", f"{ours.p99_ms():.0f}",
+                 f"{naive.p99_ms():.0f}", f"{ours.p99_ms() / max(naive.p99_ms(), 1):.2f}"))
+    rows.append(("  duration of the deploy command (s)", f"{ours_s:.1f}", f"{naive_s:.1f}", f"{ours_s / naive_s:.2f}"))
+    bench.set_build("backend-hd")
+    bench.fab("deploy", "--break-lock")  # the naive edit is drift: this deploy rolls it back and repairs the gateway
+
+
+def section_nochange(bench: Bench, rows: list, runs: int = 7) -> None:
+    local = payload_dir(bench)
+    handwritten_noop(bench, local)  # warm both paths once
+    bench.fab("deploy")
+    ours, theirs = [], []
+    for _ in range(runs):  # alternating, so machine noise hits both alike
+        proc, seconds = bench.fab("deploy", "--json")
+        out = json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]
+        assert out["result"] == "unchanged" and out["uploaded_bytes"] == 0, out
+        ours.append(seconds)
+        theirs.append(handwritten_noop(bench, local))
+    rows.append((f"no-change deploy, seconds (best of {runs}; median {statistics.median(ours):.2f} vs "
+                 f"{statistics.median(theirs):.2f})", f"{min(ours):.2f}", f"{min(theirs):.2f} (rsync -rc + compose up -d)",
+                 f"{min(ours) / min(theirs):.2f}"))
+
+
+def section_rollback(bench: Bench, rows: list) -> None:
+    rollback, rollback_s = under_load(ADDRESS, lambda: bench.fab("rollback"))
+    rows.append(("fab rollback (no rebuild): seconds / failed requests", f"{rollback_s:.1f} / {rollback.failed}/"
+                 f"{rollback.total}", "-", "-"))
+
+
+def section_multihost(bench: Bench, rows: list) -> None:
+    """1 data + 3 app nodes vs 1 node, a changed backend on warm hosts (infrastructure up, a release live)."""
+    netns.up(list(NODES))
+    data, apps = NODES[0], NODES[1:]
+    hosts = ",".join(NODES)
+    roles = ",".join([f"{data}=data"] + [f"{a}=app" for a in apps])
+    bench.write_env(hosts=NODES[1], DEPLOY_PATH="/var/lib/healthdeploy-bench/{host}/{env}1")
+    bench.set_build("backend-warm-1")
+    bench.fab("deploy")
+    bench.set_build("backend-one")
+    _, one_s = bench.fab("deploy")
+    bench.write_env(hosts=hosts, ROLES=roles, BATCH_SIZE="3")
+    bench.set_build("backend-warm-4")
+    bench.fab("deploy")
+    results = {}
+    for size in ("1", "3"):
+        bench.write_env(hosts=hosts, ROLES=roles, BATCH_SIZE=size)
+        bench.set_build(f"backend-batch-{size}")
+        _, results[size] = bench.fab("deploy")
+    for size in ("1", "3"):
+        rows.append((f"changed backend, 1 data + 3 app hosts vs 1 host (BATCH_SIZE={size}), seconds",
+                     f"{results[size]:.1f}", f"{one_s:.1f}", f"{results[size] / one_s:.2f}"))
+
+
+SECTIONS = {"rolls": section_rolls, "nochange": section_nochange, "rollback": section_rollback,
+            "multihost": section_multihost}
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    wanted = [s.strip() for s in parser.parse_args().only.split(",") if s.strip()]
     setup.ensure_machine()
     images.build_all()
     setup.ensure_tools([setup.Tool("rsync", "rsync", "the benchmark's baseline")])
-    sandbox.up(list(HOSTS), install=False)
+    sandbox.up([HOST], install=False)
     bench = Bench()
     bench.cleanup()
-    rows = []
+    rows: list = []
     try:
-        bench.fab("deploy")  # first deploy: infrastructure and v1 of every service
-        # 1. rolling a changed backend under load: healthdeploy vs naive compose
-        bench.set_build("backend-hd")
-        ours, ours_s = under_load(ADDRESS["sandbox2"], lambda: bench.fab("deploy"))
-        bench.set_build("backend-naive")
-        naive, naive_s = under_load(ADDRESS["sandbox2"], lambda: naive_rebuild(bench))
-        rows.append(("changed backend at 100 req/s: failed requests", f"{ours.failed}/{ours.total}",
-                     f"{naive.failed}/{naive.total}", "-"))
-        rows.append(("  p99 latency during the run (ms)", f"{ours.p99_ms():.0f}", f"{naive.p99_ms():.0f}",
-                     f"{ours.p99_ms() / max(naive.p99_ms(), 1):.2f}"))
-        rows.append(("  duration of the deploy command (s)", f"{ours_s:.1f}", f"{naive_s:.1f}", f"{ours_s / naive_s:.2f}"))
-        bench.set_build("backend-hd")
-        # The naive edit is drift on the host: this deploy sees it, rolls the backend and repairs the gateway.
-        bench.fab("deploy", "--break-lock")
-        # 2. no-change deploy vs rsync of the same payload
-        proc, nochange_s = bench.fab("deploy", "--json")
-        sent = json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]["uploaded_bytes"]
-        rsync_s, rsync_bytes = rsync_same_payload(bench)
-        rows.append(("no-change deploy: seconds (whole command vs rsync alone)", f"{nochange_s:.2f}", f"{rsync_s:.2f}",
-                     f"{nochange_s / rsync_s:.2f}"))
-        rows.append(("  bytes of file content sent", f"{sent}", f"{rsync_bytes} (rsync protocol)", "-"))
-        # 3. rollback
-        rollback, rollback_s = under_load(ADDRESS["sandbox2"], lambda: bench.fab("rollback"))
-        rows.append(("fab rollback (no rebuild): seconds / failed requests", f"{rollback_s:.1f} / {rollback.failed}",
-                     "-", "-"))
-        # 4. three hosts vs one, every host warm (infrastructure up, a release live)
-        bench.write_env(hosts="sandbox2,sandbox3,sandbox4", BATCH_SIZE="3")
-        bench.set_build("backend-warm")
-        bench.fab("deploy", hosts="sandbox2,sandbox3,sandbox4")
-        bench.write_env(hosts="sandbox2,sandbox3,sandbox4")
-        bench.set_build("backend-3h")
-        _, one_s = bench.fab("deploy", hosts="sandbox2")
-        bench.set_build("backend-3h-b")
-        _, three_seq = bench.fab("deploy", hosts="sandbox2,sandbox3,sandbox4")
-        bench.set_build("backend-3h-c")
-        bench.write_env(hosts="sandbox2,sandbox3,sandbox4", BATCH_SIZE="3")
-        _, three_par = bench.fab("deploy", hosts="sandbox2,sandbox3,sandbox4")
-        rows.append(("deploy to 3 hosts vs 1 (BATCH_SIZE=1), seconds", f"{three_seq:.1f}", f"{one_s:.1f}",
-                     f"{three_seq / one_s:.2f}"))
-        rows.append(("deploy to 3 hosts vs 1 (BATCH_SIZE=3), seconds", f"{three_par:.1f}", f"{one_s:.1f}",
-                     f"{three_par / one_s:.2f}"))
-        rows.append(("  (a changed backend on warm hosts: build, migrate on the primary, one roll per host)", "", "", ""))
+        if any(s in wanted for s in ("rolls", "nochange", "rollback")):
+            bench.fab("deploy")  # first deploy: infrastructure and v1 of every service
+        for name in wanted:
+            SECTIONS[name](bench, rows)
     finally:
         bench.cleanup()
-    report = ["# Deploy benchmark", "", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"{os.cpu_count()} cores, sandbox hosts on loopback, one shared Docker engine.", "",
+    report = ["# Deploy benchmark", "", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "
+              f"loopback sandbox host {HOST} (the machine's engine) and testbed nodes {', '.join(NODES)} (their own "
+              "engines). Load average at the start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + ".", "",
               "| measure | healthdeploy | baseline | ratio |", "|---|---|---|---|"]
     report += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     text = "\n".join(report) + "\n"

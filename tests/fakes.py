@@ -66,7 +66,8 @@ class World:
     lock_held: bool = False
     lock_info: str = ""
     unhealthy_new: set[str] = field(default_factory=set)
-    passwords: dict[str, str] = field(default_factory=dict)  # service -> env file its password was last set from  # services whose new containers come up unhealthy
+    passwords: dict[str, str] = field(default_factory=dict)  # service -> env file its password was last set from
+    journal: list[tuple[int, int, str, Command]] = field(default_factory=list)  # the undo journal in the lock  # services whose new containers come up unhealthy
     events: list[tuple] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -302,6 +303,40 @@ class World:
 
     def on_rotate(self, command, service, env_file):
         self.passwords[service] = env_file
+
+    def on_journal_add(self, command, phase, seq, description, undo):
+        self.journal.append((phase, seq, description, undo))
+
+    def on_journal_clear(self, command):
+        self.journal.clear()
+
+    def on_journal_run(self, command):
+        return self.text(self.run_journal())
+
+    def run_journal(self) -> str:
+        lines = []
+        for phase in (0, 1, 2):
+            for _, _, description, undo in sorted((e for e in self.journal if e[0] == phase), key=lambda e: -e[1]):
+                result = self.answer(undo)
+                lines.append(f"undone {description}" if result.ok else f"failed {description}: {result.err}")
+        self.journal.clear()
+        return "\n".join(lines) + "\n"
+
+    def client_vanished(self) -> None:
+        """What the lock's holder does when our process dies or the connection drops: run the journal."""
+        if self.journal:
+            self.run_journal()
+        self.lock_held = False
+
+    def on_roll_back(self, command, name, old, new):
+        service = next(c.service for c in self.containers if c.id in old)
+        for c in self.containers:
+            if c.id in old:
+                c.state, c.health = "running", "healthy"
+        self.containers = [c for c in self.containers if c.id not in new]
+        ips = [c.ip for c in self.containers if c.id in old]
+        servers = "".join(f"    server {ip}:1 max_fails=0;\n" for ip in ips)
+        self.files[f"{self.shared}/gateway/upstreams/{service}.conf"] = f"upstream {name} {{\n{servers}}}\n".encode()
 
     def on_connections(self, command, *names):
         return self.text("".join(f"=== {n}\n" for n in names))

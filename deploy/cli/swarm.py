@@ -279,13 +279,12 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
                 apply = SwarmApply(session, plan, _rollback_desired(s, new_text, session.alias), None,
                                    SwarmObserved(m), nodes)
                 apply.started_at = apply._manager_now()
-                session.undo.push("the stack as before the rollback",
-                                  lambda: session.run(sc.stack_deploy(s.stack_name, f"{session.t.release_dir(current)}/"
-                                                                      f"{sw.STACK_FILE}", "")),
-                                  1)
                 from deploy.execute.swarm import docker_config_dir
 
                 config = docker_config_dir(s, session.t)
+                session.undo.push("the stack as before the rollback",
+                                  sc.stack_back(s.stack_name, f"{session.t.release_dir(current)}/{sw.STACK_FILE}",
+                                                config, (), tuple(changed)), 1)
                 try:
                     if config:
                         session.run(sc.registry_login(s.registry, s.registry_user,

@@ -12,13 +12,32 @@ from deploy.facts.lock import LOCK_STATE
 
 from .base import Command, cmd, script
 from .files import write_file
+from .journal import RUN_JOURNAL_FUNCTION
 
-LOCK_ACQUIRE = r"""
+# The holder lives as long as our channel. When the channel closes, either we released the lock (its
+# directory is gone) or we vanished mid-operation (killed, crashed, connection dropped): then the holder runs
+# the operation's undo journal itself (commands killed by their watchdogs end first), records what it did in
+# the audit log, and releases the lock; if an undo step fails, the lock stays (stale) for an operator to see.
+LOCK_ACQUIRE = RUN_JOURNAL_FUNCTION + r"""
 mkdir "$1" 2>/dev/null || { echo "held"; cat "$1/info.json" 2>/dev/null; exit 0; }
+lock="$1"
 s=$(cat "/proc/$$/stat"); s=${s##*) }; set -- "$1" $s
-echo "$$ $(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${21}" > "$1/holder.pid"
+echo "$$ $(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${21}" > "$lock/holder.pid"
 echo acquired
-exec cat > /dev/null
+cat > /dev/null
+[ -d "$lock" ] || exit 0
+if [ -d "$lock/undo" ] && [ -n "$(ls -A "$lock/undo" 2>/dev/null)" ]; then
+  sleep 3
+  out=$(run_journal "$lock")
+  printf '%s\n' "$out" > "$lock/undone-by-host.log"
+  audit="$(dirname "$lock")/shared/audit.log"
+  if [ -d "$(dirname "$audit")" ]; then
+    printf '{"event": "undo-by-host", "ts": "%s", "reason": "the operator vanished mid-operation", "steps": %s}\n' \
+      "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(printf '%s\n' "$out" | wc -l)" >> "$audit"
+  fi
+  case "$out" in *"failed "*) exit 1 ;; esac
+fi
+rm -rf -- "$lock"
 """
 
 # Removes the lock only if it is still stale at that moment (not a lock someone just took).

@@ -175,3 +175,47 @@ EXEC = 'c="$1"; shift; exec docker exec "$c" "$@"'
 
 def exec_words(container: str, words: list[str]) -> Command:
     return script(EXEC, container, *words, description=f"exec in {container}", readonly=True)
+
+
+# Undo of a deploy's stack changes, run on the manager (from the journal, by us or by the lock's holder).
+# $1 stack, $2 the previous release's stack file ("" on a first deploy), $3 docker config dir or "", then the
+# services it created, "--", the services it changed.
+STACK_BACK = r"""stack="$1"; previous="$2"; config="$3"; shift 3
+created=""; while [ $# -gt 0 ] && [ "$1" != -- ]; do created="$created ${stack}_$1"; shift; done
+[ "${1:-}" = -- ] && shift
+if [ -n "$config" ]; then docker="docker --config $config"; auth=--with-registry-auth; else docker=docker; auth=; fi
+[ -z "$created" ] || docker service rm $created >/dev/null 2>&1 || true
+if [ -n "$previous" ]; then
+  $docker stack deploy --detach=true --resolve-image never $auth --compose-file "$previous" "$stack"
+else
+  for s in "$@"; do docker service rollback --detach "${stack}_$s" >/dev/null 2>&1 || true; done
+fi
+"""
+
+
+def stack_back(stack: str, previous_file: str, config_dir: str, created: tuple[str, ...],
+               changed: tuple[str, ...]) -> Command:
+    return script(STACK_BACK, stack, previous_file, config_dir, *created, "--", *changed,
+                  description="put the stack back", intent=("stack-back", stack, created, changed), timeout=600)
+
+
+# On an edge node: the gateway container of the stack, `nginx -t` and a graceful reload; prints "reloaded".
+RELOAD_GATEWAY = r"""c=$(docker ps -q --filter "label=com.docker.swarm.service.name=$1_gateway" | head -n 1)
+[ -n "$c" ] || exit 0
+docker exec "$c" nginx -t -q -c "$2" && docker exec "$c" nginx -s reload -c "$2" && echo reloaded
+"""
+
+
+def reload_gateway(stack: str, conf: str) -> Command:
+    return script(RELOAD_GATEWAY, stack, conf, description="reload the gateway", intent=("gateway-reload", stack))
+
+
+# Undo of installed gateway files on an edge node: each one's previous copy back (or removed), then a reload.
+RESTORE_GATEWAY_FILES = r"""stack="$1"; conf="$2"; shift 2
+for f in "$@"; do if [ -f "$f.prev" ]; then mv -f "$f.prev" "$f"; else rm -f "$f"; fi; done
+""" + RELOAD_GATEWAY.replace('"$1_gateway"', '"${stack}_gateway"').replace('"$2"', '"$conf"')
+
+
+def restore_gateway_files(stack: str, conf: str, paths: tuple[str, ...]) -> Command:
+    return script(RESTORE_GATEWAY_FILES, stack, conf, *paths, description="restore the gateway files",
+                  intent=("gateway-restore", stack))

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from deploy.commands import docker as dk
 from deploy.commands import files as fs
 from deploy.commands import git as gitc
+from deploy.commands import journal
 from deploy.commands import rotate as rot
 from deploy.commands.base import script
 from deploy.core.errors import ExitCode, HealthdeployError, RemoteCommandError
-from deploy.core.services import APP_SERVICES, GATEWAY
+from deploy.core.services import APP_PORTS, APP_SERVICES, GATEWAY, UPSTREAM_NAMES
 from deploy.execute.gateway import Gateway
 from deploy.execute.roll import RollFailure, RollReport, ServiceRoll
+from deploy.execute import faults
+from deploy.execute.executor import shielded
 from deploy.execute.session import FILES, SERVICES, SETTINGS, Session, utc_now
 from deploy.facts.images import image_ids, parse_image_ids
 from deploy.facts.observe import Observed
@@ -54,6 +57,9 @@ mv -T "$d.partial" "$d"
 """
 
 INSTALL_FILE = 'set -e; tmp=$(mktemp "$2.XXXXXX"); cp "$1" "$tmp"; chmod 0644 "$tmp"; mv -f "$tmp" "$2"'
+# The undo of a new gateway config: the old one back, and the gateway reloaded if it runs ($3 container, $4 conf).
+INSTALL_CONF_AND_RELOAD = (INSTALL_FILE + '; if docker inspect -f "{{.State.Running}}" "$3" 2>/dev/null | grep -q true; then '
+                           'docker exec "$3" nginx -t -q -c "$4" && docker exec "$3" nginx -s reload -c "$4"; fi')
 
 
 class RolledBack(HealthdeployError):
@@ -94,6 +100,7 @@ class DeployApply:
         self.prev_secrets = (observed.state.get("secrets") or "") if isinstance(observed.state, dict) else ""
         self.committed = False
         self.in_roll: dict[str, list[Step]] = {}  # steps to run inside a service's roll, before its switch
+        self.retired: list[str] = []  # old containers the rolls stopped, removed when the deploy commits
 
     # -- helpers --------------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -145,8 +152,10 @@ class DeployApply:
                 if not holds:
                     self.report.applied.skipped(step, why)
                     continue
+            faults.point(f"before:{step.kind.value}", self.session.host)
             getattr(self, "do_" + step.kind.value.replace("-", "_"))(step)
             self.report.applied.ran(step)
+            faults.point(f"after:{step.kind.value}", self.session.host)
         return self.report
 
     def abort(self) -> list[tuple[str, str]]:
@@ -157,16 +166,30 @@ class DeployApply:
         self.report.undo = outcomes
         return outcomes
 
+    @property
+    def gateway_name(self) -> str:
+        return f"{self.t.project}-{GATEWAY}-1"  # Compose's name for the one gateway container
+
     def commit(self) -> None:
+        """Nothing of this deploy is to be undone any more: the journal goes, and the old containers the rolls
+        stopped (kept until now so an undo could start them again) are removed."""
         self.session.undo.discard()
         self.committed = True
+        if self.retired:
+            with shielded():
+                try:
+                    result = self.run_cmd(dk.remove_containers(tuple(self.retired)), check=False)
+                    if not result.ok:
+                        self.session.warn(f"removing the old containers failed: {result.err.strip()[:200]}")
+                except HealthdeployError as exc:  # stopped and out of the gateway: the next deploy removes them
+                    self.session.warn(f"removing the old containers failed: {exc.message}")
+            self.retired = []
 
     # -- steps ----------------------------------------------------------------------------------------
     def do_new_release(self, step: Step) -> None:
         self.run_cmd(fs.mkdirs(self.t.releases, mode="0750"))
         source = self.t.release_dir(self.previous) if self.previous else ""
-        self.session.undo.push(f"remove release {self.release}", lambda: self.run_cmd(fs.remove_tree(self.rdir), check=False),
-                               FILES)
+        self.session.undo.push(f"remove release {self.release}", fs.remove_tree(self.rdir), FILES)
         self.run_cmd(fs.copy_release(source, self.rdir))
         self.say(f"release {self.release}: started from {self.previous or 'nothing'}")
 
@@ -195,8 +218,7 @@ class DeployApply:
         command = script(STAGE_SECRETS, self.t.env_dir, self.d.secrets_version, description="stage secrets",
                          intent=("stage-secrets", self.d.secrets_version))
         version_dir = fs.stage_dir(self.t.env_dir, self.d.secrets_version)
-        self.session.undo.push(f"remove staged secrets {self.d.secrets_version}",
-                               lambda: self.run_cmd(fs.remove_tree(version_dir), check=False), FILES)
+        self.session.undo.push(f"remove staged secrets {self.d.secrets_version}", fs.remove_tree(version_dir), FILES)
         self.session.host.stream_from_file(command, io.BytesIO(data))
         self.report.uploaded_bytes += len(data)
 
@@ -219,6 +241,7 @@ class DeployApply:
         project, compose_file, env_file = self.compose_files(self.release)
         self.say(f"building images: {', '.join(step.items)}")
         log: list[str] = []
+        faults.point("during:build", self.session.host, delay=1.0)
         try:
             self.run_cmd(dk.compose_build(project, compose_file, env_file, step.items), on_line=log.append)
         except RemoteCommandError as exc:
@@ -243,7 +266,7 @@ class DeployApply:
         old_copy = self._snapshot_version()
         old_file, new = self.version_file(old_copy, step.target), self.version_file(self.d.secrets_version, step.target)
         self.session.undo.push("redis: accept only the old password again",
-                               lambda: self.run_cmd(rot.redis_only_password(container, old_file, old_file)), SETTINGS)
+                               rot.redis_only_password(container, old_file, old_file), SETTINGS)
         self.run_cmd(rot.redis_add_password(container, old_file, new))
 
     def _snapshot_version(self) -> str:
@@ -261,8 +284,7 @@ class DeployApply:
         previous = self._snapshot_version() if had else ""
         if previous:
             self.session.undo.push(f"reinstall secrets {previous}",
-                                   lambda: self.run_cmd(fs.install_secrets(self.t.env_dir, previous, self.t.gateway_dir)),
-                                   SETTINGS)
+                                   fs.install_secrets(self.t.env_dir, previous, self.t.gateway_dir), SETTINGS)
         self.run_cmd(fs.install_secrets(self.t.env_dir, step.target, self.t.gateway_dir))
         self.say(f"secrets {step.target} installed: {', '.join(step.items)}")
 
@@ -272,14 +294,10 @@ class DeployApply:
         self.run_cmd(fs.mkdirs(self.t.gateway_dir, f"{self.t.gateway_dir}/upstreams"))
         if self.previous and self.o.gateway_conf:
             old = f"{self.t.release_dir(self.previous)}/gateway/nginx.conf"
-
-            def undo():
-                self.run_cmd(script(INSTALL_FILE, old, target, description="reinstall gateway config",
-                                    intent=("install-conf", old, target)))
-                gateway = self.gateway.container()
-                if gateway:
-                    self.gateway.reload(gateway)
-            self.session.undo.push("reinstall the previous gateway config", undo, SETTINGS)
+            self.session.undo.push("reinstall the previous gateway config",
+                                   script(INSTALL_CONF_AND_RELOAD, old, target, self.gateway_name, f"{GATEWAY_DIR}/nginx.conf",
+                                          description="reinstall the gateway config", intent=("install-conf", old, target)),
+                                   SETTINGS)
         self.run_cmd(script(INSTALL_FILE, source, target, description="install gateway config",
                             intent=("install-conf", source, target)))
 
@@ -294,14 +312,13 @@ class DeployApply:
 
     def do_recreate(self, step: Step) -> None:
         project, compose_file, env_file = self.compose_files(self.release)
-        self.say(f"recreating {step.target} ({step.reason})")
-        self.run_cmd(dk.compose_recreate(project, compose_file, env_file, step.target, self.s.health_timeout,
-                                         self.environment()))
         if self.previous and self.previous != self.release:
             old = self.compose_files(self.previous)
             self.session.undo.push(f"recreate {step.target} as before",
-                                   lambda: self.run_cmd(dk.compose_recreate(*old, step.target, self.s.health_timeout)),
-                                   SERVICES)
+                                   dk.compose_recreate(*old, step.target, self.s.health_timeout), SERVICES)
+        self.say(f"recreating {step.target} ({step.reason})")
+        self.run_cmd(dk.compose_recreate(project, compose_file, env_file, step.target, self.s.health_timeout,
+                                         self.environment()))
         if step.target in APP_SERVICES or step.target == GATEWAY:
             self.gateway.refresh(self.release)
 
@@ -315,7 +332,7 @@ class DeployApply:
         old = self.prev_secrets
         if old:  # registered first: a command cut mid-way may have changed it (setting the old one again is harmless)
             self.session.undo.push(f"{step.target}: the old password back",
-                                   lambda: self.run_cmd(setter(container, self.version_file(old, step.target))), SETTINGS)
+                                   setter(container, self.version_file(old, step.target)), SETTINGS)
         self.run_cmd(setter(container, self.version_file(self.d.secrets_version, step.target)))
         self.say(f"{step.target}: password changed on the running server")
 
@@ -347,10 +364,6 @@ class DeployApply:
     def do_roll(self, step: Step) -> None:
         service = step.target
         old = [c for c in self.session.containers() if c.service == service and c.running]
-        if self.previous and old:
-            # Registered before the roll: interrupted half-way (after the switch, during the drain), the service
-            # must still come back. It does nothing when the old containers are what serves.
-            self.session.undo.push(f"{service} back on {self.previous}", self._roll_back(service, old), SERVICES)
         pending = self.in_roll.pop(service, [])
 
         def before_switch() -> None:
@@ -358,32 +371,24 @@ class DeployApply:
                 getattr(self, "do_" + inner.kind.value.replace("-", "_"))(inner)
                 self.report.applied.ran(inner)
 
+        def started(new_ids: list[str]) -> None:
+            # Journaled as soon as the new containers exist, before any switch: whatever happens from here on
+            # (a failure, Ctrl-C, our process killed, the connection gone), the old containers come back.
+            if old:
+                self.session.undo.push(f"{service} back on its old containers", self.roll_back(service, old, new_ids),
+                                       SERVICES)
+
         roll = ServiceRoll(self.session, self.gateway, service, self.release, self.compose_files(self.release),
-                           self.environment(), old, before_switch=before_switch if pending else None)
-        self.report.rolls.append(roll.run())
+                           self.environment(), old, before_switch=before_switch if pending else None, started=started)
+        report = roll.run()
+        self.report.rolls.append(report)
+        self.retired += report.retired
 
-    def _roll_back(self, service: str, old: list):
-        previous, old_ids = self.previous, {c.id for c in old}
-        old_env = {f"ENV_DIGEST_{service.upper().replace('-', '_')}": old[0].env_digest or "none"}
-
-        def undo():
-            current = [c for c in self.session.containers() if c.service == service and c.running]
-            if {c.id for c in current} == old_ids:
-                return  # the roll switched back by itself: the old containers serve
-            if old_ids & {c.id for c in current}:
-                # The old containers still run beside new ones: point the gateway back at them, drop the new.
-                extra = tuple(c.id for c in current if c.id not in old_ids)
-                self.gateway.write_upstream(service, [c.ip for c in current if c.id in old_ids and c.ip], previous)
-                gateway = self.gateway.container()
-                if gateway:
-                    self.gateway.reload(gateway)
-                if extra:
-                    self.run_cmd(dk.remove_containers(extra), check=False)
-                return
-            self.say(f"{service}: rolling back to {previous}")
-            ServiceRoll(self.session, self.gateway, service, previous, self.compose_files(previous), old_env,
-                        current).run()
-        return undo
+    def roll_back(self, service: str, old: list, new_ids: list[str]):
+        return journal.roll_back(self.gateway_name, f"{self.t.gateway_dir}/upstreams/{service}.conf",
+                                 UPSTREAM_NAMES[service], APP_PORTS[service], f"{GATEWAY_DIR}/nginx.conf",
+                                 self.s.health_timeout, self.previous or self.release, tuple(c.id for c in old),
+                                 tuple(new_ids))
 
     def do_repair_upstreams(self, step: Step) -> None:
         self.say(f"gateway upstreams out of date for {', '.join(step.items)}: repairing")
@@ -395,15 +400,14 @@ class DeployApply:
         old = self.prev_secrets
         if old:
             self.session.undo.push("redis: accept the old password again",
-                                   lambda: self.run_cmd(rot.redis_add_password(container, new, self.version_file(old, "redis"))),
-                                   SETTINGS)
+                                   rot.redis_add_password(container, new, self.version_file(old, "redis")), SETTINGS)
         self.run_cmd(rot.redis_only_password(container, new, new))
 
     def do_switch(self, step: Step) -> None:
         if self.previous:
             previous = self.previous
             self.session.undo.push(f"current back to {previous}",
-                                   lambda: self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{previous}")), FILES)
+                                   fs.switch_symlink(self.t.current, f"releases/{previous}"), FILES)
         self.run_cmd(fs.switch_symlink(self.t.current, f"releases/{self.release}"))
         self.say(f"release {self.release} is live")
 
@@ -444,34 +448,34 @@ def write_state(session: Session, observed: Observed, release: str, secrets: str
 
 # -- rollback ---------------------------------------------------------------------------------------------
 def apply_rollback(session: Session, plan: RollbackPlan, observed: Observed) -> tuple[Applied, list[RollReport]]:
+    """Run a rollback plan; every step journals its undo first (the caller runs the journal on failure, the
+    host's lock holder if we vanish); the old containers are removed only when everything went through."""
     t = session.t
     gateway = Gateway(session)
+    gateway_name = f"{t.project}-{GATEWAY}-1"
     applied = Applied()
     reports: list[RollReport] = []
+    retired: list[str] = []
     files = (t.project, f"{t.release_dir(plan.target)}/compose.yaml", f"{t.release_dir(plan.target)}/{pl.RELEASE_ENV}")
-    back = (t.project, f"{t.release_dir(plan.previous)}/compose.yaml", f"{t.release_dir(plan.previous)}/{pl.RELEASE_ENV}")
     environment = {f"ENV_DIGEST_{s.upper().replace('-', '_')}": d for s, d in plan.env_digests.items()}
     live_secrets = (observed.state.get("secrets") or "") if isinstance(observed.state, dict) else ""
+    conf = f"{GATEWAY_DIR}/nginx.conf"
     for step in plan.steps:
         if step.kind is StepKind.INSTALL_SECRETS:
-            session.run(fs.install_secrets(t.env_dir, step.target, t.gateway_dir))
             if live_secrets:
                 session.undo.push(f"reinstall secrets {live_secrets}",
-                                  lambda: session.run(fs.install_secrets(t.env_dir, live_secrets, t.gateway_dir)), SETTINGS)
+                                  fs.install_secrets(t.env_dir, live_secrets, t.gateway_dir), SETTINGS)
+            session.run(fs.install_secrets(t.env_dir, step.target, t.gateway_dir))
         elif step.kind is StepKind.INSTALL_GATEWAY_CONF:
             target = f"{t.gateway_dir}/nginx.conf"
+            old = f"{t.release_dir(plan.previous)}/gateway/nginx.conf"
+            session.undo.push("reinstall the gateway config",
+                              script(INSTALL_CONF_AND_RELOAD, old, target, gateway_name, conf,
+                                     description="reinstall the gateway config", intent=("install-conf", old, target)),
+                              SETTINGS)
             source = f"{t.release_dir(plan.target)}/gateway/nginx.conf"
             session.run(script(INSTALL_FILE, source, target, description="install gateway config",
                                intent=("install-conf", source, target)))
-            old = f"{t.release_dir(plan.previous)}/gateway/nginx.conf"
-
-            def undo_conf(old=old, target=target):
-                session.run(script(INSTALL_FILE, old, target, description="reinstall gateway config",
-                                   intent=("install-conf", old, target)))
-                gw = gateway.container()
-                if gw:
-                    gateway.reload(gw)
-            session.undo.push("reinstall the gateway config", undo_conf, SETTINGS)
         elif step.kind is StepKind.RELOAD_GATEWAY:
             gw = gateway.container()
             if gw:
@@ -479,17 +483,26 @@ def apply_rollback(session: Session, plan: RollbackPlan, observed: Observed) -> 
         elif step.kind is StepKind.ROLL:
             service = step.target
             old = [c for c in session.containers() if c.service == service and c.running]
-            reports.append(ServiceRoll(session, gateway, service, plan.target, files, environment, old).run())
-            old_env = {f"ENV_DIGEST_{service.upper().replace('-', '_')}": (old[0].env_digest if old else "none")}
 
-            def undo_roll(service=service, old_env=old_env):
-                current = [c for c in session.containers() if c.service == service and c.running]
-                ServiceRoll(session, gateway, service, plan.previous, back, old_env, current).run()
-            session.undo.push(f"{service} back on {plan.previous}", undo_roll, SERVICES)
+            def started(new_ids, service=service, old=old):
+                if old:
+                    session.undo.push(f"{service} back on its old containers", journal.roll_back(
+                        gateway_name, f"{t.gateway_dir}/upstreams/{service}.conf", UPSTREAM_NAMES[service],
+                        APP_PORTS[service], conf, session.s.health_timeout, plan.previous, tuple(c.id for c in old),
+                        tuple(new_ids)), SERVICES)
+
+            report = ServiceRoll(session, gateway, service, plan.target, files, environment, old, started=started).run()
+            reports.append(report)
+            retired += report.retired
         elif step.kind is StepKind.SWITCH:
+            session.undo.push(f"current back to {plan.previous}",
+                              fs.switch_symlink(t.current, f"releases/{plan.previous}"), FILES)
             session.run(fs.switch_symlink(t.current, f"releases/{plan.target}"))
         elif step.kind is StepKind.RECORD:
             write_state(session, observed, plan.target, plan.secrets_version, "rollback")
         applied.ran(step)
     session.undo.discard()
+    if retired:
+        with shielded():
+            session.run(dk.remove_containers(tuple(retired)), check=False)
     return applied, reports

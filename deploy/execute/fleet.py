@@ -74,13 +74,16 @@ class FleetStopped(HealthdeployError):
     def __init__(self, outcomes: list[HostOutcome], first: BaseException):
         if isinstance(first, HealthdeployError):
             super().__init__(first.message, first.hint, first.exit_code)
-        else:
+        elif isinstance(first, KeyboardInterrupt):
             super().__init__("interrupted", "every host's unfinished changes were undone", ExitCode.INTERRUPTED)
+        else:  # a bug: say what it was, in one line, with the documented code for unexpected failures
+            super().__init__(f"unexpected {type(first).__name__}: {first}", "please report it; the hosts' unfinished "
+                             "changes were undone", ExitCode.FAILED)
         self.outcomes = outcomes
         self.first = first
 
     def lines(self) -> list[str]:
-        return self.first.lines() if isinstance(self.first, HealthdeployError) else ["error: interrupted"]
+        return self.first.lines() if isinstance(self.first, HealthdeployError) else super().lines()
 
 
 def batches(items: list, size: int) -> list[list]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from deploy.commands import docker as dk
 from deploy.core.errors import HealthdeployError
 from deploy.core.services import APP_PORTS
+from deploy.execute import faults
 from deploy.execute.executor import shielded
 from deploy.execute.gateway import Gateway, health_url
 from deploy.execute.session import Session
@@ -51,11 +52,12 @@ class RollReport:
     removed: list[str] = field(default_factory=list)
     closed_at_limit: int = 0  # connections still open to the old containers when the drain limit came
     drain_seconds: float = 0.0
+    retired: list[str] = field(default_factory=list)  # old container ids, stopped; removed when the deploy commits
 
 
 class ServiceRoll:
     def __init__(self, session: Session, gateway: Gateway, service: str, release: str, compose_files: tuple[str, str, str],
-                 environment: dict[str, str], old: list[Container], before_switch=None):
+                 environment: dict[str, str], old: list[Container], before_switch=None, started=None):
         self.session = session
         self.gateway = gateway
         self.service = service
@@ -66,6 +68,7 @@ class ServiceRoll:
         self.s = session.s
         self.report = RollReport(service)
         self.before_switch = before_switch  # e.g. a password changed on the server just before the switch
+        self.started = started  # called with the new containers' ids as soon as they exist (to journal the undo)
 
     def say(self, message: str) -> None:
         self.session.say(f"{self.service}: {message}")
@@ -88,10 +91,13 @@ class ServiceRoll:
             self.session.run(dk.compose_scale_up(self.project, self.compose_file, self.env_file, self.service,
                                                  len(self.old) + count, self.environment))
             new_ids = {c.id for c in self.session.containers() if c.service == self.service and c.id not in old_ids}
+            if self.started:
+                self.started(sorted(new_ids))
             new = self._wait_healthy(new_ids, gateway)
             self.report.new = [c.name for c in new]
             self.say(f"new container(s) healthy: {', '.join(c.name for c in new)}")
             self._warm(gateway, new)
+            faults.point(f"roll:{self.service}:healthy", self.session.host)
             if self.before_switch:
                 self.before_switch()
             old_ips = [c.ip for c in self.old if c.ip]
@@ -99,6 +105,7 @@ class ServiceRoll:
             switched = True
             self.gateway.reload(gateway)
             if self.old:
+                faults.point(f"roll:{self.service}:drain", self.session.host)
                 time.sleep(self.s.drain_seconds)  # nginx's old workers finish their requests to the old containers
                 self.gateway.write_upstream(self.service, [c.ip for c in new], self.release)
                 self.gateway.reload(gateway)
@@ -116,20 +123,20 @@ class ServiceRoll:
                 raise
             raise RollFailure(self.service, exc.message) from None
         if self.old:
-            # The new containers serve now; an old one that will not go is a warning, not a rollback.
+            # The new containers serve now. The old ones stop (SIGTERM after the drain) but stay until the deploy
+            # commits, so an undo can start them again; one that will not stop is a warning, not a rollback.
             with shielded():
                 ids = tuple(c.id for c in self.old)
-                for command in (dk.stop_containers(ids), dk.remove_containers(ids)):
-                    try:
-                        result = self.session.run(command, check=False)
-                    except HealthdeployError as exc:  # rm --force still ends them; else the next deploy does
-                        self.session.warn(f"{command.description} failed: {exc.message}")
-                        continue
+                try:
+                    result = self.session.run(dk.stop_containers(ids), check=False)
                     if not result.ok:
-                        self.session.warn(f"{command.description} failed: {result.err.strip()[:200]}")
+                        self.session.warn(f"stopping the old containers failed: {result.err.strip()[:200]}")
+                except HealthdeployError as exc:
+                    self.session.warn(f"stopping the old containers failed: {exc.message}")
             self.report.removed = [c.name for c in self.old]
+            self.report.retired = [c.id for c in self.old]
         closed = f"; {self.report.closed_at_limit} connection(s) closed at the drain limit" if self.report.closed_at_limit else ""
-        self.say(f"switched; old container(s) drained and removed{closed}")
+        self.say(f"switched; old container(s) drained and stopped{closed}")
         return self.report
 
     # -- phases ---------------------------------------------------------------------------------------

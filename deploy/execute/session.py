@@ -9,11 +9,12 @@ import getpass
 import json
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from deploy.commands import files as fs
+from deploy.commands import journal
 from deploy.commands import lock as lk
+from deploy.commands.base import Command
 from deploy.core.console import Console
 from deploy.core.errors import ExitCode, HealthdeployError
 from deploy.core.settings import Settings
@@ -46,36 +47,46 @@ def operator() -> str:
 SETTINGS, SERVICES, FILES = 0, 1, 2
 
 
-@dataclass
 class UndoStack:
-    """Undo actions, registered as each step succeeds; run by phase, newest first, each to its end (shielded
-    from signals), every outcome kept for the report."""
+    """The operation's undo journal on the host (``commands.journal``): each action is written there BEFORE the
+    change it undoes; ``run`` executes it by phase, newest first, each step to its end (shielded from signals);
+    if we die instead, the lock's holder on the host runs the same journal."""
 
-    actions: list[tuple[int, str, Callable[[], None]]] = field(default_factory=list)
-    outcomes: list[tuple[str, str]] = field(default_factory=list)
+    def __init__(self, session: "Session"):
+        self.session = session
+        self.seq = 0
+        self.outcomes: list[tuple[str, str]] = []
 
-    def push(self, description: str, action: Callable[[], None], phase: int = SERVICES) -> None:
-        self.actions.append((phase, description, action))
-
-    def discard(self) -> None:
-        self.actions.clear()
+    def push(self, description: str, undo: Command, phase: int = SERVICES) -> None:
+        self.seq += 1
+        self.session.run(journal.journal_add(self.session.t.lock_dir, phase, self.seq, description, undo))
 
     def __len__(self) -> int:
-        return len(self.actions)
+        return self.seq
+
+    def discard(self) -> None:
+        """The operation committed: nothing is to be undone any more."""
+        if self.seq:
+            with shielded():
+                self.session.run(journal.journal_clear(self.session.t.lock_dir))
+        self.seq = 0
 
     def run(self, warn: Callable[[str], None]) -> list[tuple[str, str]]:
+        if not self.seq:
+            return self.outcomes
         with shielded():
-            for phase in (SETTINGS, SERVICES, FILES):
-                for entry in [a for a in reversed(self.actions) if a[0] == phase]:
-                    _, description, action = entry
-                    try:
-                        action()
-                        self.outcomes.append((description, "undone"))
-                    except BaseException as exc:  # keep undoing the rest
-                        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-                        self.outcomes.append((description, f"failed: {message}"))
-                        warn(f"undo of {description} failed: {message}")
-            self.actions.clear()
+            try:
+                text = self.session.run(journal.journal_run(self.session.t.lock_dir)).text
+            except HealthdeployError as exc:  # unreachable host: its lock holder undoes when the connection ends
+                warn(f"undo could not run here ({exc.message}); the host undoes by itself when it notices")
+                self.outcomes.append(("undo", f"left to the host: {exc.message}"))
+                self.seq = 0
+                return self.outcomes
+        for description, outcome in journal.parse_journal_run(text):
+            self.outcomes.append((description, outcome))
+            if outcome != "undone":
+                warn(f"undo of {description} {outcome}")
+        self.seq = 0
         return self.outcomes
 
 
@@ -85,7 +96,7 @@ class Session:
         self.s = settings
         self.t = target
         self.console = console
-        self.undo = UndoStack()
+        self.undo = UndoStack(self)
         self.identity = getattr(host, "identity", "")
 
     @property
@@ -148,8 +159,9 @@ class Session:
         self.host.run(fs.mkdirs(self.t.deploy_path, mode="0755"))
         held = self.host.hold(lk.lock_hold(lock_dir))
         if held.first_line != "acquired":
-            raise LockHeld(f"{self.t.alias}: another operation took the lock just now ({parse_lock(held.rest).describe()})",
-                           "wait for it to finish")
+            taken = parse_lock("held\n" + held.rest)
+            who = taken.describe() if taken.info else "held, its holder is still writing its details"
+            raise LockHeld(f"{self.t.alias}: another operation took the lock just now ({who})", "wait for it to finish")
         info = {"who": operator(), "key": self.identity, "since": utc_now(), "release": release, "pid": os.getpid(),
                 "machine": socket.gethostname(), "env": self.s.env_name, "operation": operation}
         try:

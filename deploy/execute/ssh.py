@@ -41,15 +41,27 @@ STDERR_KEEP = 64 << 10  # bytes of stderr kept per command (the tail, for error 
 
 # Every command that changes something runs under this wrapper. It reports its process group, so at a
 # deadline the whole group is killed on the host (not only our channel closed), and a watchdog kills the
-# group when the channel's stdin closes: our process died or the connection dropped. The command itself
-# reads /dev/null.
+# group when the channel's stdin closes: our process died or the connection dropped (a command that ends by
+# itself ends its watchdog first, so a finished group is never signalled). The command reads /dev/null.
 PGID_MARKER = "HEALTHDEPLOY-PGID "
 WATCHED = r"""read -r _ _ _ _ pgid _ < /proc/$$/stat
 printf 'HEALTHDEPLOY-PGID %s\n' "$pgid" >&2
-( trap '' TERM; cat >/dev/null 2>&1; kill -TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -KILL -- "-$pgid" 2>/dev/null ) >/dev/null 2>&1 &
+exec 3<&0
+( trap '' TERM; cat <&3 >/dev/null 2>&1; kill -s TERM -- "-$pgid" 2>/dev/null; sleep 3; kill -s KILL -- "-$pgid" 2>/dev/null ) >/dev/null 2>&1 &
+w=$!
+exec 3<&-
 sh -c "$1" </dev/null
+rc=$?
+kill -s KILL "$w" 2>/dev/null
+exit $rc
 """
-KILL_GROUP = 'kill -TERM -- "-$1" 2>/dev/null; sleep 2; kill -KILL -- "-$1" 2>/dev/null; exit 0'
+KILL_GROUP = 'kill -s TERM -- "-$1" 2>/dev/null; sleep 2; kill -s KILL -- "-$1" 2>/dev/null; exit 0'
+
+
+# A host that stops answering (network cut, frozen) is declared lost after about this many seconds, whether
+# the connection is idle (TCP keepalive probes) or has data in flight (TCP_USER_TIMEOUT): a command does not
+# wait for its own, much longer, deadline to find out.
+DEAD_AFTER_S = 15
 
 
 def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
@@ -57,6 +69,11 @@ def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
         # Without it Nagle and delayed ACKs add ~40 ms to small exchanges (OpenSSH sets it too): opening a
         # channel took 42 ms here, under 1 ms with it.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3),
+                              ("TCP_USER_TIMEOUT", DEAD_AFTER_S * 1000)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     transport = paramiko.Transport(sock, **kwargs)
     options = transport.get_security_options()
     available = tuple(options.ciphers)
@@ -243,6 +260,23 @@ class RemoteHost:
 
     def run(self, command: Command, check: bool = True, timeout: float | None = None,
             on_line: Callable[[str], None] | None = None) -> Result:
+        with self._connection_errors(command.description):
+            return self._run(command, check, timeout, on_line)
+
+    @contextlib.contextmanager
+    def _connection_errors(self, what: str) -> Iterator[None]:
+        """What the network does to a channel (reset, EOF, a closed transport) is one error: ConnectionLost."""
+        try:
+            yield
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            if isinstance(exc, socket.timeout):
+                raise
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise ConnectionLost(f"connection to {self.alias} was lost during {what}: {reason}",
+                                 "check the network and the host, then run the task again") from None
+
+    def _run(self, command: Command, check: bool = True, timeout: float | None = None,
+             on_line: Callable[[str], None] | None = None) -> Result:
         """Run to completion; stdout is kept whole (facts are small), stderr's tail is kept.
 
         ``on_line`` receives each output line (stdout and stderr) as it arrives, for progress. Every command
@@ -357,6 +391,10 @@ class RemoteHost:
     def hold(self, command: Command, timeout: float = 30) -> HeldCommand:
         """Start ``command`` and read its first line; it keeps running until the HeldCommand is closed (or our
         process dies: its stdin closes). If it ends on its own, everything it printed is returned."""
+        with self._connection_errors(command.description):
+            return self._hold(command, timeout)
+
+    def _hold(self, command: Command, timeout: float) -> HeldCommand:
         channel = self._open(command.render())
         channel.settimeout(timeout)
         data = b""
@@ -395,7 +433,8 @@ class RemoteHost:
         The remote side checksums the same bytes; exit status, byte count and SHA-256 are compared.
         """
         started = time.monotonic()
-        with self._stream_channel(checksummed_stdout(command).render()) as channel:
+        with self._connection_errors(command.description), \
+                self._stream_channel(checksummed_stdout(command).render()) as channel:
             return self._receive(command, channel, target, progress, started)
 
     def _receive(self, command: Command, channel: paramiko.Channel, target: BinaryIO,
@@ -414,6 +453,10 @@ class RemoteHost:
             try:
                 data = channel.recv(STREAM_RECV)
             except socket.timeout:
+                if not self._active():
+                    raise ConnectionLost(f"connection to {self.alias} was lost during {command.description}",
+                                         "check the network and the host, then run it again") from None
+                check_cancelled()
                 continue
             if not data:
                 break
@@ -439,7 +482,8 @@ class RemoteHost:
                          progress: Callable[[int], None] | None = None) -> StreamResult:
         """Feed ``source`` to the command's stdin at constant memory, checksummed on both ends."""
         started = time.monotonic()
-        with self._stream_channel(checksummed_stdin(command).render()) as channel:
+        with self._connection_errors(command.description), \
+                self._stream_channel(checksummed_stdin(command).render()) as channel:
             return self._send(command, channel, source, progress, started)
 
     def _send(self, command: Command, channel: paramiko.Channel, source: BinaryIO,

@@ -1,5 +1,7 @@
 """``SwarmApply``: runs a ``SwarmPlan`` on the manager (and, for the gateway's files, on each edge node over
-SSH), registering an undo action before each change. The plan decided; this only acts, waits and checks.
+SSH), writing an undo command into the host's journal (inside its lock) before each change: if we fail, we
+run it; if we die or lose the connection, the lock holder on that host runs it. The plan decided; this only
+acts, waits and checks.
 
 Waiting: `docker stack deploy` returns once Swarm has the new specs. A service counts as converged when the
 tasks that should run all run the desired definition (its digest is a container label), as many as it
@@ -40,7 +42,6 @@ POLL = 1.0
 VERIFY_TIMEOUT = 45.0
 INSTALL_FILE = ('set -e; umask 022; mkdir -p "$(dirname "$2")"; if [ -f "$2" ]; then cp -p "$2" "$2.prev"; fi; '
                 'tmp=$(mktemp "$2.XXXXXX"); cat > "$tmp"; chmod "$1" "$tmp"; mv -f "$tmp" "$2"')
-RESTORE_FILE = 'if [ -f "$1.prev" ]; then mv -f "$1.prev" "$1"; else rm -f "$1"; fi'
 
 
 class StackRolledBack(HealthdeployError):
@@ -117,6 +118,8 @@ class SwarmApply:
         self.configs: dict[str, sw.ImageConfig] = {}
         self.committed = False
         self.started_at = ""  # the manager's clock when the stack deploy began
+        self.edge_sessions: dict = {}  # edge node -> (Session, held lock): only where its gateway files change
+        self.stack_undo: list[str] = []  # the services the stack's undo puts back
 
     # -- helpers ------------------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -142,11 +145,25 @@ class SwarmApply:
     def abort(self) -> list[tuple[str, str]]:
         if len(self.session.undo):
             self.say("undoing this deploy's changes")
-        self.report.undo = self.session.undo.run(self.session.warn)
+        self.report.undo = list(self.session.undo.run(self.session.warn))
+        for node, (session, held) in list(self.edge_sessions.items()):
+            self.report.undo += [(f"{node}: {d}", o) for d, o in session.undo.run(session.warn)]
+            session.release(held, "deploy", self.release)
+        self.edge_sessions.clear()
+        if self.stack_undo:
+            with shielded():
+                try:
+                    self._after_stack_undo()
+                except HealthdeployError as exc:
+                    self.session.warn(f"the stack is going back, but did not converge yet: {exc.message}")
         return self.report.undo
 
     def commit(self) -> None:
         self.session.undo.discard()
+        for session, held in self.edge_sessions.values():
+            session.undo.discard()
+            session.release(held, "deploy", self.release)
+        self.edge_sessions.clear()
         self.committed = True
 
     # -- steps --------------------------------------------------------------------------------------------
@@ -161,15 +178,13 @@ class SwarmApply:
             old_remove = tuple(k for k in add if k not in before)
             old_value = {k: before[k] for k in add if k in before}
             self.session.undo.push(f"labels of {hostname} as before",
-                                   lambda n=node, a={**old_add, **old_value}, r=old_remove:
-                                   self.run_cmd(sc.node_update_labels(n, a, r)), SETTINGS)
+                                   sc.node_update_labels(node, {**old_add, **old_value}, old_remove), SETTINGS)
             self.run_cmd(sc.node_update_labels(node, add, remove))
         self.say(f"node labels: {'; '.join(step.items)}")
 
     def do_new_release(self, step: Step) -> None:
         source = self.t.release_dir(self.previous) if self.previous else ""
-        self.session.undo.push(f"remove release {self.release}",
-                               lambda: self.run_cmd(fs.remove_tree(self.rdir), check=False), FILES)
+        self.session.undo.push(f"remove release {self.release}", fs.remove_tree(self.rdir), FILES)
         self.run_cmd(fs.copy_release(source, self.rdir))
 
     def do_export_source(self, step: Step) -> None:
@@ -193,8 +208,7 @@ class SwarmApply:
 
     def do_create_secrets(self, step: Step) -> None:
         created = []
-        self.session.undo.push("remove the secrets this deploy created",
-                               lambda: created and self.run_cmd(sc.remove_secrets(tuple(created)), check=False), FILES)
+        self.session.undo.push("remove the secrets this deploy created", sc.remove_secrets(tuple(step.items)), FILES)
         for name in step.items:
             self.run_cmd(sc.secret_create(name, self.payload.secrets[name], self.stack,
                                           self.payload.secret_services[name]))
@@ -203,8 +217,7 @@ class SwarmApply:
 
     def do_create_configs(self, step: Step) -> None:
         created = []
-        self.session.undo.push("remove the configs this deploy created",
-                               lambda: created and self.run_cmd(sc.remove_configs(tuple(created)), check=False), FILES)
+        self.session.undo.push("remove the configs this deploy created", sc.remove_configs(tuple(step.items)), FILES)
         for name in step.items:
             self.run_cmd(sc.config_create(name, self.payload.configs[name], self.stack))
             created.append(name)
@@ -214,11 +227,10 @@ class SwarmApply:
         return docker_config_dir(self.s, self.t)
 
     def do_registry_login(self, step: Step) -> None:
+        # Not left at rest on the manager: the services carry what their nodes need to pull.
+        self.session.undo.push("log out of the registry", sc.registry_logout(self.s.registry, self.docker_config), FILES)
         self.run_cmd(sc.registry_login(self.s.registry, self.s.registry_user, self.s.registry_password.reveal().encode(),
                                        self.docker_config))
-        # Not left at rest on the manager: the services carry what their nodes need to pull.
-        self.session.undo.push("log out of the registry", lambda: self.run_cmd(
-            sc.registry_logout(self.s.registry, self.docker_config), check=False), FILES)
 
     def do_build(self, step: Step) -> None:
         sandbox = self.s.stack_variant == "sandbox"
@@ -298,28 +310,31 @@ class SwarmApply:
         for line in sandbox_report(self.s):
             self.say(line)
 
+    def _edge_session(self, node: str) -> Session:
+        """The edge node locked like the manager (its journal lives in its lock), for as long as the deploy runs."""
+        if node not in self.edge_sessions:
+            from deploy.core.services import Role
+            from deploy.stack.render import Target
+
+            host = self.nodes(node)
+            target = Target(alias=node, address=host.address, deploy_path=sw.node_deploy_path(self.s, node),
+                            project=self.stack, gateway_bind="", role=Role.APP)
+            session = Session(host, self.s, target, self.session.console)
+            self.edge_sessions[node] = (session, session.acquire("deploy", self.release))
+        return self.edge_sessions[node][0]
+
     def do_install_gateway_conf(self, step: Step) -> None:
         node = step.target
-        host = self.nodes(node)
+        session = self._edge_session(node)
         base = f"{sw.node_deploy_path(self.s, node)}/shared/gateway"
-        host.run(fs.mkdirs(base, f"{base}/upstreams", f"{base}/tls"))
-        gateway = node_facts(self.s, host, node).container_of(self.full(GATEWAY))
-        installed = []
-
-        def undo():
-            for path in installed:
-                host.run(_restore(path), check=False)
-            if gateway:
-                _reload(host, gateway.name)
-        self.session.undo.push(f"{node}: the previous gateway files", undo, SETTINGS)
+        paths = tuple(f"{base}/{p}" for p in sorted(self.payload.gateway_files))
+        session.run(fs.mkdirs(base, f"{base}/upstreams", f"{base}/tls"))
+        session.undo.push("the previous gateway files", sc.restore_gateway_files(self.stack, f"{GATEWAY_DIR}/nginx.conf",
+                                                                                 paths), SETTINGS)
         for path, data in sorted(self.payload.gateway_files.items()):
-            mode = "0600" if path.endswith("key.pem") else "0644"
-            target = f"{base}/{path}"
-            installed.append(target)
-            host.run(_install(target, data, mode))
-        if gateway:
-            _reload(host, gateway.name)
-        self.say(f"{node}: gateway files installed ({step.reason})" + ("; reloaded" if gateway else ""))
+            session.run(_install(f"{base}/{path}", data, "0600" if path.endswith("key.pem") else "0644"))
+        reloaded = session.run(sc.reload_gateway(self.stack, f"{GATEWAY_DIR}/nginx.conf")).text.strip()
+        self.say(f"{node}: gateway files installed ({step.reason})" + ("; reloaded" if reloaded == "reloaded" else ""))
 
     def do_deploy_data(self, step: Step) -> None:
         changed = [s for s in self.d.infra if s in self.plan.changes]
@@ -412,31 +427,29 @@ class SwarmApply:
         return self.run_cmd(sf_now()).text.strip()
 
     def _register_stack_undo(self, changed: list[str]) -> None:
-        """Once per deploy: every service this deploy changes goes back together (per stack)."""
-        if getattr(self, "_stack_undo", False):
-            self._undo_services.extend(s for s in changed if s not in self._undo_services)
+        """Once per deploy, before its first change of a service: every service this deploy changes goes back
+        together (per stack): the previous release's stack file deployed again (no release yet: Swarm's own
+        rollback of each), the application services it creates removed. A command in the manager's journal."""
+        if self.stack_undo:
             return
-        self._stack_undo = True
-        self._undo_services = list(changed)
-        self.session.undo.push("the stack as before this deploy", self._roll_back_stack, SERVICES)
+        planned = [s for s in self.d.services if s in self.plan.changes]
+        created = tuple(s for s in planned if self.m.service(s) is None and s not in self.d.infra)
+        existed = tuple(s for s in planned if self.m.service(s) is not None)
+        previous = f"{self.t.release_dir(self.previous)}/{sw.STACK_FILE}" if self.previous else ""
+        self.stack_undo = list(existed) + list(created)
+        self.session.undo.push("the stack as before this deploy",
+                               sc.stack_back(self.stack, previous, self.docker_config, created, existed), SERVICES)
 
-    def _roll_back_stack(self) -> None:
-        changed = list(self._undo_services)
-        existed = [s for s in changed if self.m.service(s) is not None]
-        created = [s for s in changed if self.m.service(s) is None and s not in self.d.infra]
-        self.say(f"rolling the stack back: {', '.join(existed) or 'nothing'} to {self.previous or 'nothing'}"
-                 + (f"; removing {', '.join(created)}" if created else ""))
-        if created:
-            self.run_cmd(sc.service_remove(tuple(self.full(s) for s in created)), check=False)
-        if existed and self.previous:
-            self.run_cmd(sc.stack_deploy(self.stack, f"{self.t.release_dir(self.previous)}/{sw.STACK_FILE}",
-                                         self.docker_config))
-            wanted = {s: self.m.service(s).definition for s in existed}
-            self.wait_converged(existed, definitions=wanted, rolling_back=True)
-        elif existed:
-            for s in existed:
-                self.run_cmd(sc.service_rollback(self.full(s)), check=False)
-        for s in existed + created:
+    def _after_stack_undo(self) -> None:
+        """After the journal ran: wait until the services are back on their previous definitions (report)."""
+        existed = [s for s in self.stack_undo if self.m.service(s) is not None]
+        created = [s for s in self.stack_undo if s not in existed]
+        self.say(f"the stack goes back: {', '.join(existed) or 'nothing'} to {self.previous or 'their previous spec'}"
+                 + (f"; removed {', '.join(created)}" if created else ""))
+        if existed:
+            self.wait_converged(existed, definitions={s: self.m.service(s).definition for s in existed},
+                                rolling_back=True)
+        for s in self.stack_undo:
             result = self.report.services.get(s)
             if result is not None and result.action != "failed":
                 result.action = "rolled-back" if s in existed else "removed"
@@ -624,20 +637,6 @@ def _install(path: str, data: bytes, mode: str):
     from deploy.commands.base import script
 
     return script(INSTALL_FILE, mode, path, description=f"install {path}", stdin=data, intent=("install", path))
-
-
-def _restore(path: str):
-    from deploy.commands.base import script
-
-    return script(RESTORE_FILE, path, description=f"restore {path}", intent=("restore", path))
-
-
-def _reload(host, container: str) -> None:
-    from deploy.commands.docker import nginx_reload, nginx_test
-
-    conf = f"{GATEWAY_DIR}/nginx.conf"
-    host.run(nginx_test(container, conf))
-    host.run(nginx_reload(container, conf))
 
 
 def _referenced(releases_dir: str, stack: str):

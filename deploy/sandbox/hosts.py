@@ -93,6 +93,10 @@ def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_key
         "PrintMotd no",
         "MaxSessions 64",
         "MaxStartups 64:30:128",
+        # A client that vanished (network cut, killed) is noticed within 15 s: its session ends, and with it the
+        # lock holder, so the lock reads as stale (docs/guarantees.md recommends the same on real servers).
+        "ClientAliveInterval 5",
+        "ClientAliveCountMax 3",
         "Subsystem sftp internal-sftp",
         *extra,
         "",
@@ -227,7 +231,10 @@ def write_client_files(state_dir: Path = STATE_DIR, extra: Iterable[SshTarget] =
                        ("known_hosts", "".join(line + "\n" for line in known_hosts_lines(ordered, state_dir)))):
         path = state_dir / name
         if not path.exists() or path.read_text() != text:
-            path.write_text(text)
+            # Atomic: a fab reading it while another worker brings hosts up sees the old file or the new one.
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
     return ordered
 
 
@@ -248,11 +255,15 @@ def up(names: list[str], state_dir: Path = STATE_DIR, install: bool = True) -> l
     """Bring up the named sandbox hosts (idempotent) and write ssh_config + known_hosts for all running ones."""
     if install:
         setup.ensure_machine()
+    import fcntl
+
     ensure_client_key(state_dir)
     wanted = [host_for(n) for n in names]
-    for host in wanted:
-        start_host(host, state_dir)
-    write_client_files(state_dir, extra=wanted)
+    with open(state_dir / ".up.lock", "w") as lock:  # parallel test workers bring up their hosts one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for host in wanted:
+            start_host(host, state_dir)
+        write_client_files(state_dir, extra=wanted)
     return sorted({*running_hosts(state_dir), *wanted}, key=lambda h: h.address)
 
 

@@ -117,8 +117,18 @@ def all_tags() -> list[str]:
     return [BASE_IMAGE, *(tag for _, tag in ROLE_IMAGES)]
 
 
+BUILD_LOCK = Path("/run/lock/healthdeploy-images.lock")
+
+
 def build_all(force: bool = False) -> None:
-    build_base(force=force)
-    for directory, tag in ROLE_IMAGES:
-        build_role(directory, tag, force=force)
+    """Build what is missing. Serialized machine-wide (parallel test workers and other checkouts share the
+    engine's tags): a second caller waits, then finds the images present."""
+    import fcntl
+
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_base(force=force)
+        for directory, tag in ROLE_IMAGES:
+            build_role(directory, tag, force=force)
     _say("all images present: " + ", ".join(tag for _, tag in ROLE_IMAGES))

@@ -71,6 +71,8 @@ def collect_source(source: str) -> dict[str, bytes]:
 
 def build_payload(settings: Settings, target: Target, source_files: dict[str, bytes]) -> dict[str, bytes]:
     files = dict(render_release_files(settings, target))
+    if not target.role.runs_app:
+        return files  # a data host builds nothing: an application change is no change there
     files.update(source_files)
     if settings.stack_variant == "production":
         # The rendered Dockerfile, .dockerignore and nginx.conf replace the checkout's own.

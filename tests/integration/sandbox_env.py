@@ -24,7 +24,10 @@ SANDBOX_ENV = (PROJECT_ROOT / "env" / "sandbox.env").read_text()
 # Tests use their own sandbox hosts (127.0.0.6-8), so the README's demo on `sandbox` (127.0.0.2)
 # can stay up while they run.
 # HEALTHDEPLOY_TEST_HOSTS=sandbox15,sandbox16,sandbox17 lets a second checkout run its suite beside this one.
-TEST_HOSTS = tuple(os.environ.get("HEALTHDEPLOY_TEST_HOSTS", "sandbox5,sandbox6,sandbox7").split(","))
+# Parallel workers (pytest-xdist: gw0, gw1, ...) get their own three hosts each: sandbox5-7, sandbox8-10, ...
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+TEST_HOSTS = tuple(os.environ.get("HEALTHDEPLOY_TEST_HOSTS", ",".join(
+    f"sandbox{5 + 3 * _WORKER + i}" for i in range(3))).split(","))
 MAIN = TEST_HOSTS[0]
 MAIN_ADDRESS = sandbox.host_for(MAIN).address
 

@@ -6,13 +6,15 @@ import hashlib
 import io
 import os
 import subprocess
+import threading
+import time
 
 import paramiko
 import pytest
 
 from sandbox_env import MAIN, MAIN_ADDRESS
 from deploy.commands import cmd
-from deploy.core.errors import IntegrityError, RemoteCommandError
+from deploy.core.errors import HealthdeployError, IntegrityError, RemoteCommandError
 from deploy.core.settings import PROJECT_ROOT
 from deploy.execute.ssh import RemoteHost
 
@@ -127,3 +129,39 @@ def test_a_remote_reader_that_dies_early_is_one_clear_error(remote, tmp_path):
     big.write_bytes(os.urandom(8 << 20))
     with open(big, "rb") as source, pytest.raises(RemoteCommandError, match="exit status 7"):
         remote.stream_from_file(cmd("sh", "-c", "head -c 1000 >/dev/null; echo disk full >&2; exit 7"), source)
+
+
+def _processes(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_a_command_at_its_deadline_is_killed_on_the_host(remote):
+    """Not only our channel: the command's whole process group on the host (a timed-out migration must not
+    overlap the next attempt)."""
+    first, second = 3000 + os.getpid() % 997, 4000 + os.getpid() % 997  # unlike any other sleep on the machine
+    command = cmd("sh", "-c", f"sleep {first} & sleep {second}", description="a hung command")
+    with pytest.raises(HealthdeployError, match=r"a hung command on .* timed out after 2s and was killed on the host"):
+        remote.run(command, timeout=2)
+    time.sleep(3)
+    assert not _processes(f"sleep {first}") and not _processes(f"sleep {second}")
+
+
+def test_a_command_whose_connection_drops_is_killed_on_the_host(sandbox_hosts):
+    """Our process gone (the connection closes): the host's watchdog ends the command's process group."""
+    host = RemoteHost.connect(MAIN, SSH_CONFIG, KNOWN_HOSTS)
+    def run():
+        with pytest.raises(HealthdeployError):
+            host.run(cmd("sleep", "317", description="a long command"), check=False)
+
+    started = threading.Thread(target=run, daemon=True)
+    started.start()
+    deadline = time.monotonic() + 10
+    while not _processes("sleep 317") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes("sleep 317")
+    host.connection.transport.sock.close()  # as if we were killed
+    deadline = time.monotonic() + 10
+    while _processes("sleep 317") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes("sleep 317")

@@ -1,0 +1,154 @@
+"""Zero failed requests under real conditions (real sshd, Docker, PostgreSQL, Redis, nginx):
+
+- a CPU hog keeps the load average above twice the cores while 100 req/s (GET + POST, both touching the
+  database) go through the gateway; first a control run with no deploy, then, with the same load and hog,
+  ten consecutive changed deploys alternating backend and frontend-web, one rollback, one broken build that
+  rolls itself back, one limits-only change: 0 failed requests in the control, 0 in the deploys;
+- the same with a rude backend (exits at once on SIGTERM, holds keep-alive connections, slow requests)
+  at 50 req/s;
+- WebSocket clients connected through the gateway during a backend roll are served until they close or are
+  closed cleanly at the drain limit (counted), and reconnect to the new build.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+
+import pytest
+
+from load import Load, WebSocketClient
+from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, get_json, new_env
+
+HOST = MAIN_ADDRESS
+HOG_PROCESSES = 2 * 2 * (os.cpu_count() or 2) // 2 + 2  # load average well above 2x the cores
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+class CpuHog:
+    """Busy processes for the duration of a block (what a clinic server does while it builds and backs up)."""
+
+    def __init__(self, processes: int = HOG_PROCESSES):
+        self.processes = processes
+        self.children: list[multiprocessing.Process] = []
+
+    def __enter__(self) -> "CpuHog":
+        ctx = multiprocessing.get_context("fork")
+        self.children = [ctx.Process(target=_spin, daemon=True) for _ in range(self.processes)]
+        for child in self.children:
+            child.start()
+        time.sleep(3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for child in self.children:
+            child.kill()
+        for child in self.children:
+            child.join()
+
+
+@pytest.fixture(scope="module")
+def env(sandbox_hosts, tmp_path_factory):
+    env = new_env(tmp_path_factory, "zd")
+    env.write(DRAIN_SECONDS="2", DRAIN_LIMIT="6", HEALTH_TIMEOUT="90")
+    _cleanup(env)
+    proc = env.fab("deploy")
+    assert proc.returncode == 0, proc.stderr
+    yield env
+    _cleanup(env)
+
+
+def deploy(env, *args):
+    return env.fab("deploy", *args)
+
+
+def test_control_then_fourteen_deploys_under_a_cpu_hog_fail_no_request(env):
+    report = {}
+    with CpuHog():
+        with Load(HOST, 5000, rate=100) as control_api, Load(HOST, 3000, rate=50, path="/", post_path=None) as control_web:
+            time.sleep(20)
+        load_average = os.getloadavg()[0]
+        report["control"] = (control_api.result.failed, control_api.result.total, control_web.result.failed,
+                             control_web.result.total)
+        assert load_average > 2 * (os.cpu_count() or 2), f"the hog did not load the machine ({load_average:.1f})"
+        with Load(HOST, 5000, rate=100) as api, Load(HOST, 3000, rate=50, path="/", post_path=None) as web:
+            for n in range(1, 11):
+                service = "backend" if n % 2 else "frontend-web"
+                env.set_build(service, f"{service}-zd-{n}")
+                proc = deploy(env)
+                assert proc.returncode == 0, f"deploy {n}: {proc.stderr[-2000:]}"
+            proc = env.fab("rollback")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            env.set_build("backend", "backend-zd-broken")
+            (env.app / "backend" / "health_mode").write_text("fail\n")
+            proc = deploy(env)
+            assert proc.returncode == 5, proc.stderr[-2000:]  # rolled back by itself
+            (env.app / "backend" / "health_mode").unlink()
+            env.set_build("backend", "backend-zd-9")
+            env.write(DRAIN_SECONDS="2", DRAIN_LIMIT="6", HEALTH_TIMEOUT="90", BACKEND_CPUS="0.6")
+            proc = deploy(env, "--json")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]["services"] == ["backend"]
+            time.sleep(2)
+    print(f"\ncontrol (no deploy, hog on, load average {load_average:.1f}): api {report['control'][0]}/"
+          f"{report['control'][1]}, web {report['control'][2]}/{report['control'][3]}; during 14 deploys: api "
+          f"{api.result.failed}/{api.result.total} (p99 {api.result.p99_ms():.0f} ms), web {web.result.failed}/"
+          f"{web.result.total} (p99 {web.result.p99_ms():.0f} ms)")
+    assert report["control"][0] == 0 and report["control"][2] == 0, f"control lost requests: {report['control']}"
+    assert api.result.failed == 0, api.result.errors[:5]
+    assert web.result.failed == 0, web.result.errors[:5]
+    assert set(web.result.builds) >= {f"frontend-web-zd-{n}" for n in (2, 4, 6, 8, 10)} - {"frontend-web-zd-10"}
+
+
+def test_a_rude_backend_rolls_without_failures_too(env):
+    (env.app / "backend" / "behaviour").write_text("rude\n")
+    env.set_build("backend", "backend-rude-1")
+    assert deploy(env).returncode == 0
+    assert get_json(f"http://{HOST}:5000/health")["behaviour"] == "rude"
+    with CpuHog():
+        with Load(HOST, 5000, rate=50, keepalive=True) as api, Load(HOST, 5000, rate=5, path="/api/slow?ms=1500",
+                                                                     post_path=None) as slow:
+            for n in range(2, 5):
+                env.set_build("backend", f"backend-rude-{n}")
+                proc = deploy(env)
+                assert proc.returncode == 0, proc.stderr[-2000:]
+            time.sleep(2)
+    print(f"\nrude backend, 3 deploys under the hog: {api.result.failed}/{api.result.total} (keep-alive clients), "
+          f"slow requests {slow.result.failed}/{slow.result.total}")
+    assert api.result.failed == 0, api.result.errors[:5]
+    assert slow.result.failed == 0, slow.result.errors[:5]
+    (env.app / "backend" / "behaviour").unlink()
+
+
+def test_websockets_are_served_until_they_close_or_closed_cleanly_at_the_drain_limit(env):
+    env.set_build("backend", "backend-ws-1")
+    assert deploy(env).returncode == 0
+    short = [WebSocketClient(HOST, 5000).connect() for _ in range(3)]  # they close by themselves, mid-roll
+    long = [WebSocketClient(HOST, 5000).connect() for _ in range(3)]  # they stay: closed at the drain limit
+    for client in short + long:
+        assert client.recv_json()["build"] == "backend-ws-1"
+        client.watch()
+    env.set_build("backend", "backend-ws-2")
+    closer = threading.Timer(4, lambda: [c.close() for c in short])
+    closer.start()
+    proc = deploy(env, "--json")
+    closer.join()
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]
+    for client in long:
+        assert client.ended.wait(30)
+        assert client.outcome == "close" and client.close_code == 1001, (client.outcome, client.close_code)
+    assert out["closed_at_drain_limit"] >= len(long)
+    assert "connection(s) closed at the drain limit" in proc.stderr
+    for client in short:
+        assert client.outcome == "close" and client.close_code in (1000, 1005)  # their own, normal close
+    again = WebSocketClient(HOST, 5000).connect()  # clients reconnect, to the new build
+    assert again.recv_json()["build"] == "backend-ws-2"
+    again.close()
