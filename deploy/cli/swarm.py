@@ -291,6 +291,7 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
                                                       s.registry_password.reveal().encode(), config))
                     session.run(sc.stack_deploy(s.stack_name, f"{path}.rollback", config))
                     apply.wait_converged(list(changed), definitions=_labels_of(new_text))
+                    apply.rebalance([x for x in changed if x in APP_SERVICES])
                     apply.do_verify(_step_verify(s))
                     session.run(fs.switch_symlink(session.t.current, f"releases/{target}"))
                     session.undo.discard()

@@ -167,11 +167,11 @@ def test_rollback_returns_to_the_previous_release(swarm_cluster):
 def test_a_worker_cut_off_under_load_loses_only_what_was_in_flight(swarm_cluster):
     env = swarm_cluster
     cut = env.other  # app + edge; the load goes through the other edge node
-    assert cut.name in running_nodes(env, "backend")
+    assert running_nodes(env, "backend") == sorted([env.edge.name, cut.name])  # spread: one task each
     with Load(env.edge.address, 5000, rate=100) as load:
         time.sleep(2)
-        netns.cut(cut.name)
         started = time.monotonic()
+        netns.cut(cut.name)
         try:
             # Every stateless service runs all its tasks again, on the remaining app node.
             wait_until(lambda: all(running_nodes(env, s) == [env.edge.name] * 2
@@ -182,11 +182,13 @@ def test_a_worker_cut_off_under_load_loses_only_what_was_in_flight(swarm_cluster
         finally:
             during = (load.result.failed, load.result.total)
             netns.heal(cut.name)
+    late = [(round(t - started, 2), round(d, 1), e) for t, d, e in load.result.failures if t >= started]
     RESULTS["node cut"] = {"failed": during[0], "total": during[1], "rescheduled_s": rescheduled,
-                           "errors": sorted(set(load.result.errors))[:5]}
-    # At most what was in flight to the cut node: ~100 req/s x latency, half of it there.
-    assert during[0] <= 30, load.result.errors[:10]
-    assert all("timed out" in e or "504" in e for e in load.result.errors), load.result.errors[:10]
+                           "failed_started_after_the_cut": len(late), "errors": sorted(set(load.result.errors))[:5]}
+    # Only what was in flight to the cut node fails: every failed request had started before the cut (a request
+    # sent after it whose connect to the cut node times out is retried on the other task by the gateway).
+    assert not late, late[:10]
+    assert during[0] <= 16, load.result.errors[:10]  # the load's 16 workers: never more in flight than that
     wait_until(lambda: "Ready" in manager_docker(env, "node", "inspect", cut.name, "--format", "{{.Status.State}}")
                .stdout.title(), 90, f"{cut.name} ready again")
     # The next deploy succeeds, and spreads the tasks over both app nodes again.
