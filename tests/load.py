@@ -41,6 +41,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     builds: dict[str, int] = field(default_factory=dict)
     connections: int = 0  # TCP connections opened (with keepalive, far fewer than requests)
+    failures: list[tuple[float, float, str]] = field(default_factory=list)  # (started, seconds, error), monotonic
 
     def p99_ms(self) -> float:
         if not self.latencies:
@@ -123,6 +124,7 @@ class Load:
             if error:
                 self.result.failed += 1
                 self.result.errors.append(error)
+                self.result.failures.append((started, elapsed, error))
             if build:
                 self.result.builds[build] = self.result.builds.get(build, 0) + 1
         return conn if self.keepalive else None

@@ -104,13 +104,33 @@ class _ContentHash:
 
 
 def tunnel_to(host, container: str, port: int) -> tuple[str, Callable[[], object]]:
-    """("address:port", socket factory) for ``container``'s ``port`` as published on the host's loopback."""
+    """("address:port", socket factory) for ``container``'s ``port`` as published on the host's loopback, or
+    else (a Swarm task publishes nothing) at its address on the node's docker_gwbridge, which the node
+    itself reaches."""
     published = parse_published_port(host.run(published_port(container, port), check=False).text)
     if published is None:
-        raise HealthdeployError(f"{host.alias}: {container} does not publish port {port} on the host",
-                                "deploy again: the compose file publishes it on 127.0.0.1")
+        bridge = host.run(gwbridge_address(container), check=False).text.strip()
+        if not bridge:
+            raise HealthdeployError(f"{host.alias}: {container} does not publish port {port} on the host",
+                                    "deploy again: the compose file publishes it on 127.0.0.1")
+        published = (bridge, port)
     address, number = published
     return f"{address}:{number}", lambda: host.open_tcp(address, number)
+
+
+GWBRIDGE_ADDRESS = r"""id=$(docker inspect --format '{{.Id}}' "$1" 2>/dev/null) || exit 0
+docker network inspect docker_gwbridge \
+  --format '{{range $k, $c := .Containers}}{{$k}} {{$c.IPv4Address}}{{println}}{{end}}' 2>/dev/null |
+  awk -v id="$id" '$1 == id { split($2, a, "/"); print a[1] }'
+exit 0
+"""
+
+
+def gwbridge_address(container: str):
+    """The address a Swarm task's container has on the node's docker_gwbridge (empty when it has none)."""
+    from deploy.commands.base import script
+
+    return script(GWBRIDGE_ADDRESS, container, description=f"address of {container} on docker_gwbridge", readonly=True)
 
 
 def object_store(settings: Settings, host, container: str):
@@ -126,18 +146,21 @@ def stack_containers(host, project: str):
 
 
 def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None,
-           role: str = "both", kind: str = "backup") -> Path:
+           role: str = "both", kind: str = "backup", placement=None) -> Path:
     """Pull one backup set from ``host`` (an executor) into ``root/<env>/<timestamp>``; return its path.
 
     The artifacts stream concurrently over the one SSH connection (each engine dumps in its own container,
-    so the host's cores work in parallel); the facts the manifest needs are read meanwhile."""
+    so the host's cores work in parallel); the facts the manifest needs are read meanwhile. ``placement``
+    (TARGET=swarm: ``cli.swarm.SwarmPlacement``) names the task containers on ``host`` and the live release;
+    without it they are the Compose project's."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     wanted = check_services(settings, services)
     target = Target.of(settings, host.alias, host.address)
     # Compose names an infrastructure container <project>-<service>-1: the dumps start at once, and the
     # inspection that confirms they run (and gives their images for the manifest) is read meanwhile.
-    names = {service: f"{target.project}-{service}-1" for service in wanted}
+    names = (placement.containers(wanted) if placement is not None else
+             {service: f"{target.project}-{service}-1" for service in wanted})
     artifacts = [(service, artifact) for service in wanted for artifact in artifacts_for(settings, service, names[service])]
     with ThreadPoolExecutor(max_workers=BACKUP_STREAMS) as pool:
         started = time.time()
@@ -155,7 +178,8 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
             futures = [pool.submit(_take, settings, host, console, partial, artifact, names[service], listing,
                                    progress) for service, artifact in artifacts]
             try:  # in this thread, while the streams run
-                release = host.run(current_release(target.deploy_path)).text.strip()
+                release = (placement.release() if placement is not None else
+                           host.run(current_release(target.deploy_path)).text.strip())
                 inspected = host.run(inspect_named(tuple(names.values()))).text or "[]"
                 listing.set_result({c.name: c for c in parse_containers(inspected, target.project)
                                     if c.state == "running"})
@@ -514,6 +538,69 @@ def artifact_record(manifest: dict, name: str) -> dict | None:
     return next((a for a in manifest["artifacts"] if a.get("artifact", a["file"]) == name), None)
 
 
+def restore_in_place(settings: Settings, host, console: Console, path: Path, manifest: dict,
+            services: tuple[str, ...] | None, session=None, placement=None) -> list[str]:
+    """Restore the set's artifacts over the running stores on ``host`` (Swarm only, after its safety backup: the
+    beside-the-live-data restore of deploy/backup/restore.py is Compose's). The caller holds the deploy lock.
+    With ``placement`` (Swarm) the containers are the data node's tasks and the writers are scaled to 0 and
+    back through the manager; without it they are the Compose project's, stopped and started again."""
+    wanted = restore_services(settings, manifest, services)
+    if placement is not None:
+        names = placement.containers(wanted)
+        placement.stop_writers(WRITERS)
+        writers: tuple[str, ...] = ()
+    else:
+        target = Target.of(settings, host.alias, host.address)
+        containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
+        by_service = {}
+        for c in containers:
+            by_service.setdefault(c.service, c)
+        missing = [s for s in wanted if s not in by_service]
+        if missing:
+            raise HealthdeployError(f"{host.alias}: not running: {', '.join(missing)}", "start the stack first")
+        names = {s: by_service[s].name for s in wanted}
+        writers = tuple(c.id for c in containers if c.service in WRITERS)
+    if writers:
+        console.phase(host.alias, f"stopping the application's writers ({len(writers)} container(s))")
+        host.run(dk.stop_containers(writers))
+    try:
+        for service in wanted:
+            container = names[service]
+            detail = ""
+            if service == "postgres":
+                globals_record = artifact_record(manifest, "postgres-globals.sql")
+                if globals_record:
+                    _send(settings, host, bk.postgres_restore_globals(container), path, globals_record)
+                _send(settings, host, bk.postgres_restore(container), path, artifact_record(manifest, "postgres.dump"))
+            elif service == "influxdb":
+                _send(settings, host, bk.influx_restore(container, settings.influx_version, settings.influx_bucket),
+                      path, artifact_record(manifest, "influxdb.tar"))
+            elif service == "mongodb":
+                _send(settings, host, bk.mongo_restore(container), path, artifact_record(manifest, "mongodb.archive.gz"))
+            elif service == "minio":
+                summary = _restore_objects(settings, object_store(settings, host, container), path,
+                                           artifact_record(manifest, "minio.tar"))
+                detail = (f": {summary.objects} objects, {summary.bytes} bytes, {summary.removed} extra removed"
+                          + (f"; buckets not in the set, left alone: {', '.join(summary.missing_buckets)}"
+                             if summary.missing_buckets else ""))
+            console.phase(host.alias, f"{service} restored from {path.name}{detail}")
+    except BaseException:
+        # Bring the application back, but report the restore's own error, not this.
+        try:
+            if placement is not None:
+                placement.start_writers()
+            elif writers:
+                _restart_writers(host, settings, console, writers, session)
+        except HealthdeployError as exc:
+            console.warn(f"{host.alias}: restarting the application after the failed restore: {exc.message}")
+        raise
+    if placement is not None:
+        placement.start_writers()
+    elif writers:
+        _restart_writers(host, settings, console, writers, session)
+    return list(wanted)
+
+
 def restore_services(settings: Settings, manifest: dict, services: tuple[str, ...] | None) -> tuple[str, ...]:
     """Which services a restore takes; refuses what the set lacks or cannot restore, and a missing key."""
     present = sorted({a["service"] for a in manifest["artifacts"]})
@@ -759,14 +846,26 @@ def _drill_influx(settings: Settings, host, console: Console, path: Path, manife
 def _drill_objects(settings: Settings, host, console: Console, path: Path, manifest: dict, name: str) -> dict:
     from deploy.backup import objects
 
+    import secrets as _secrets
+
+    from deploy.commands import files as fs
+
     record = artifact_record(manifest, "minio.tar")
-    target = Target.of(settings, host.alias, host.address)
     arguments = () if settings.stack_variant == "sandbox" else ("server", "/data")
-    host.run(dk.run_throwaway(name, settings.minio_image, *arguments, publish=S3_PORT, tmpfs=("/tmp",),
-                              memory=DRILL_MEMORY,
-                              env_files=(f"{target.current}/env/minio.env", f"{target.env_dir}/minio.env"),
-                              description="start a throwaway object store"))
-    client = object_store(settings, host, name)
+    # Throwaway credentials (the drill needs none of the system's), in a 0600 file on the host: the restored
+    # objects are patient files, and a password in a `docker run -e` would show in the host's process list.
+    user, password = "drill", _secrets.token_hex(16)
+    env_file = f"/tmp/{name}.env"
+    host.run(fs.write_file(env_file, f"MINIO_ROOT_USER='{user}'\nMINIO_ROOT_PASSWORD='{password}'\n".encode(), "0600"))
+    try:
+        host.run(dk.run_throwaway(name, settings.minio_image, *arguments, publish=S3_PORT, tmpfs=("/tmp",),
+                                  memory=DRILL_MEMORY, env_files=(env_file,), description="start a throwaway object store"))
+    finally:
+        host.run(fs.remove_tree(env_file), check=False)
+    from deploy.backup import objects as _objects
+
+    endpoint, open_socket = tunnel_to(host, name, S3_PORT)
+    client = _objects.client_over(open_socket, endpoint, user, password)
 
     def answers() -> bool:
         try:

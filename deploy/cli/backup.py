@@ -48,6 +48,12 @@ def run_backup(runtime: Runtime, host_alias: str | None, services: tuple[str, ..
                as_json: bool = False) -> int:
     s = runtime.settings
     bk.check_services(s, services)  # refused before connecting (no lock taken, nothing audited)
+    if s.swarm:
+        from deploy.cli import swarm
+
+        if host_alias:
+            raise UsageError("--host has no meaning with TARGET=swarm", "the data node of SWARM_NODES is backed up")
+        return swarm.run_backup(runtime, services, as_json=as_json)
     made = []
     for alias in data_hosts_for(s, host_alias, "back up"):
         with runtime.connect(alias) as host:
@@ -180,6 +186,11 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
 
     s = runtime.settings
     console = runtime.console
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.run_restore(runtime, set_name, services, yes=yes, safety_backup=safety_backup,
+                                 break_lock=break_lock, other_host=other_host)
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
     signer = bk.check_origin(s, path, console)  # before anything else of the set is read
     manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
@@ -266,6 +277,10 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
 
 def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
     s = runtime.settings
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.run_verify(runtime, set_name, as_json=as_json)
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
     bk.check_origin(s, path, runtime.console)  # before anything else of the set is read
     manifest = bk.check_set(path)
@@ -287,6 +302,10 @@ def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:
 
 def backup_and_drill(runtime: Runtime) -> int:
     s = runtime.settings
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.backup_and_drill(runtime)
     worst = EXIT_OK
     for alias in data_hosts_for(s, None, "back up"):
         with runtime.connect(alias) as host:

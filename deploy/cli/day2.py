@@ -32,6 +32,10 @@ def _sessions(runtime: Runtime, cli_hosts: list[str]):
 
 
 def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
+    if runtime.settings.swarm:
+        from deploy.cli import swarm
+
+        return swarm.releases(runtime, cli_hosts, as_json=as_json)
     rows = []
     for session in _sessions(runtime, cli_hosts):
         facts = HostFacts.parse(session.run(host_facts(session.t.deploy_path)).text)
@@ -182,6 +186,10 @@ def _age(started: str) -> str:
 
 def status(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> int:
     """Release, uptime and health of every service on every host, by role, in one screen."""
+    if runtime.settings.swarm:
+        from deploy.cli import swarm
+
+        return swarm.status(runtime, cli_hosts, as_json=as_json)
     rows, data = [], []
     for session in _sessions(runtime, cli_hosts):
         facts = HostFacts.parse(session.run(host_facts(session.t.deploy_path)).text)
@@ -222,6 +230,10 @@ def _services_here(runtime: Runtime, cli_hosts: list[str], service: str) -> list
 
 
 def logs(runtime: Runtime, cli_hosts: list[str], service: str, tail: int = 100, follow: bool = False) -> int:
+    if runtime.settings.swarm:
+        from deploy.cli import swarm
+
+        return swarm.logs(runtime, cli_hosts, service, tail=tail, follow=follow)
     for session in _sessions(runtime, _services_here(runtime, cli_hosts, service)):
         for container in _service_containers(session, service):
             argv = ["docker", "logs", "--tail", str(tail), "--timestamps"] + (["--follow"] if follow else [])
@@ -242,6 +254,10 @@ def exec_in_service(runtime: Runtime, cli_hosts: list[str], service: str, words:
 
     Exit code: 0 when it succeeded everywhere, else 100 + the first non-zero remote status (capped at 255),
     so a remote 5 never reads as healthdeploy's "rolled back"; the remote status is printed too."""
+    if runtime.settings.swarm:
+        from deploy.cli import swarm
+
+        return swarm.exec_in_service(runtime, cli_hosts, service, words)
     if not words:
         raise UsageError("no command given", "fab -H HOST exec SERVICE -- COMMAND [ARGS...]")
     worst = 0

@@ -88,6 +88,10 @@ def _connect_all(runtime: Runtime, jobs: list[HostJob]) -> None:
 def deploy(runtime: Runtime, cli_hosts: list[str], dry_run: bool = False, break_lock: bool = False,
            as_json: bool = False) -> int:
     s = runtime.settings
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.deploy(runtime, cli_hosts, dry_run=dry_run, break_lock=break_lock, as_json=as_json)
     hosts = choose_hosts(s, cli_hosts)
     jobs = [HostJob(a, HostOutcome(a, role=s.role_of(a).value)) for a in hosts]
     try:
@@ -408,6 +412,11 @@ def RESULT_FOR(exc: HealthdeployError) -> str:
 def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock: bool = False,
              as_json: bool = False, with_secrets: bool = False, dry_run: bool = False) -> int:
     s = runtime.settings
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.rollback(runtime, cli_hosts, to, break_lock=break_lock, as_json=as_json,
+                              with_secrets=with_secrets, dry_run=dry_run)
     hosts = [h for h in choose_hosts(s, cli_hosts) if s.role_of(h).runs_app]
     outcomes = [HostOutcome(h, role=s.role_of(h).value) for h in hosts]
     try:

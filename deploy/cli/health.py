@@ -50,6 +50,10 @@ def host_health(runtime: Runtime, alias: str) -> hl.HostHealth:
 def health(runtime: Runtime, cli_hosts: list[str], as_json: bool = False, timeout: float = 60) -> int:
     """Every check on every host, in parallel, each host bounded by ``timeout``; exit 0 only if all pass."""
     s = runtime.settings
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.health(runtime, cli_hosts, as_json=as_json, timeout=timeout)
     hosts = choose_hosts(s, cli_hosts)
     results = parallel_results(hosts, lambda alias: host_health(runtime, alias), timeout)
     ordered = []
@@ -81,6 +85,10 @@ def gather_checklist_facts(runtime: Runtime, items, now=None) -> cl.Facts:
     facts = cl.Facts(settings=s, now=now or _dt.datetime.now(_dt.timezone.utc), backups_dir=PROJECT_ROOT / "backups")
     if not any(item.kind in cl.REMOTE_KINDS for item in items):
         return facts
+    if s.swarm:
+        from deploy.cli import swarm
+
+        return swarm.gather_checklist_facts(runtime, items, facts)
     for alias in s.hosts:
         try:
             def collect(alias=alias):

@@ -9,8 +9,15 @@ import json
 from .base import Command, cmd
 
 
+# A data service's secret half is mounted at /run/healthdeploy/secrets.env (Compose: postgres and redis;
+# Swarm: every service with a secret, whose container environment then holds none of it): a command run
+# in the container with `docker exec` loads it first, as the service's own process did.
+SECRETS_PRELUDE = ("if [ -r /run/healthdeploy/secrets.env ]; then set -a; . /run/healthdeploy/secrets.env; "
+                   "set +a; fi\n")
+
+
 def _in(container: str, script_body: str, *args: str, description: str, readonly: bool = True) -> Command:
-    return cmd("docker", "exec", "-i", container, "sh", "-c", script_body, "sh", *args,
+    return cmd("docker", "exec", "-i", container, "sh", "-c", SECRETS_PRELUDE + script_body, "sh", *args,
                description=description, readonly=readonly)
 
 
@@ -228,6 +235,8 @@ def parse_rows(stderr_text: str) -> dict[str, int]:
 # set back to the current one, so restoring old globals cannot lock the application out.
 POSTGRES_RESTORE_GLOBALS = r"""set -e
 psql -X -q -U "$POSTGRES_USER" -d postgres 2>&1 >/dev/null | grep -v 'already exists' >&2 || true
+# Never an empty password because the container does not know the current one: fail instead.
+[ -n "$POSTGRES_PASSWORD" ] || { echo "POSTGRES_PASSWORD is unknown in the container: the role's password was not reset" >&2; exit 1; }
 # printf is a shell builtin: the password reaches psql on stdin, never as an argument.
 printf "ALTER ROLE \"%s\" PASSWORD '%s';\n" "$POSTGRES_USER" "$POSTGRES_PASSWORD" | psql -X -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres
 """

@@ -74,6 +74,28 @@ SCHEMA: tuple[Key, ...] = (
     Key("SSH_CONFIG", "path", "~/.ssh/config", "OpenSSH client config honoured for HostName, Port, User, IdentityFile."),
     Key("SSH_KNOWN_HOSTS", "path", "~/.ssh/known_hosts", "known_hosts used for strict host key checking."),
     Key("SSH_CONNECT_TIMEOUT", "int", 10, "Seconds to wait for the SSH connection."),
+    # -- target: Compose per host, or one Docker Swarm stack ------------------------------------------
+    Key("TARGET", "choice", "compose", "compose: one Compose project per host of HOSTS; swarm: one Docker Swarm stack, "
+        "HOSTS being its manager nodes (see docs/swarm.md).", choices=("compose", "swarm")),
+    Key("SWARM_NODES", "list", (), "TARGET=swarm: every Swarm node healthdeploy places services on, by hostname, with its "
+        "roles joined by +: data (the stateful services, exactly one node), app (stateless services), edge (the gateway, "
+        "publishing its ports in host mode), e.g. node1=data,node2=app+edge,node3=app+edge. healthdeploy sets these as "
+        "node labels (healthdeploy.data/app/edge=true) and checks them. Data and edge nodes are reached over SSH by that "
+        "name (an alias in SSH_CONFIG)."),
+    Key("SWARM_STACK", "str", "healthdeploy-{env}", "TARGET=swarm: the stack name ({env} expanded)."),
+    Key("SWARM_SUBNET", "str", "", "TARGET=swarm: the subnet of the stack's overlay network (an explicit private range "
+        "that no node uses, never Docker's default pool), e.g. 10.252.0.0/24."),
+    Key("SWARM_REPLICAS", "int", 2, "TARGET=swarm: tasks of each stateless service (spread over the app nodes)."),
+    Key("SWARM_PARALLELISM", "int", 1, "TARGET=swarm: tasks of a stateless service replaced at a time (each new one "
+        "starts before its old one stops, so more is faster and still drops nothing, at the cost of that many extra "
+        "tasks during the update)."),
+    Key("SWARM_MONITOR", "float", 10.0, "TARGET=swarm: seconds Swarm watches each updated task before it counts the update "
+        "as good (update_config.monitor); a task failing meanwhile rolls the service back."),
+    Key("REGISTRY", "str", "", "TARGET=swarm: registry and repository prefix the built images are pushed to and deployed "
+        "from by digest, e.g. registry.example.com/health (every node must be able to pull from it)."),
+    Key("REGISTRY_USER", "str", "", "TARGET=swarm: registry user; with REGISTRY_PASSWORD the manager logs in "
+        "(password on stdin) and passes the credentials to the nodes (--with-registry-auth)."),
+    Key("REGISTRY_PASSWORD", "secret", None, "TARGET=swarm: password or token of REGISTRY_USER."),
     # -- layout on the host -----------------------------------------------------------------------
     Key("DEPLOY_PATH", "str", "/srv/healthdeploy/{env}", "Base directory on the host; {env}, {host} and {address} are expanded."),
     Key("COMPOSE_PROJECT", "str", "healthdeploy-{env}", "Compose project name; {env}, {host} and {address} are expanded."),
@@ -282,6 +304,18 @@ class Settings(_SettingsBase):  # type: ignore[misc, valid-type]
         return self.data_hosts[0]
 
     @property
+    def swarm(self) -> bool:
+        return self.target == "swarm"
+
+    @property
+    def stack_name(self) -> str:
+        return self.expand(self.swarm_stack)
+
+    def swarm_roles(self) -> dict[str, frozenset[str]]:
+        """TARGET=swarm: node hostname -> its roles (data, app, edge), in SWARM_NODES order."""
+        return _swarm_roles(self.swarm_nodes or ())[0]
+
+    @property
     def secrets(self) -> tuple[Secret, ...]:
         """Every secret value of the environment, for redaction: the secret keys, and the token inside an
         https APP_SOURCE URL (as written and decoded)."""
@@ -375,7 +409,10 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
             problems.append(Problem(key.name, "contains a single quote or newline",
                                     "remove it (values are written into single-quoted env files)"))
     hosts = typed["hosts"] or ()
-    problems += _topology_problems(typed, hosts)
+    if typed["target"] == "swarm":
+        problems += _swarm_problems(typed)
+    else:
+        problems += _topology_problems(typed, hosts)
     if typed["primary_host"] and hosts and typed["primary_host"] not in hosts:
         problems.append(Problem("PRIMARY_HOST", f"{typed['primary_host']!r} is not in HOSTS", "name one of HOSTS"))
     if bool(typed["tls_cert_file"]) != bool(typed["tls_key_file"]):
@@ -482,6 +519,84 @@ def _build_problems(typed: dict, hosts: tuple[str, ...], kind: str) -> list[Prob
         return [Problem("BUILD_ON", f"{where} is in HOSTS: production does not build where patients are served",
                         "name a build host that serves nothing, or BUILD_ON=operator")]
     return []
+
+
+SWARM_ROLES = ("data", "app", "edge")
+
+
+def _swarm_roles(entries) -> tuple[dict[str, frozenset[str]], list[Problem]]:
+    roles: dict[str, frozenset[str]] = {}
+    problems = []
+    for entry in entries:
+        name, sep, text = entry.partition("=")
+        name = name.strip()
+        wanted = frozenset(r.strip() for r in text.split("+") if r.strip())
+        if not sep or not name or not wanted or not wanted <= set(SWARM_ROLES):
+            problems.append(Problem("SWARM_NODES", f"{entry!r} is not node=role[+role] with roles data, app, edge",
+                                    "e.g. SWARM_NODES=node1=data,node2=app+edge,node3=app+edge"))
+        elif name in roles:
+            problems.append(Problem("SWARM_NODES", f"node {name!r} is listed twice", "list every node once"))
+        else:
+            roles[name] = wanted
+    return roles, problems
+
+
+def _swarm_problems(typed: dict) -> list[Problem]:
+    import ipaddress
+
+    roles, problems = _swarm_roles(typed["swarm_nodes"] or ())
+    example = "e.g. SWARM_NODES=node1=data,node2=app+edge,node3=app+edge"
+    if not typed["swarm_nodes"]:
+        problems.append(Problem("SWARM_NODES", "required with TARGET=swarm", example))
+    elif not problems:
+        data = [n for n, r in roles.items() if "data" in r]
+        if len(data) != 1:
+            problems.append(Problem("SWARM_NODES", f"{len(data)} data nodes ({', '.join(data) or 'none'}); exactly one keeps "
+                                    "the stateful services (their volumes live on it)", example))
+        for role in ("app", "edge"):
+            if not any(role in r for r in roles.values()):
+                problems.append(Problem("SWARM_NODES", f"no {role} node", example))
+    for key in ("ROLES", "PRIMARY_HOST", "DATA_ADDRESS"):
+        if typed[key.lower()]:
+            problems.append(Problem(key, "has no meaning with TARGET=swarm (node roles come from SWARM_NODES)",
+                                    f"remove {key}"))
+    if typed["topology"] == "cells":
+        problems.append(Problem("TOPOLOGY", "cells has no meaning with TARGET=swarm (one stack, one data node)",
+                                "remove TOPOLOGY"))
+    subnet = (typed["swarm_subnet"] or "").strip()
+    if not subnet:
+        problems.append(Problem("SWARM_SUBNET", "required with TARGET=swarm",
+                                "a private range no node uses, e.g. SWARM_SUBNET=10.252.0.0/24 (not Docker's default pool)"))
+    else:
+        try:
+            network = ipaddress.ip_network(subnet)
+            if not network.is_private or network.version != 4 or network.prefixlen > 28:
+                problems.append(Problem("SWARM_SUBNET", f"{subnet} is not a private IPv4 range of at least 16 addresses",
+                                        "e.g. 10.252.0.0/24"))
+        except ValueError:
+            problems.append(Problem("SWARM_SUBNET", f"{subnet!r} is not a subnet", "e.g. 10.252.0.0/24"))
+    if not typed["registry"]:
+        problems.append(Problem("REGISTRY", "required with TARGET=swarm: every node pulls the images built once, by digest",
+                                "e.g. REGISTRY=registry.example.com/health"))
+    elif typed["registry"].startswith(("http://", "https://")) or typed["registry"].endswith("/") or " " in typed["registry"]:
+        problems.append(Problem("REGISTRY", f"{typed['registry']!r} is not host[:port][/path]",
+                                "e.g. REGISTRY=registry.example.com/health"))
+    if bool(typed["registry_user"]) != bool(typed["registry_password"]):
+        problems.append(Problem("REGISTRY_USER", "REGISTRY_USER and REGISTRY_PASSWORD go together", "set both or neither"))
+    if typed["swarm_parallelism"] < 1:
+        problems.append(Problem("SWARM_PARALLELISM", "must be at least 1", KEYS_BY_NAME["SWARM_PARALLELISM"].doc))
+    if typed["swarm_replicas"] < 1:
+        problems.append(Problem("SWARM_REPLICAS", "must be at least 1", KEYS_BY_NAME["SWARM_REPLICAS"].doc))
+    if typed["swarm_monitor"] < 0:
+        problems.append(Problem("SWARM_MONITOR", "must not be negative", KEYS_BY_NAME["SWARM_MONITOR"].doc))
+    if "{address}" in (typed["deploy_path"] or ""):
+        problems.append(Problem("DEPLOY_PATH", "{address} has no meaning with TARGET=swarm (the gateway's directory is "
+                                "mounted by Swarm on every edge node alike)", "use {host} (the node's hostname) or neither"))
+    stack = typed["swarm_stack"].replace("{env}", "x")
+    if not stack or any(not (c.isalnum() or c in "-_") for c in stack):
+        problems.append(Problem("SWARM_STACK", f"{typed['swarm_stack']!r}: a stack name has letters, digits, - and _ only",
+                                "e.g. SWARM_STACK=healthdeploy-{env}"))
+    return problems
 
 
 def _topology_problems(typed: dict, hosts: tuple[str, ...]) -> list[Problem]:

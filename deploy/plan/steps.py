@@ -38,6 +38,16 @@ class StepKind(str, enum.Enum):
     SWITCH = "switch"  # `current` -> the release
     RECORD = "record"  # state.json: which release is live, with which secrets version
     PRUNE = "prune"
+    # TARGET=swarm (plan/swarm.py)
+    LABEL_NODES = "label-nodes"  # healthdeploy.data/app/edge node labels as SWARM_NODES says
+    REGISTRY_LOGIN = "registry-login"  # docker login --password-stdin on the manager
+    PULL = "pull"  # an image the stack file needs the entrypoint and command of, absent on the manager
+    CREATE_SECRETS = "create-secrets"  # a Swarm secret per service secret half, named by its content
+    CREATE_CONFIGS = "create-configs"  # healthdeploy's task entrypoint and gateway sync
+    DEPLOY_DATA = "deploy-data"  # the data layer first (stop-first, pinned), waited for
+    DEPLOY_STACK = "deploy-stack"  # docker stack deploy, then wait until every changed service converged
+    VERIFY = "verify"  # every edge gateway lists the healthy tasks and answers through each port
+    REBALANCE = "rebalance"  # a stateless service's tasks crowded on fewer app nodes than it could use
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,10 @@ VERBS = {
     StepKind.REMOVE_ORPHANS: "remove stray containers of", StepKind.ROLL: "roll", StepKind.REPAIR_UPSTREAMS: "repair upstreams",
     StepKind.ROTATE_FINISH: "refuse the old password on", StepKind.SWITCH: "switch current to",
     StepKind.RECORD: "record live release", StepKind.PRUNE: "prune old releases",
+    StepKind.LABEL_NODES: "label nodes", StepKind.REGISTRY_LOGIN: "log in to registry", StepKind.PULL: "pull",
+    StepKind.CREATE_SECRETS: "create Swarm secrets", StepKind.CREATE_CONFIGS: "create Swarm configs",
+    StepKind.DEPLOY_DATA: "deploy the data layer of", StepKind.DEPLOY_STACK: "deploy stack",
+    StepKind.VERIFY: "verify through the gateways of", StepKind.REBALANCE: "spread the tasks of",
 }
 
 

@@ -161,7 +161,10 @@ def build_override(prefix: str, release: str, services: tuple[str, ...]) -> byte
     return ("\n".join(lines) + "\n").encode()
 
 
-def _render_compose(settings: Settings, target: Target, definitions: dict[str, str]) -> str:
+def _render_compose(settings: Settings, target: Target, definitions: dict[str, str],
+                    swarm: dict | None = None) -> str:
+    """The compose file; with ``swarm`` (the context deploy/stack/swarm.py builds) the Swarm stack file from the
+    same template."""
     sandbox = settings.stack_variant == "sandbox"
     here = services_on(settings, target)
     infra = tuple(s for s in settings.enabled_infra if s in here)
@@ -179,8 +182,12 @@ def _render_compose(settings: Settings, target: Target, definitions: dict[str, s
         limits={s: settings.limits(s) for s in (*APP_SERVICES, *infra, "gateway")},
         influx_version=settings.influx_version, release_path_var=".", secrets_mount=SECRETS_MOUNT,
         health_interval="1s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
-        log_max_size="10m", log_max_file="5", ports=_ports_block(settings, target),
+        log_max_size="10m", log_max_file="5",
+        # On Swarm nothing of the data layer is published (backups reach it over the node's docker_gwbridge).
+        ports=_ports_block(settings, target) if swarm is None else (lambda *args: ""),
         definitions=definitions, definition_label=DEFINITION_LABEL,
+        swarm=swarm, apps_names=tuple(a["name"] for a in apps),
+        env_files=tuple(service_environment(settings, target)) if swarm else (),
     )
 
 

@@ -1,0 +1,285 @@
+"""TARGET=swarm end to end on a real swarm of three namespaced engines (the testbed), a real registry, real
+PostgreSQL, and HTTP load through the gateway that counts every failed request.
+
+Node roles: nodes[0] manager + data, nodes[1] and nodes[2] app + edge (each runs a gateway in host mode).
+The tests share one stack and run in order; each builds on what the previous one left. Run them beside the
+other suites with HEALTHDEPLOY_TESTBED_HOSTS naming three nodes no one else uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from deploy.core.settings import PROJECT_ROOT
+from deploy.sandbox import netns
+from load import Load
+from swarm_env import CHECKSUM_SQL, ENV_NAME, STACK, get_json, psql, summary, wait_until
+from testbed_env import docker
+
+pytestmark = pytest.mark.swarm
+
+SECRETS = ("sandbox-db-7f3a9c", "sandbox-redis-51d2", "sandbox-jwt-secret-not-for-production-4e1f",
+           "sandbox-s3-secret-93aa", "sandbox-mqtt-2b6e", "testbed-registry-pass-5d1e")
+RESULTS: dict = {}  # what each test measured, printed at the end (pytest -s) for the report
+
+
+def deploy(env, *args):
+    proc = env.fab("deploy", *args)
+    for secret in SECRETS:  # never in the operator's output
+        assert secret not in proc.stdout and secret not in proc.stderr, secret
+    return proc
+
+
+def manager_docker(env, *args):
+    return docker(env.manager, *args)
+
+
+def running_nodes(env, service: str) -> list[str]:
+    out = manager_docker(env, "service", "ps", f"{STACK}_{service}", "--filter", "desired-state=running",
+                         "--format", "{{.Node}} {{.CurrentState}}").stdout
+    return sorted(line.split()[0] for line in out.splitlines() if " Running " in f" {line} ")
+
+
+def checksum(env) -> str:
+    return psql(env.manager, env.container_of(env.manager, "postgres"), CHECKSUM_SQL)
+
+
+def write_rows(env, count: int) -> None:
+    for i in range(count):
+        get_json(env.url(5000, "/api/echo"), data=json.dumps({"n": i}).encode())
+
+
+def test_first_deploy_is_healthy_through_every_gateway(swarm_cluster):
+    env = swarm_cluster
+    started = time.monotonic()
+    proc = deploy(env, "--json")
+    RESULTS["first deploy s"] = round(time.monotonic() - started, 1)
+    assert proc.returncode == 0, proc.stderr
+    out = summary(proc)
+    host = out["hosts"][0]
+    assert host["result"] == "deployed" and host["migrated"] is True
+    assert {s["service"] for s in out["services"]} >= {"backend", "ai-service", "frontend-web", "frontend-patient",
+                                                        "gateway", "postgres", "redis"}
+    for node in (env.edge, env.other):  # both edge nodes publish the gateway in host mode
+        for port, service in ((5000, "backend"), (8001, "ai-service")):
+            assert get_json(env.url(port, "/health", node))["service"] == service
+        assert get_json(env.url(3000, "/api/build", node))["service"] == "backend"  # /api/ goes to the backend
+    # `fab health --json`: every service, node and task.
+    health = env.fab("health", "--json")
+    assert health.returncode == 0, health.stdout[-3000:] + health.stderr
+    report = json.loads(health.stdout)
+    assert report["healthy"] and report["target"] == "swarm"
+    assert {n["node"] for n in report["nodes"]} == {n.name for n in env.nodes}
+    services = {s["service"]: s for s in report["services"]}
+    assert set(services) == {"gateway", "backend", "ai-service", "frontend-web", "frontend-patient", "postgres",
+                             "redis", "influxdb", "emqx", "minio"}
+    assert all(s["running"] == s["replicas"] for s in services.values()), services
+    tasks = report["tasks"]
+    assert len([t for t in tasks if t["service"] == "backend" and t["state"] == "running"]) == 2
+    assert {t["node"] for t in tasks if t["service"] in ("postgres", "redis")} == {env.manager.name}  # pinned
+    assert {t["node"] for t in tasks if t["service"] == "gateway"} == {env.edge.name, env.other.name}
+    assert all(a.startswith("10.254.0.") for t in tasks for a in t["addresses"])  # the explicit subnet
+    # Images by digest from the registry; secrets in no stack file, no service spec, no task's environment.
+    stack_file = (env.deploy_root() / "current" / "stack.yaml").read_text()
+    assert re.search(r"image: 10\.251\.0\.1:5000/healthdeploy-test/hdtsw/backend@sha256:[0-9a-f]{64}", stack_file)
+    spec = manager_docker(env, "service", "inspect", f"{STACK}_backend", f"{STACK}_postgres").stdout
+    env_of_task = docker(env.edge, "inspect", env.container_of(env.edge, "backend")).stdout
+    for secret in SECRETS:
+        assert secret not in stack_file and secret not in spec and secret not in env_of_task
+    assert '"endpoint_mode"' not in spec and '"Mode": "dnsrr"' in spec
+    # A second deploy of the same source and settings changes nothing and takes no lock.
+    again = deploy(env, "--json")
+    assert again.returncode == 0 and summary(again)["hosts"][0]["result"] == "unchanged", again.stderr
+
+
+def test_ten_changed_backend_deploys_under_load_fail_no_request(swarm_cluster):
+    env = swarm_cluster
+    write_rows(env, 20)
+    before = checksum(env)
+    data_tasks = manager_docker(env, "service", "ps", "-q", f"{STACK}_postgres", f"{STACK}_redis").stdout.split()
+    seconds = []
+    with Load(env.edge.address, 5000, rate=100, limit_s=3600) as load:
+        time.sleep(1)
+        for i in range(10):
+            env.set_build("backend", f"backend-swarm-{i}")
+            started = time.monotonic()
+            proc = deploy(env, "--json")
+            seconds.append(round(time.monotonic() - started, 1))
+            assert proc.returncode == 0, proc.stderr
+            assert summary(proc)["hosts"][0]["services"] == ["backend"]  # only what changed
+        time.sleep(1)
+    result = load.result
+    RESULTS["10 deploys"] = {"failed": result.failed, "total": result.total, "seconds": seconds,
+                             "p99_ms": round(result.p99_ms())}
+    assert result.failed == 0, (result.errors[:5], seconds)
+    assert result.total > 1000
+    assert "backend-swarm-9" in result.builds and len(result.builds) >= 10, (result.builds, seconds)
+    assert get_json(env.url(5000, "/api/build"))["build"] == "backend-swarm-9"
+    # The data layer was not touched by ten application deploys, and its rows are all there.
+    assert manager_docker(env, "service", "ps", "-q", f"{STACK}_postgres", f"{STACK}_redis").stdout.split() == data_tasks
+    assert checksum(env).split()[0] >= before.split()[0]
+
+
+def test_a_broken_build_is_rolled_back_by_itself_with_no_failed_request(swarm_cluster):
+    env = swarm_cluster
+    live = (env.deploy_root() / "current").resolve().name
+    env.set_build("backend", "backend-broken")
+    (env.app / "backend" / "health_mode").write_text("fail\n")
+    try:
+        with Load(env.edge.address, 5000, rate=100) as load:
+            time.sleep(1)
+            started = time.monotonic()
+            proc = deploy(env, "--json")
+            RESULTS["broken build s"] = round(time.monotonic() - started, 1)
+            time.sleep(1)
+    finally:
+        (env.app / "backend" / "health_mode").unlink()
+        env.set_build("backend", "backend-swarm-9")
+    RESULTS["broken build"] = {"failed": load.result.failed, "total": load.result.total}
+    assert proc.returncode == 5, proc.stderr  # rolled back
+    assert "backend failed" in proc.stderr and "rolled back" in proc.stderr
+    assert load.result.failed == 0, load.result.errors[:5]
+    assert set(load.result.builds) == {"backend-swarm-9"}  # the old build served throughout
+    assert (env.deploy_root() / "current").resolve().name == live
+    spec = json.loads(manager_docker(env, "service", "inspect", f"{STACK}_backend").stdout)[0]
+    assert spec["Spec"]["Labels"]["healthdeploy.release"] == live  # Swarm put the live spec back
+    assert get_json(env.url(5000, "/api/build"))["build"] == "backend-swarm-9"
+    assert len(running_nodes(env, "backend")) == 2
+
+
+def test_rollback_returns_to_the_previous_release(swarm_cluster):
+    env = swarm_cluster
+    with Load(env.edge.address, 5000, rate=100) as load:
+        time.sleep(1)
+        proc = env.fab("rollback")
+        time.sleep(1)
+    RESULTS["rollback"] = {"failed": load.result.failed, "total": load.result.total}
+    assert proc.returncode == 0, proc.stderr
+    assert "building" not in proc.stderr
+    assert load.result.failed == 0, load.result.errors[:5]
+    assert get_json(env.url(5000, "/api/build"))["build"] == "backend-swarm-8"
+
+
+def test_a_worker_cut_off_under_load_loses_only_what_was_in_flight(swarm_cluster):
+    env = swarm_cluster
+    cut = env.other  # app + edge; the load goes through the other edge node
+    assert running_nodes(env, "backend") == sorted([env.edge.name, cut.name])  # spread: one task each
+    with Load(env.edge.address, 5000, rate=100) as load:
+        time.sleep(2)
+        started = time.monotonic()
+        netns.cut(cut.name)
+        try:
+            # Every stateless service runs all its tasks again, on the remaining app node.
+            wait_until(lambda: all(running_nodes(env, s) == [env.edge.name] * 2
+                                   for s in ("backend", "ai-service", "frontend-web", "frontend-patient")),
+                       120, "tasks rescheduled")
+            rescheduled = round(time.monotonic() - started, 1)
+            time.sleep(3)
+        finally:
+            during = (load.result.failed, load.result.total)
+            netns.heal(cut.name)
+    late = [(round(t - started, 2), round(d, 1), e) for t, d, e in load.result.failures if t >= started]
+    RESULTS["node cut"] = {"failed": during[0], "total": during[1], "rescheduled_s": rescheduled,
+                           "failed_started_after_the_cut": len(late), "errors": sorted(set(load.result.errors))[:5]}
+    # Only what was in flight to the cut node fails: every failed request had started before the cut (a request
+    # sent after it whose connect to the cut node times out is retried on the other task by the gateway).
+    assert not late, late[:10]
+    assert during[0] <= 16, load.result.errors[:10]  # the load's 16 workers: never more in flight than that
+    wait_until(lambda: "Ready" in manager_docker(env, "node", "inspect", cut.name, "--format", "{{.Status.State}}")
+               .stdout.title(), 90, f"{cut.name} ready again")
+    # The next deploy succeeds, and spreads the tasks over both app nodes again.
+    env.set_build("backend", "backend-after-heal")
+    proc = deploy(env, "--json")
+    assert proc.returncode == 0, proc.stderr
+    for service in ("backend", "ai-service", "frontend-web", "frontend-patient"):
+        assert running_nodes(env, service) == sorted([env.edge.name, env.other.name]), service
+    assert get_json(env.url(5000, "/api/build", env.other))["build"] == "backend-after-heal"
+
+
+def _restart_engine(node: netns.Node) -> None:
+    """The node's dockerd stopped (by its pid file) and started again, as a reboot of the engine would."""
+    netns._stop_pid(netns.dockerd_pid(node), netns.STOP_TIMEOUT)
+    netns._start_dockerd(node)
+    netns._wait_dockerd(node)
+
+
+def test_postgres_data_survives_a_deploy_an_engine_restart_and_a_backup_restore(swarm_cluster):
+    env = swarm_cluster
+    write_rows(env, 25)
+    first = checksum(env)
+    env.set_build("backend", "backend-pg-1")
+    assert deploy(env).returncode == 0
+    assert checksum(env) == first
+    _restart_engine(env.manager)  # the data node (and manager) engine
+    wait_until(lambda: env.fab("health").returncode == 0, 180, "the stack healthy after the engine restart", 3)
+    assert checksum(env) == first
+    backup = env.inv("backup", "--json")
+    assert backup.returncode == 0, backup.stderr
+    set_name = json.loads(backup.stdout)["set"].rsplit("/", 1)[-1]
+    # Destroy: the service and its volume are gone; a deploy brings up an empty PostgreSQL.
+    assert manager_docker(env, "service", "rm", f"{STACK}_postgres").returncode == 0
+    wait_until(lambda: not env.container_of(env.manager, "postgres"), 60, "postgres gone")
+    docker(env.manager, "volume", "rm", f"{STACK}_postgres-data")
+    proc = deploy(env)
+    assert proc.returncode == 0, proc.stderr
+    assert "postgres: created" in proc.stderr
+    assert psql(env.manager, env.container_of(env.manager, "postgres"),
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'requests'") == "0"
+    restore = env.inv("restore", "--from", set_name, "--yes")
+    assert restore.returncode == 0, restore.stdout[-2000:] + restore.stderr
+    assert checksum(env) == first
+    assert get_json(env.url(5000, "/api/build"))["last_request_id"] > 0  # the application reads it again
+    RESULTS["postgres survival"] = {"rows": first.split()[0], "checksum": first.split()[1]}
+
+
+def test_backup_sets_cross_between_compose_and_swarm(swarm_cluster):
+    env = swarm_cluster
+    data = env.manager
+    # The Compose target of the same environment on the data node: PostgreSQL and Redis behind its gateway.
+    env.write_compose(DISABLED_SERVICES="mongodb,qdrant,influxdb,emqx,minio", BACKUP_SERVICES="postgres")
+    env.write(BACKUP_SERVICES="postgres")
+    proc = env.run("fab", "-H", data.name, "deploy", timeout=900, compose=True)
+    assert proc.returncode == 0, proc.stderr
+    compose_pg = "hd-tsw-compose-postgres-1"
+    for i in range(15):
+        get_json(f"http://{data.address}:5000/api/echo", data=b'{"compose": %d}' % i)
+    compose_sum = psql(data, compose_pg, CHECKSUM_SQL)
+    # compose -> swarm
+    made = env.run("inv", "backup", "--env", ENV_NAME, "--json", compose=True)
+    assert made.returncode == 0, made.stderr
+    compose_set = json.loads(made.stdout)["set"].rsplit("/", 1)[-1]
+    restore = env.inv("restore", "--from", compose_set, "--yes", "--other-host")
+    assert restore.returncode == 0, restore.stdout[-2000:] + restore.stderr
+    assert checksum(env) == compose_sum
+    # swarm -> compose
+    write_rows(env, 10)
+    swarm_sum = checksum(env)
+    made = env.inv("backup", "--json")
+    assert made.returncode == 0, made.stderr
+    swarm_set = json.loads(made.stdout)["set"].rsplit("/", 1)[-1]
+    assert env.inv("backup.verify", "--from", swarm_set).returncode == 0
+    restore = env.run("inv", "restore", "--env", ENV_NAME, "--from", swarm_set, "--yes", "--other-host", compose=True)
+    assert restore.returncode == 0, restore.stdout[-2000:] + restore.stderr
+    assert psql(data, compose_pg, CHECKSUM_SQL) == swarm_sum
+    RESULTS["cross-target"] = {"compose->swarm": compose_sum.split()[0], "swarm->compose": swarm_sum.split()[0]}
+    env.write()
+
+
+def test_checklist_status_logs_and_exec_work_on_swarm(swarm_cluster):
+    env = swarm_cluster
+    (env.directory / f"{ENV_NAME}.checklist.toml").write_text((PROJECT_ROOT / "env/sandbox.checklist.toml").read_text())
+    proc = env.inv("checklist", "--json")
+    report = json.loads(proc.stdout)
+    failed = [c for c in report["checks"] if c["status"] == "fail"]
+    assert proc.returncode == 0, failed
+    status = env.fab("status", "--json")
+    assert status.returncode == 0 and {r["service"] for r in json.loads(status.stdout)["services"]} >= {"backend", "postgres"}
+    logs = env.fab("logs", "backend", "--tail", "3")
+    assert logs.returncode == 0 and "[backend]" in logs.stdout
+    exec_ = env.fab("exec", "backend", "--", "sh", "-c", "echo from-$SERVICE; exit 3")
+    assert exec_.returncode == 103 and "from-backend" in exec_.stdout
+    print("\nswarm results: " + json.dumps(RESULTS))
