@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -63,12 +64,25 @@ def build_of(content_type: str, data: bytes) -> str | None:
     return None
 
 
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """urllib3's is_connection_dropped: an idle keep-alive socket that is readable has been closed by the peer."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
 class Load:
     """``with Load(host, port, rate=100): ...`` sends requests until the block ends (at most ``limit_s``).
 
     GET ``path`` and POST ``post_path`` alternate (``post_path=None``: GETs only). ``keepalive=True``
     gives every worker one persistent HTTP/1.1 connection, reused for all its requests and reopened
-    only after the server closed it (a request on a connection the server dropped counts as failed).
+    after the server closed it. Like urllib3/requests and browsers, an idle connection is checked before
+    it is reused (readable = the server sent its FIN, e.g. an nginx worker retiring after a reload): a
+    dropped one is replaced, not written to. A request the server drops once sent counts as failed.
     """
 
     def __init__(self, host: str, port: int, rate: float = 100, workers: int = 16, path: str = "/api/build",
@@ -98,6 +112,9 @@ class Load:
         error = None
         build = None
         try:
+            if conn is not None and _dropped(conn):
+                conn.close()
+                conn = None
             if conn is None:
                 conn = self._connection()
             body = b'{"n": %d}' % n if method == "POST" else None

@@ -1,4 +1,4 @@
-"""The bad-input catalogue, the cases that reach a host (the fast half is tests/unit/test_bad_input.py).
+"""The bad-input catalogue, the cases that reach a host (the fast half is tests/unit/test_bad_input_offline.py).
 
 One deployed sandbox env (module scope) serves every case. Each case: the documented exit code
 (docs/exit-codes.md), exactly one `error: <what> (<how>)` line, no traceback, and the host exactly as it was:

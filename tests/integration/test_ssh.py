@@ -79,10 +79,10 @@ def test_fab_honours_an_alias_in_home_ssh_config(make_env, tmp_path):
 
 def test_unreachable_host_is_one_clear_line(make_env):
     env = make_env("down")
-    env.write(hosts="sandbox9")  # not a Host in ssh_config, and not a name DNS knows: a bad setting (exit 2)
-    proc = env.fab("releases", hosts="sandbox9")
+    env.write(hosts="nohost-hd")  # not a Host in ssh_config, and not a name DNS knows: a bad setting (exit 2)
+    proc = env.fab("releases", hosts="nohost-hd")
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: cannot reach sandbox9: sandbox9 is neither a Host in")
+    assert proc.stderr.strip().startswith("error: cannot reach nohost-hd: nohost-hd is neither a Host in")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

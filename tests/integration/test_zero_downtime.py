@@ -27,6 +27,12 @@ HOST = MAIN_ADDRESS
 HOG_PROCESSES = 2 * 2 * (os.cpu_count() or 2) // 2 + 2  # load average well above 2x the cores
 
 
+def procs_running() -> int:
+    """Runnable tasks right now (/proc/stat procs_running, this process's sampling thread included)."""
+    with open("/proc/stat") as stat:
+        return next(int(line.split()[1]) for line in stat if line.startswith("procs_running "))
+
+
 def _spin() -> None:
     while True:
         pass
@@ -73,11 +79,15 @@ def test_control_then_fourteen_deploys_under_a_cpu_hog_fail_no_request(env):
     report = {}
     with CpuHog():
         with Load(HOST, 5000, rate=100) as control_api, Load(HOST, 3000, rate=50, path="/", post_path=None) as control_web:
-            time.sleep(20)
-        load_average = os.getloadavg()[0]
+            running = []
+            for _ in range(20):
+                time.sleep(1)
+                running.append(procs_running())
+        # The run queue itself (the 1-minute load average lags: it is still rising 20 s in).
+        load_average = sorted(running)[len(running) // 2]
         report["control"] = (control_api.result.failed, control_api.result.total, control_web.result.failed,
                              control_web.result.total)
-        assert load_average > 2 * (os.cpu_count() or 2), f"the hog did not load the machine ({load_average:.1f})"
+        assert load_average > 2 * (os.cpu_count() or 2), f"the hog did not load the machine (run queue {running})"
         with Load(HOST, 5000, rate=100) as api, Load(HOST, 3000, rate=50, path="/", post_path=None) as web:
             for n in range(1, 11):
                 service = "backend" if n % 2 else "frontend-web"
@@ -95,9 +105,11 @@ def test_control_then_fourteen_deploys_under_a_cpu_hog_fail_no_request(env):
             env.write(DRAIN_SECONDS="2", DRAIN_LIMIT="6", HEALTH_TIMEOUT="90", BACKEND_CPUS="0.6")
             proc = deploy(env, "--json")
             assert proc.returncode == 0, proc.stderr[-2000:]
-            assert json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]["services"] == ["backend"]
+            # The backend for its new limit; frontend-web because the source says frontend-web-zd-10 and the
+            # rollback left zd-8 running.
+            assert json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"][0]["services"] == ["backend", "frontend-web"]
             time.sleep(2)
-    print(f"\ncontrol (no deploy, hog on, load average {load_average:.1f}): api {report['control'][0]}/"
+    print(f"\ncontrol (no deploy, hog on, median run queue {load_average}): api {report['control'][0]}/"
           f"{report['control'][1]}, web {report['control'][2]}/{report['control'][3]}; during 14 deploys: api "
           f"{api.result.failed}/{api.result.total} (p99 {api.result.p99_ms():.0f} ms), web {web.result.failed}/"
           f"{web.result.total} (p99 {web.result.p99_ms():.0f} ms)")
@@ -109,22 +121,24 @@ def test_control_then_fourteen_deploys_under_a_cpu_hog_fail_no_request(env):
 
 def test_a_rude_backend_rolls_without_failures_too(env):
     (env.app / "backend" / "behaviour").write_text("rude\n")
-    env.set_build("backend", "backend-rude-1")
-    assert deploy(env).returncode == 0
-    assert get_json(f"http://{HOST}:5000/health")["behaviour"] == "rude"
-    with CpuHog():
-        with Load(HOST, 5000, rate=50, keepalive=True) as api, Load(HOST, 5000, rate=5, path="/api/slow?ms=1500",
-                                                                     post_path=None) as slow:
-            for n in range(2, 5):
-                env.set_build("backend", f"backend-rude-{n}")
-                proc = deploy(env)
-                assert proc.returncode == 0, proc.stderr[-2000:]
-            time.sleep(2)
+    try:
+        env.set_build("backend", "backend-rude-1")
+        assert deploy(env).returncode == 0
+        assert get_json(f"http://{HOST}:5000/health")["behaviour"] == "rude"
+        with CpuHog():
+            with Load(HOST, 5000, rate=50, keepalive=True) as api, Load(HOST, 5000, rate=5, path="/api/slow?ms=1500",
+                                                                         post_path=None) as slow:
+                for n in range(2, 5):
+                    env.set_build("backend", f"backend-rude-{n}")
+                    proc = deploy(env)
+                    assert proc.returncode == 0, proc.stderr[-2000:]
+                time.sleep(2)
+    finally:
+        (env.app / "backend" / "behaviour").unlink()  # the next tests get a polite backend again
     print(f"\nrude backend, 3 deploys under the hog: {api.result.failed}/{api.result.total} (keep-alive clients), "
           f"slow requests {slow.result.failed}/{slow.result.total}")
     assert api.result.failed == 0, api.result.errors[:5]
     assert slow.result.failed == 0, slow.result.errors[:5]
-    (env.app / "backend" / "behaviour").unlink()
 
 
 def test_websockets_are_served_until_they_close_or_closed_cleanly_at_the_drain_limit(env):
