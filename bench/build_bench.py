@@ -1,6 +1,6 @@
 """Build-off-host benchmark, side by side with its baseline in the same run (issue: builds off the serving host).
 
-On one test-bed node (its own dockerd and sshd; HEALTHDEPLOY_BENCH_NODE, default node12), made fresh first (its
+On one test-bed node (its own dockerd and sshd; HEALTHDEPLOY_BENCH_NODE, default node15), made fresh first (its
 engine's data purged, the test bed's offline images loaded again: a host that has the base images but never
 pulled from healthdeploy), with a fresh shipping registry:
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from deploy.sandbox import images, netns, setup  # noqa: E402
 from deploy.sandbox.hosts import STATE_DIR  # noqa: E402
 
-NODE = netns.node_for(os.environ.get("HEALTHDEPLOY_BENCH_NODE", "node12"))
+NODE = netns.node_for(os.environ.get("HEALTHDEPLOY_BENCH_NODE", "node15"))
 APP_SERVICES = ("backend", "ai-service", "frontend-web", "frontend-patient")
 TICK = os.sysconf("SC_CLK_TCK")
 

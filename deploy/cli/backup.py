@@ -204,6 +204,10 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     if origin and origin != alias and not other_host:
         raise UsageError(f"{path.name} was taken on {origin}, not on {alias}",
                          "restore it onto its own host, or pass --other-host to restore it here on purpose")
+    role, here = manifest.get("role"), s.role_of(alias).value
+    if role and role != here and not other_host:  # e.g. a single host's set (both) onto a data host
+        raise UsageError(f"{path.name} was taken from a '{role}' host; {alias} is a '{here}' host",
+                         "restore it onto a host of its role, or pass --other-host to restore it here on purpose")
     if not safety_backup and s.env_kind == "production" and not yes_really and not dry_run:
         _confirm(s, f"Restore {path.name} on {s.env_name} WITHOUT a safety backup of the live data?",
                  f"--no-safety-backup on production '{s.env_name}' needs its own confirmation", "--yes-really")

@@ -1,7 +1,7 @@
 """Builds off the serving host, for real (docs/build.md): real sshd, real engines, healthdeploy's registry
 (Debian's docker-registry) on this machine, images pulled through a reverse tunnel of each host's SSH connection.
 
-On the namespaced test bed (HEALTHDEPLOY_TESTBED_HOSTS, its first two nodes: TARGET with its own engine, BUILDER a
+On the namespaced test bed (its own nodes, testbed_env.GROUPS["build"]: TARGET with its own engine, BUILDER a
 build host with another):
 - BUILD_ON=operator: built here, shipped into TARGET; the stack serves; nothing was built on TARGET (no build cache,
   no intermediate image, only release tags besides the test bed's own images);
@@ -25,9 +25,10 @@ import pytest
 
 from deploy.sandbox import netns, setup
 from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, new_env
-from testbed_env import TESTBED_NODES, docker
+from testbed_env import docker, group_nodes, testbed_fixture
 
-TARGET, BUILDER = TESTBED_NODES[:2]
+TARGET, BUILDER = group_nodes("build")[:2]
+testbed_hosts = testbed_fixture("build")
 NODE = {n: netns.node_for(n) for n in (TARGET, BUILDER)}
 ENV = "bo"
 

@@ -179,10 +179,18 @@ def write_backup(root, env_name, hours_ago: float, verified=True):
 @pytest.fixture
 def checklist_env(env, tmp_path, monkeypatch):
     """The deployed env plus a valid certificate and a fresh verified backup: passes everything."""
+    from deploy.backup import sealing, signing
+
     cert, key = make_cert(tmp_path, 200)
+    # Backups encrypted at rest and signed (the backup_protection item).
+    identity, recipient = sealing.generate_identity()
+    (tmp_path / "age.key").write_text(identity + "\n")
+    signing.write_keypair(str(tmp_path / "signing_key"), str(tmp_path / "allowed_signers"))
     # (DB_PASSWORD stays the one PostgreSQL was initialised with: the release test deploys and migrates.)
     env.write(hosts=HOST, TLS_CERT_FILE=cert, TLS_KEY_FILE=key, SERVER_NAMES="health.example.com",
-              DEEPSEEK_API_KEY="sk-live-7c1e9a3b5d2f4e6a")
+              DEEPSEEK_API_KEY="sk-live-7c1e9a3b5d2f4e6a", BACKUP_AGE_RECIPIENTS=recipient,
+              BACKUP_AGE_IDENTITY_FILE=str(tmp_path / "age.key"), BACKUP_SIGNING_KEY=str(tmp_path / "signing_key"),
+              BACKUP_ALLOWED_SIGNERS=str(tmp_path / "allowed_signers"))
     home = tmp_path / "home"
     write_backup(home, "hl", hours_ago=2)
     yield env, home, tmp_path
@@ -203,9 +211,9 @@ def test_checklist_passes_on_a_correct_environment(checklist_env):
     (env.directory / "checklist.toml").write_text(open("env/checklist.toml").read())
     proc, data = run_checklist(env, home, "--junit", str(tmp / "junit.xml"))
     assert proc.returncode == 0, (proc.stderr, data)
-    assert data["passed"] is True and data["counts"] == {"pass": 10, "warn": 0, "fail": 0}
+    assert data["passed"] is True and data["counts"] == {"pass": 11, "warn": 0, "fail": 0}, data
     suite = ET.parse(tmp / "junit.xml").getroot()
-    assert suite.get("tests") == "10" and suite.get("failures") == "0"
+    assert suite.get("tests") == "11" and suite.get("failures") == "0"
 
 
 def test_checklist_fails_on_default_password_missing_secret_bad_cert_and_old_backup(checklist_env):

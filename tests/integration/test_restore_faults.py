@@ -49,14 +49,18 @@ def psql(sql: str, db: str = "health_mgmt") -> str:
     return sh("docker", "exec", PG, "psql", "-X", "-U", "admin", "-d", db, "-tAc", sql)
 
 
+# InfluxDB runs with HTTP auth: the admin credentials from the container's environment, on curl's stdin.
+INFLUX_CURL = ("docker", "exec", INFLUX, "sh", "-c",
+               'printf \'user = "%s:%s"\\n\' "$INFLUXDB_ADMIN_USER" "$INFLUXDB_ADMIN_PASSWORD" | curl -K - "$@"', "sh")
+
+
 def influx(q: str, db: str = "health_data") -> dict:
-    return json.loads(sh("docker", "exec", INFLUX, "curl", "-fsS", "-G", "http://127.0.0.1:8086/query",
+    return json.loads(sh(*INFLUX_CURL, "-fsS", "-G", "http://127.0.0.1:8086/query",
                          "--data-urlencode", f"db={db}", "--data-urlencode", f"q={q}"))
 
 
 def influx_write(lines: str) -> None:
-    sh("docker", "exec", INFLUX, "curl", "-fsS", "-XPOST", "http://127.0.0.1:8086/write?db=health_data",
-       "--data-binary", lines)
+    sh(*INFLUX_CURL, "-fsS", "-XPOST", "http://127.0.0.1:8086/write?db=health_data", "--data-binary", lines)
 
 
 def s3():

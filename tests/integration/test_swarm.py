@@ -3,7 +3,7 @@ PostgreSQL, and HTTP load through the gateway that counts every failed request.
 
 Node roles: nodes[0] manager + data, nodes[1] and nodes[2] app + edge (each runs a gateway in host mode).
 The tests share one stack and run in order; each builds on what the previous one left. Run them beside the
-other suites with HEALTHDEPLOY_TESTBED_HOSTS naming three nodes no one else uses.
+other suites: its nodes are its own (testbed_env.GROUPS["swarm"], node4-6).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from deploy.core.settings import PROJECT_ROOT
 from deploy.sandbox import netns
 from load import Load
 from swarm_env import CHECKSUM_SQL, ENV_NAME, STACK, get_json, psql, summary, wait_until
-from testbed_env import docker
+from testbed_env import docker, testbed_fixture
+
+testbed_hosts = testbed_fixture("swarm")
 
 pytestmark = pytest.mark.swarm
 

@@ -1,6 +1,6 @@
 """The testbed for integration tests: real hosts as network namespaces (deploy/sandbox/netns.py).
 
-``testbed_hosts`` (session) brings up HEALTHDEPLOY_TESTBED_HOSTS (default node1,node2,node3) and does
+``testbed_hosts`` (session) brings up the topology group (node1,node2,node3; see GROUPS) and does
 NOT tear them down, so later test modules and runs reuse them (a second `up` takes about a second).
 ``teardown()`` removes them; HEALTHDEPLOY_TESTBED_TEARDOWN=1 calls it at the end of the session.
 """
@@ -17,17 +17,47 @@ import pytest
 from deploy.sandbox import images, netns
 from deploy.sandbox.hosts import STATE_DIR
 
-TESTBED_NODES = tuple(n.strip() for n in os.environ.get("HEALTHDEPLOY_TESTBED_HOSTS", "node1,node2,node3").split(",") if n.strip())
+# Each module that needs namespaced hosts has nodes of its own, so parallel workers (pytest-xdist, one
+# module per worker) never deploy to, cut or restart each other's hosts. HEALTHDEPLOY_TESTBED_<GROUP>
+# (e.g. HEALTHDEPLOY_TESTBED_SWARM=node21,node22,node23) names others; the benches use node7-10 and up.
+GROUPS = {
+    "topology": ("node1", "node2", "node3"),  # test_topology: 1 data + 2 app hosts, cells
+    "swarm": ("node4", "node5", "node6"),  # test_swarm: a 3-node Swarm
+    "build": ("node11", "node12"),  # test_build_off_host: a target and a build host
+    "testbed": ("node13", "node14"),  # test_testbed: the helper itself (cuts its second node)
+}
+
+
+def group_nodes(group: str) -> tuple[str, ...]:
+    override = os.environ.get(f"HEALTHDEPLOY_TESTBED_{group.upper()}", "")
+    names = tuple(n.strip() for n in override.split(",") if n.strip())
+    return names or GROUPS[group]
+
+
+TESTBED_NODES = group_nodes("topology")
 SSH_CONFIG = STATE_DIR / "ssh_config"
+
+
+def bring_up(names: tuple[str, ...]) -> list[netns.Node]:
+    # Image tags are machine-wide: build only when one is missing (never rebuild another checkout's).
+    if any(images.image_label(tag) is None for tag in images.all_tags()):
+        images.build_all()
+    return [r.node for r in netns.up(list(names))]
+
+
+def testbed_fixture(group: str):
+    """A module fixture ``testbed_hosts`` bringing up the nodes of ``group`` (override the session one)."""
+
+    @pytest.fixture(scope="module")
+    def testbed_hosts():
+        return bring_up(group_nodes(group))
+
+    return testbed_hosts
 
 
 @pytest.fixture(scope="session")
 def testbed_hosts():
-    # Image tags are machine-wide: build only when one is missing (never rebuild another checkout's).
-    if any(images.image_label(tag) is None for tag in images.all_tags()):
-        images.build_all()
-    reports = netns.up(list(TESTBED_NODES))
-    yield [r.node for r in reports]
+    yield bring_up(TESTBED_NODES)
     if os.environ.get("HEALTHDEPLOY_TESTBED_TEARDOWN") == "1":
         teardown()
 

@@ -369,6 +369,13 @@ def test_backup_set_of_another_environment(envs, task):
             f"20260101T000000Z is a backup of env 'staging', not '{envs.name}'", "a set of this environment")
 
 
+def test_backup_set_of_another_role(envs):
+    envs.write(HOSTS="web1,web2", ROLES="web1=data,web2=app")
+    envs.backup_set("20260101T000000Z", host="web1")  # taken when web1 ran the whole stack (role both)
+    refused(envs.run("inv", "restore", "--env", envs.name, "--from", "20260101T000000Z"), 2,
+            "20260101T000000Z was taken from a 'both' host; web1 is a 'data' host", "pass --other-host")
+
+
 def test_unknown_backup_set(envs):
     refused(envs.run("inv", "restore", "--env", envs.name, "--from", "20990101T000000Z"), 2,
             "is not a backup set (no manifest.json)", f"inv backup.list --env {envs.name}")
