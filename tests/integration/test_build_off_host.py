@@ -25,10 +25,10 @@ import pytest
 
 from deploy.sandbox import netns, setup
 from sandbox_env import MAIN, MAIN_ADDRESS, _cleanup, new_env
-from testbed_env import docker, group_nodes, testbed_fixture
+from testbed_env import docker, group_nodes, nodes_of_group
 
 TARGET, BUILDER = group_nodes("build")[:2]
-testbed_hosts = testbed_fixture("build")
+testbed_hosts = nodes_of_group("build")
 NODE = {n: netns.node_for(n) for n in (TARGET, BUILDER)}
 ENV = "bo"
 

@@ -12,7 +12,7 @@ connection is dropped (the sshd session processes of that connection are killed 
 - the lock is stale or free,
 - the next `inv restore --break-lock` succeeds and leaves nothing behind.
 
-A table (point, requests sent, failed, recovery) is printed and written to bench/results/restore-faults.md.
+A table (point, requests sent, failed, recovery) is printed and written to $HEALTHDEPLOY_RESULTS_DIR/restore-faults.md (default: pytest's temporary directory).
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def fault_case(env, backup_set, new, mode, point, n):
     return (f"{mode} at {point}", load.result.total, load.result.failed, recovery)
 
 
-def test_restore_faults(env):
+def test_restore_faults(env, tmp_path_factory):
     psql("INSERT INTO patients(mrn, full_name) SELECT 'MRN' || g, 'patient ' || g FROM generate_series(1, 3000) g")
     psql("CREATE TABLE readings (id serial PRIMARY KEY, patient int, sys int, note text)")
     psql("INSERT INTO readings(patient, sys, note) SELECT g % 97, 100 + g % 60, repeat('x', g % 50) "
@@ -292,7 +292,10 @@ def test_restore_faults(env):
     table += [f"| {p} | {t} | {f} | {r} |" for p, t, f, r in rows]
     text = "\n".join(table)
     print("\n" + text)
-    out = PROJECT_ROOT / "bench" / "results" / ("restore-faults.md" if not only else "restore-faults-partial.md")
+    # Written where HEALTHDEPLOY_RESULTS_DIR says (e.g. bench/results to record a run), never into the checkout
+    # by default: a test run leaves tracked files alone.
+    results = Path(os.environ.get("HEALTHDEPLOY_RESULTS_DIR") or tmp_path_factory.getbasetemp())
+    out = results / ("restore-faults.md" if not only else "restore-faults-partial.md")
     out.write_text("# Restore fault injection (tests/integration/test_restore_faults.py)\n\n"
                    f"HTTP load: 40 req/s through the gateway (GET /api/build reads PostgreSQL, POST /api/echo writes).\n"
                    "Requests fail while the writers are stopped (the restore's downtime) and until the guard has "

@@ -16,10 +16,10 @@ from deploy.commands.base import Command
 from deploy.core.settings import PROJECT_ROOT
 from deploy.execute.ssh import RemoteHost
 from deploy.sandbox import images, netns
-from testbed_env import SSH_CONFIG, docker, eventually, group_nodes, ssh, tcp_open, testbed_fixture
+from testbed_env import SSH_CONFIG, docker, eventually, group_nodes, ssh, tcp_open, nodes_of_group
 
 TESTBED_NODES = group_nodes("testbed")
-testbed_hosts = testbed_fixture("testbed")
+testbed_hosts = nodes_of_group("testbed")
 
 PORT = 18080
 CLIENT_IMAGE = images.BASE_IMAGE  # has curl

@@ -45,7 +45,7 @@ def bring_up(names: tuple[str, ...]) -> list[netns.Node]:
     return [r.node for r in netns.up(list(names))]
 
 
-def testbed_fixture(group: str):
+def nodes_of_group(group: str):
     """A module fixture ``testbed_hosts`` bringing up the nodes of ``group`` (override the session one)."""
 
     @pytest.fixture(scope="module")
