@@ -7,7 +7,7 @@
    completed; and, to show what the file itself contributes, the same by hand with the stop delay removed and
    with Swarm's default stop-first order.
 
-Runs on the test bed's nodes (HEALTHDEPLOY_TESTBED_HOSTS, the first three: manager+data, app+edge, app+edge),
+Runs on test-bed nodes of its own (HEALTHDEPLOY_BENCH_SWARM_NODES, default node16-18: manager+data, app+edge, app+edge),
 its own stack (hdbsw) and env; the Compose target runs on the data node (no gateway port of the stack there).
 The swarm tests' stack must not run meanwhile (both publish the gateway's ports on the edge nodes).
 Writes bench/results/swarm-<UTC time>.md.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from deploy.sandbox import images, netns  # noqa: E402
 from load import Load  # noqa: E402
 from swarm_env import form_swarm, remove_leftovers  # noqa: E402
-from testbed_env import TESTBED_NODES, docker  # noqa: E402
+from testbed_env import docker  # noqa: E402
 
 ENV_NAME = "bsw"
 STACK = "hdbsw"
@@ -132,7 +132,9 @@ def by_hand(bench: SwarmBench, variant: str, image: str, n: int) -> tuple[object
 
 
 def main() -> int:
-    nodes = [netns.node_for(n) for n in (list(TESTBED_NODES) if len(TESTBED_NODES) >= 3 else ["node1", "node2", "node3"])][:3]
+    # Nodes of its own (HEALTHDEPLOY_BENCH_SWARM_NODES), so the tests' swarm (node4-6) can run meanwhile.
+    names = [n.strip() for n in os.environ.get("HEALTHDEPLOY_BENCH_SWARM_NODES", "node16,node17,node18").split(",") if n.strip()]
+    nodes = [netns.node_for(n) for n in names][:3]
     if any(images.image_label(tag) is None for tag in images.all_tags()):
         images.build_all()
     netns.up([n.name for n in nodes])
