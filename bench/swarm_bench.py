@@ -9,7 +9,7 @@
 
 Runs on test-bed nodes of its own (HEALTHDEPLOY_BENCH_SWARM_NODES, default node16-18: manager+data, app+edge, app+edge),
 its own stack (hdbsw) and env; the Compose target runs on the data node (no gateway port of the stack there).
-The swarm tests' stack must not run meanwhile (both publish the gateway's ports on the edge nodes).
+Other stacks (the swarm tests on node4-6) may run meanwhile: these nodes have addresses of their own.
 Writes bench/results/swarm-<UTC time>.md.
 """
 
