@@ -226,7 +226,10 @@ def test_postgres_data_survives_a_deploy_an_engine_restart_and_a_backup_restore(
     # Destroy: the service and its volume are gone; a deploy brings up an empty PostgreSQL.
     assert manager_docker(env, "service", "rm", f"{STACK}_postgres").returncode == 0
     wait_until(lambda: not env.container_of(env.manager, "postgres"), 60, "postgres gone")
-    docker(env.manager, "volume", "rm", f"{STACK}_postgres-data")
+    # The task's container may still exist (stopped) for a moment, and a volume in use is not removed.
+    wait_until(lambda: docker(env.manager, "volume", "rm", f"{STACK}_postgres-data").returncode == 0
+               or f"{STACK}_postgres-data" not in docker(env.manager, "volume", "ls", "-q").stdout.split(),
+               60, "the postgres volume removed")
     proc = deploy(env)
     assert proc.returncode == 0, proc.stderr
     assert "postgres: created" in proc.stderr
