@@ -545,6 +545,11 @@ def restore_in_place(settings: Settings, host, console: Console, path: Path, man
     With ``placement`` (Swarm) the containers are the data node's tasks and the writers are scaled to 0 and
     back through the manager; without it they are the Compose project's, stopped and started again."""
     wanted = restore_services(settings, manifest, services)
+    if "influxdb" in wanted and settings.influx_version == "1":
+        # Its only restore is beside the live database (deploy/backup/restore.py), not yet wired for Swarm.
+        raise UsageError("TARGET=swarm cannot restore InfluxDB 1.x yet (its restore runs beside the live data, "
+                         "on Compose only); nothing was changed",
+                         "restore the other stores with --services, e.g. --services postgres,minio")
     if placement is not None:
         names = placement.containers(wanted)
         placement.stop_writers(WRITERS)

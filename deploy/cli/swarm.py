@@ -708,6 +708,10 @@ def run_restore(runtime: Runtime, set_name: str, services, yes: bool = False, sa
         raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
                          "restore a set of this environment")
     services = bk.restore_services(s, manifest, services)
+    if "influxdb" in services and s.influx_version == "1":
+        raise UsageError("TARGET=swarm cannot restore InfluxDB 1.x yet (its restore runs beside the live data, "
+                         "on Compose only); nothing was changed",
+                         "restore the other stores with --services, e.g. --services postgres,minio")
     bk.prove_readable(s, path, manifest, services)  # every artifact decrypted to its end before the host is touched
     node = data_node(runtime)
     origin = manifest.get("host")
