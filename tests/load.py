@@ -46,6 +46,8 @@ class LoadResult:
     # response (the server closed it as the request went out): what browsers do, counted apart, never hidden.
     resent_on_stale: int = 0
     failures: list[tuple[float, float, str]] = field(default_factory=list)  # (started, seconds, error), monotonic
+    # The load ran out of time (``limit_s``) before its block ended: what came after went unmeasured.
+    cut_short: bool = False
 
     def p99_ms(self) -> float:
         if not self.latencies:
@@ -92,7 +94,7 @@ class Load:
     """
 
     def __init__(self, host: str, port: int, rate: float = 100, workers: int = 16, path: str = "/api/build",
-                 limit_s: float = 600, timeout: float = 10, keepalive: bool = False,
+                 limit_s: float = 1800, timeout: float = 10, keepalive: bool = False,
                  post_path: str | None = "/api/echo"):
         self.host, self.port, self.rate, self.workers, self.path = host, port, rate, workers, path
         self.limit_s, self.timeout, self.keepalive, self.post_path = limit_s, timeout, keepalive, post_path
@@ -178,6 +180,8 @@ class Load:
                 conn = self._one(n, conn)
                 n += self.workers
                 next_at += interval
+            if not self._stop.is_set():
+                self.result.cut_short = True
         finally:
             if conn is not None:
                 conn.close()
@@ -193,6 +197,10 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=self.timeout + 5)
+        if self.result.cut_short and exc[0] is None:
+            # Silence after the limit would read as "no failed request": a test must not pass on it.
+            raise AssertionError(f"load on :{self.port} stopped at its limit of {self.limit_s:.0f} s before the "
+                                 f"measured block ended; give Load a larger limit_s")
 
 
 # ------------------------------------------------------------------------------- WebSocket

@@ -426,8 +426,11 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
     problems += _server_name_problems(typed["server_names"] or ())
     problems += _limit_problems(typed)
     ssh_config = typed["ssh_config"]
-    if ssh_config and ssh_config != _default(KEYS_BY_NAME["SSH_CONFIG"]) and not Path(ssh_config).is_file():
+    written_by_sandbox = Path(ssh_config or "/").parent == PROJECT_ROOT / ".sandbox"
+    if (ssh_config and ssh_config != _default(KEYS_BY_NAME["SSH_CONFIG"]) and not written_by_sandbox
+            and not Path(ssh_config).is_file()):
         # A mistyped path must not fall back to ~/.ssh/config (other HostName, User, IdentityFile) in silence.
+        # .sandbox/ssh_config is the exception: `inv sandbox.up` / `inv testbed.up` write it, after settings load.
         problems.append(Problem("SSH_CONFIG", f"file {ssh_config} does not exist",
                                 "fix the path, or remove the line to use ~/.ssh/config"))
     if typed["stack_variant"] == "production" and not typed["app_source"] and kind != "sandbox":
