@@ -100,3 +100,18 @@ def test_bad_settings_exit_nonzero_without_connecting(tmp_path):
     assert any(line.startswith("error: KEEP_RELEASES: must be at least 1") for line in errors)
     assert any(line.startswith("error: JWT_SECRET: required for env 'prod'") for line in errors)
     assert "cannot reach" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sandbox_settings_load_before_the_sandbox_wrote_its_ssh_config(tmp_path, monkeypatch):
+    """A fresh clone has no .sandbox/ yet: `inv sandbox.up` loads the settings before it writes the file."""
+    import deploy.core.settings as settings_module
+    monkeypatch.setattr(settings_module, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setenv("HEALTHDEPLOY_ENV_DIR", str(Path("env").resolve()))
+    s = load_settings("sandbox")
+    assert s.ssh_config == str(tmp_path / ".sandbox" / "ssh_config")
+    (tmp_path / "prod.env").write_text("HOSTS=web1\nSSH_CONFIG=.sandbox/../ssh_confg\n")
+    monkeypatch.setenv("HEALTHDEPLOY_ENV_DIR", str(tmp_path))
+    with pytest.raises(SettingsError) as caught:
+        load_settings("prod")
+    assert [p.message for p in caught.value.problems if p.key == "SSH_CONFIG"] == [
+        f"file {tmp_path / '.sandbox/../ssh_confg'} does not exist"]
