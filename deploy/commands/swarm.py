@@ -151,9 +151,11 @@ def service_logs(service: str, tail: int = 30, follow: bool = False, timestamps:
 def job_create(name: str, stack: str, network: str, image: str, secret: str, uid: str, shell_command: str,
                environment: tuple[str, ...], constraint: str) -> Command:
     """A one-off task on the stack's overlay network (a replicated job: it runs once, is never restarted)
-    with the service's secret mounted like the service's own; ``--detach`` so its end is polled."""
+    with the service's secret mounted like the service's own; ``--detach`` so its end is polled. No health
+    check: the image's probes a server the job never starts, and Swarm kills an unhealthy task (exit 137) —
+    any migration longer than the probe's start period and retries (seconds, on a busy host) would die."""
     words = ["docker", "service", "create", "--detach", "--name", name, "--mode", "replicated-job",
-             "--restart-condition", "none", "--network", network, "--label", f"com.docker.stack.namespace={stack}",
+             "--restart-condition", "none", "--no-healthcheck", "--network", network, "--label", f"com.docker.stack.namespace={stack}",
              "--label", "healthdeploy.role=migrate", "--constraint", constraint,
              "--secret", f"source={secret},target=/run/healthdeploy/secrets.env,uid={uid},gid={uid},mode=0400",
              "--env", "HEALTHDEPLOY_ENV_FILE=/run/healthdeploy/secrets.env"]

@@ -318,3 +318,15 @@ def test_entrypoint_loads_the_secret_file_and_holds_the_stop_signal(tmp_path):
     assert not marker.exists()  # held back
     assert proc.wait(timeout=5) == 0
     assert marker.read_text().strip() == "term" and time.monotonic() - started >= 1.0
+
+
+def test_the_migration_job_runs_without_the_image_health_check():
+    """Swarm kills an unhealthy task: the backend image's probe (a server the job never starts) must not run."""
+    from deploy.commands.swarm import job_create
+
+    words = job_create("hd_migrate-1", "hd", "hd_default", "reg/backend@sha256:ab", "hd_backend-secrets", "10001",
+                       "python3 /app/app.py migrate", ("RELEASE=r1",), "node.labels.healthdeploy.app==true")
+    words = __import__("shlex").split(words.render())
+    assert words[:9] == ["docker", "service", "create", "--detach", "--name", "hd_migrate-1", "--mode",
+                         "replicated-job", "--restart-condition"]
+    assert "--no-healthcheck" in words and words.index("--no-healthcheck") < words.index("reg/backend@sha256:ab")
