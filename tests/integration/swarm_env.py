@@ -98,7 +98,8 @@ def remove_leftovers(nodes: list[netns.Node], stack: str = STACK, env_name: str 
             docker(manager, kind, "rm", *names)
     eventually(lambda: stack + "_default" not in docker(manager, "network", "ls", "--format", "{{.Name}}").stdout,
                timeout=30)
-    shutil.rmtree(deploy_root, ignore_errors=True)
+    for node in nodes:  # these nodes' trees only: another run may use other nodes under the same root
+        shutil.rmtree(deploy_root / node.name, ignore_errors=True)
     shutil.rmtree(PROJECT_ROOT / "backups" / env_name, ignore_errors=True)
 
 
