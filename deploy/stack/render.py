@@ -181,7 +181,9 @@ def _render_compose(settings: Settings, target: Target, definitions: dict[str, s
         gateway_ports=GATEWAY_PORTS + ((80, 443) if settings.tls_cert_file else ()),
         limits={s: settings.limits(s) for s in (*APP_SERVICES, *infra, "gateway")},
         influx_version=settings.influx_version, release_path_var=".", secrets_mount=SECRETS_MOUNT,
-        health_interval="1s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
+        # 2 s, not 1: each probe is an exec costing about 45 ms of CPU here (4.5 % of a core per container at 1 s,
+        # 1.1 % at 5 s, measured); Docker 20.10 has no start_interval to probe fast only while starting.
+        health_interval="2s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
         log_max_size="10m", log_max_file="5",
         # On Swarm nothing of the data layer is published (backups reach it over the node's docker_gwbridge).
         ports=_ports_block(settings, target) if swarm is None else (lambda *args: ""),
