@@ -162,7 +162,7 @@ def plan_for(runtime: Runtime, path, manifest: dict, services: tuple[str, ...], 
     return rp.RestorePlan(
         set_name=path.name, env=s.env_name, data_host=alias, stamp=stamp,
         stores=rp.store_plans(services, stamp, s.db_name, s.influx_bucket, s.influx_version, buckets, artifacts),
-        writers=tuple(rp.WriterStop(h, WRITERS) for h in apps), lock_hosts=tuple(dict.fromkeys([alias, *apps])),
+        writers=tuple(rp.WriterStop(h, WRITERS, scaled=s.swarm) for h in apps), lock_hosts=tuple(dict.fromkeys([alias, *apps])),
         safety_backup=safety_backup, safety_services=services if safety_backup else (), checks=tuple(checks),
         signed_by=signer, apply_globals=bool(signer), buckets=buckets, need_disk_mb=disk, need_memory_mb=memory)
 

@@ -94,7 +94,7 @@ class Cluster:
         self.plan = rp.RestorePlan(
             set_name=self.path.name, env="cluster", data_host=self.node, stamp=STAMP,
             stores=rp.store_plans(("postgres", "influxdb"), STAMP, "health_mgmt", "health_data", "1", (), {}),
-            writers=(rp.WriterStop(self.manager_alias, ("backend", "ai-service")),),
+            writers=(rp.WriterStop(self.manager_alias, ("backend", "ai-service"), scaled=True),),
             lock_hosts=tuple(dict.fromkeys([self.node, self.manager_alias])), safety_backup=True,
             safety_services=("postgres", "influxdb"), checks=(), signed_by="SHA256:x", apply_globals=True)
         self.at_safety_backup: dict = {}
@@ -326,4 +326,5 @@ def test_inv_restore_dry_run_on_swarm_prints_the_plan_and_touches_nothing(tmp_pa
     assert cli_backup.run_restore(runtime, c.path.name, None, None, yes=True, dry_run=True) == 0
     assert hosts == []
     text = out.getvalue()
-    assert "health_data__hd_new_" in text and "stop writers on node1: backend, ai-service" in text
+    assert "health_data__hd_new_" in text and "scale writers to 0 through node1: backend, ai-service" in text
+    assert "gateway re-pointed" not in text and "locks: node1" in text
