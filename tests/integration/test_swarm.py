@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from deploy.commands.backup import SECRETS_PRELUDE
 from deploy.core.settings import PROJECT_ROOT
 from deploy.sandbox import netns
 from load import Load
@@ -50,8 +51,10 @@ def checksum(env) -> str:
     return psql(env.manager, env.container_of(env.manager, "postgres"), CHECKSUM_SQL)
 
 
-# InfluxDB runs with HTTP auth: curl as the admin user from the task container's environment (config on stdin).
-INFLUX_CURL = ('printf \'user = "%s:%s"\\n\' "$INFLUXDB_ADMIN_USER" "$INFLUXDB_ADMIN_PASSWORD" | curl -K - "$@"')
+# InfluxDB runs with HTTP auth: curl as the admin user from the task's secrets file (a Swarm secret; loaded as
+# healthdeploy's own commands load it), the credentials on curl's stdin.
+INFLUX_CURL = SECRETS_PRELUDE + ('printf \'user = "%s:%s"\\n\' "$INFLUXDB_ADMIN_USER" "$INFLUXDB_ADMIN_PASSWORD" '
+                                 '| curl -K - "$@"')
 
 
 def influx(env, query: str | None = None, write: str | None = None, post: bool = False) -> dict:
