@@ -20,6 +20,9 @@ Every undo is registered before its action. A guard process on each touched host
 runs the shell half of the undo (writers started again, databases renamed back or recreated from the
 previous copy, staging dropped) if our process dies or the connection drops; what only this process can undo
 (object copies through the S3 API) is done by the next `inv restore` from the journal the guard leaves.
+
+TARGET=swarm runs the same restore (``SwarmRestore``) on the data node's task containers: the writers are
+scaled to 0 and back through the manager instead of stopped, and no gateway step follows (Swarm's DNS does).
 """
 
 from __future__ import annotations
@@ -603,16 +606,52 @@ class Restore:
             objects.remove_bucket(client, prev)
 
 
+class SwarmRestore(Restore):
+    """TARGET=swarm: the same restore on the data node's task containers. The writers are scaled to 0 through
+    the manager (a stopped task's container would be replaced by a new task) and back to the replica counts
+    they had; the manager's guard scales them back if we vanish. No gateway step: the gateways follow the
+    writers' new tasks through Swarm's DNS, as after a deploy."""
+
+    def __init__(self, settings: Settings, plan: RestorePlan, path: Path, manifest: dict, data, manager, placement,
+                 console: Console, root: Path, take_backup: Callable, verify_set: Callable):
+        # The manager is the one "application host": its guard holds the writers' undo (data may be it too).
+        super().__init__(settings, plan, path, manifest, data, {manager.alias: manager}, console, root,
+                         take_backup, verify_set)
+        self.manager, self.placement = manager, placement
+        self.replicas: dict[str, int] = {}
+
+    def container(self, service: str) -> str:
+        return self.placement.container(service)
+
+    def stop_writers(self) -> None:
+        from deploy.commands import swarm as sc
+
+        replicas = self.placement.writer_replicas(WRITERS)
+        if not replicas:
+            return
+        self.replicas = replicas
+        self.register(f"writers scaled back through {self.manager.alias}",
+                      lambda: self.placement.scale_back(replicas),
+                      [sc.scale_writers(self.s.stack_name, replicas, "scale the writers back")], host=self.manager.alias)
+        self.placement.scale_down(replicas)
+
+    def start_writers(self) -> None:
+        if self.replicas:
+            self.placement.scale_back(self.replicas)
+
+
 def _unknown_bucket(name: str) -> str:
     raise IntegrityError(f"the object archive has bucket {name!r} that its manifest does not list",
                          "this set cannot be trusted")
 
 
 # -- what an earlier restore left ----------------------------------------------------------------------
-def recover_journals(settings: Settings, session, console: Console, own_stamp: str = "") -> list[str]:
+def recover_journals(settings: Settings, session, console: Console, own_stamp: str = "",
+                     container_of: Callable[[str], str | None] | None = None) -> list[str]:
     """An earlier restore that did not end (our process killed, the connection dropped) left a journal: its
     guard ran the shell undo (or runs it now, if it never could); the object copies only this process can
-    make are undone here; its staging and previous copies go. Returns what was done, one line each."""
+    make are undone here; its staging and previous copies go. Returns what was done, one line each.
+    ``container_of`` names the running container of a service on the session's host (Swarm: its task's)."""
     from deploy.backup import objects
     from deploy.backup.run import object_store
     from deploy.plan.restore import bucket_names
@@ -636,9 +675,12 @@ def recover_journals(settings: Settings, session, console: Console, own_stamp: s
         phase = record.get("phase") or {}
         if "minio" in phase and plan.get("buckets") is not None:
             names = bucket_names(tuple(plan["buckets"]), plan["stamp"])
-            containers = [c for c in session.containers() if c.service == "minio" and c.running]
-            if containers:
-                client = object_store(settings, session.host, containers[0].name)
+            if container_of is None:
+                container = next((c.name for c in session.containers() if c.service == "minio" and c.running), None)
+            else:
+                container = container_of("minio")
+            if container:
+                client = object_store(settings, session.host, container)
                 existed = record.get("minio_existed") or []
                 if phase["minio"] in ("switching", "switched"):
                     for bucket in names:

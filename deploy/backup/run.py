@@ -26,10 +26,10 @@ from deploy.commands import docker as dk
 from deploy.backup.sealing import Sealing, open_sealed_writer, open_unsealed_reader
 from deploy.core.console import Console
 from deploy.core.errors import ExitCode, HealthdeployError, IntegrityError, UsageError
-from deploy.core.services import RESTORABLE, WRITERS
+from deploy.core.services import RESTORABLE
 from deploy.core.settings import BACKUPABLE, Settings
 from deploy.execute.ssh import progress_printer
-from deploy.facts.containers import inspect_named, parse_containers, project_containers, stack_only
+from deploy.facts.containers import inspect_named, parse_containers
 from deploy.facts.host import current_release
 from deploy.facts.ports import parse_published_port, published_port
 from deploy.stack.render import Target
@@ -139,10 +139,6 @@ def object_store(settings: Settings, host, container: str):
 
     endpoint, open_socket = tunnel_to(host, container, S3_PORT)
     return objects.client_over(open_socket, endpoint, settings.minio_user, settings.minio_password.reveal())
-
-
-def stack_containers(host, project: str):
-    return stack_only(parse_containers(host.run(project_containers(project)).text, project))
 
 
 def backup(settings: Settings, host, console: Console, root: Path, services: tuple[str, ...] | None = None,
@@ -536,74 +532,6 @@ def prove_readable(settings: Settings, path: Path, manifest: dict, services) -> 
 def artifact_record(manifest: dict, name: str) -> dict | None:
     """The manifest record of artifact ``name`` (e.g. postgres.dump), whatever suffix sealing gave its file."""
     return next((a for a in manifest["artifacts"] if a.get("artifact", a["file"]) == name), None)
-
-
-def restore_in_place(settings: Settings, host, console: Console, path: Path, manifest: dict,
-            services: tuple[str, ...] | None, session=None, placement=None) -> list[str]:
-    """Restore the set's artifacts over the running stores on ``host`` (Swarm only, after its safety backup: the
-    beside-the-live-data restore of deploy/backup/restore.py is Compose's). The caller holds the deploy lock.
-    With ``placement`` (Swarm) the containers are the data node's tasks and the writers are scaled to 0 and
-    back through the manager; without it they are the Compose project's, stopped and started again."""
-    wanted = restore_services(settings, manifest, services)
-    if "influxdb" in wanted and settings.influx_version == "1":
-        # Its only restore is beside the live database (deploy/backup/restore.py), not yet wired for Swarm.
-        raise UsageError("TARGET=swarm cannot restore InfluxDB 1.x yet (its restore runs beside the live data, "
-                         "on Compose only); nothing was changed",
-                         "restore the other stores with --services, e.g. --services postgres,minio")
-    if placement is not None:
-        names = placement.containers(wanted)
-        placement.stop_writers(WRITERS)
-        writers: tuple[str, ...] = ()
-    else:
-        target = Target.of(settings, host.alias, host.address)
-        containers = [c for c in stack_containers(host, target.project) if c.state == "running"]
-        by_service = {}
-        for c in containers:
-            by_service.setdefault(c.service, c)
-        missing = [s for s in wanted if s not in by_service]
-        if missing:
-            raise HealthdeployError(f"{host.alias}: not running: {', '.join(missing)}", "start the stack first")
-        names = {s: by_service[s].name for s in wanted}
-        writers = tuple(c.id for c in containers if c.service in WRITERS)
-    if writers:
-        console.phase(host.alias, f"stopping the application's writers ({len(writers)} container(s))")
-        host.run(dk.stop_containers(writers))
-    try:
-        for service in wanted:
-            container = names[service]
-            detail = ""
-            if service == "postgres":
-                globals_record = artifact_record(manifest, "postgres-globals.sql")
-                if globals_record:
-                    _send(settings, host, bk.postgres_restore_globals(container), path, globals_record)
-                _send(settings, host, bk.postgres_restore(container), path, artifact_record(manifest, "postgres.dump"))
-            elif service == "influxdb":
-                _send(settings, host, bk.influx_restore(container, settings.influx_version, settings.influx_bucket),
-                      path, artifact_record(manifest, "influxdb.tar"))
-            elif service == "mongodb":
-                _send(settings, host, bk.mongo_restore(container), path, artifact_record(manifest, "mongodb.archive.gz"))
-            elif service == "minio":
-                summary = _restore_objects(settings, object_store(settings, host, container), path,
-                                           artifact_record(manifest, "minio.tar"))
-                detail = (f": {summary.objects} objects, {summary.bytes} bytes, {summary.removed} extra removed"
-                          + (f"; buckets not in the set, left alone: {', '.join(summary.missing_buckets)}"
-                             if summary.missing_buckets else ""))
-            console.phase(host.alias, f"{service} restored from {path.name}{detail}")
-    except BaseException:
-        # Bring the application back, but report the restore's own error, not this.
-        try:
-            if placement is not None:
-                placement.start_writers()
-            elif writers:
-                _restart_writers(host, settings, console, writers, session)
-        except HealthdeployError as exc:
-            console.warn(f"{host.alias}: restarting the application after the failed restore: {exc.message}")
-        raise
-    if placement is not None:
-        placement.start_writers()
-    elif writers:
-        _restart_writers(host, settings, console, writers, session)
-    return list(wanted)
 
 
 def restore_services(settings: Settings, manifest: dict, services: tuple[str, ...] | None) -> tuple[str, ...]:

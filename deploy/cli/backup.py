@@ -135,7 +135,9 @@ def _app_hosts(s: Settings, data_alias: str) -> list[str]:
 
 
 def plan_for(runtime: Runtime, path, manifest: dict, services: tuple[str, ...], alias: str, safety_backup: bool,
-             signer: str):
+             signer: str, app_hosts: list[str] | None = None):
+    """``app_hosts``: where the writers stop (default: the hosts whose writers write to ``alias``; on Swarm the
+    manager, which scales them)."""
     from deploy.plan import restore as rp
 
     s = runtime.settings
@@ -149,7 +151,7 @@ def plan_for(runtime: Runtime, path, manifest: dict, services: tuple[str, ...], 
             artifacts[a["service"]] += (a["file"],)
             content[a["service"]] = content.get(a["service"], 0) + int(a.get("content_bytes", a.get("bytes", 0)) or 0)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d%H%M%S")
-    apps = _app_hosts(s, alias)
+    apps = _app_hosts(s, alias) if app_hosts is None else app_hosts
     disk, memory = rp.resource_needs(content, services)
     checks = ["manifest signature " + (f"verified (signer {signer})" if signer else "NOT checked (no BACKUP_ALLOWED_SIGNERS)"),
               "every artifact's size and SHA-256",
@@ -160,7 +162,7 @@ def plan_for(runtime: Runtime, path, manifest: dict, services: tuple[str, ...], 
     return rp.RestorePlan(
         set_name=path.name, env=s.env_name, data_host=alias, stamp=stamp,
         stores=rp.store_plans(services, stamp, s.db_name, s.influx_bucket, s.influx_version, buckets, artifacts),
-        writers=tuple(rp.WriterStop(h, WRITERS) for h in apps), lock_hosts=tuple(dict.fromkeys([alias, *apps])),
+        writers=tuple(rp.WriterStop(h, WRITERS, scaled=s.swarm) for h in apps), lock_hosts=tuple(dict.fromkeys([alias, *apps])),
         safety_backup=safety_backup, safety_services=services if safety_backup else (), checks=tuple(checks),
         signed_by=signer, apply_globals=bool(signer), buckets=buckets, need_disk_mb=disk, need_memory_mb=memory)
 
@@ -181,7 +183,7 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     involved, then load every store beside its live data, check, switch all, bring the writers back, audit."""
     import contextlib
 
-    from deploy.backup.restore import Restore, RestoreFailed, recover_journals
+    from deploy.backup.restore import Restore, recover_journals
     from deploy.cli.health import health
 
     s = runtime.settings
@@ -189,8 +191,11 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
     if s.swarm:
         from deploy.cli import swarm
 
+        if host_alias:
+            raise UsageError("--host has no meaning with TARGET=swarm", "the data node of SWARM_NODES is restored")
         return swarm.run_restore(runtime, set_name, services, yes=yes, safety_backup=safety_backup,
-                                 break_lock=break_lock, other_host=other_host)
+                                 break_lock=break_lock, other_host=other_host, dry_run=dry_run,
+                                 yes_really=yes_really, as_json=as_json)
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
     signer = bk.check_origin(s, path, console)  # before anything else of the set is read
     manifest = bk.check_set(path)  # refuses a corrupt or truncated set before touching anything
@@ -240,43 +245,55 @@ def run_restore(runtime: Runtime, set_name: str, host_alias: str | None, service
             take_backup=lambda: bk.backup(s, host, console, BACKUP_ROOT, services, role=data.t.role.value,
                                           kind="safety"),
             verify_set=lambda p: bk.verify(s, host, console, p, bk.check_set(p)))
-        try:
-            report = restore.run()
-        except RestoreFailed as exc:
-            entry = {"event": "restore", "set": path.name, "result": "failed", "reason": exc.cause_message,
-                     "stores": exc.states, "safety_backup": restore.report.safety_backup,
-                     "duration_s": round(time.monotonic() - started, 1)}
-            for session in sessions.values():
-                try:
-                    session.audit(entry)
-                except HealthdeployError:
-                    pass
-            if as_json:
-                console.json({**restore.report.record(), "result": "failed", "error": exc.message})
-            else:
-                console.table(["store", "state"], [[k, v] for k, v in exc.states.items()])
-            raise
-        except HealthdeployError as exc:
-            data.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
-                        "duration_s": round(time.monotonic() - started, 1)})
-            raise
-        report.recovered = recovered
-        entry = {"event": "restore", "set": path.name, "result": "ok", "services": list(services),
-                 "stores": report.states, "safety_backup": report.safety_backup, "signed_by": signer or None,
-                 "duration_s": round(time.monotonic() - started, 1),
-                 "writers_down_s": round(report.writers_down_seconds, 1)}
+        run_and_report(runtime, restore, sessions, path, services, signer, started, recovered, as_json)
+    # The application must be healthy again with the restored data.
+    return health(runtime, [])
+
+
+def run_and_report(runtime: Runtime, restore, sessions: dict, path, services: tuple[str, ...], signer: str,
+                   started: float, recovered: list[str], as_json: bool, extra: dict | None = None):
+    """Run ``restore`` (Compose or Swarm), audit it on every locked host, print its table. Under the locks."""
+    from deploy.backup.restore import RestoreFailed
+
+    console = runtime.console
+    extra = extra or {}
+    try:
+        report = restore.run()
+    except RestoreFailed as exc:
+        entry = {"event": "restore", "set": path.name, "result": "failed", "reason": exc.cause_message,
+                 "stores": exc.states, "safety_backup": restore.report.safety_backup,
+                 "duration_s": round(time.monotonic() - started, 1), **extra}
         for session in sessions.values():
-            session.audit(entry)
+            try:
+                session.audit(entry)
+            except HealthdeployError:
+                pass
+        if as_json:
+            console.json({**restore.report.record(), "result": "failed", "error": exc.message})
+        else:
+            console.table(["store", "state"], [[k, v] for k, v in exc.states.items()])
+        raise
+    except HealthdeployError as exc:
+        restore.data.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
+                            "duration_s": round(time.monotonic() - started, 1), **extra})
+        raise
+    report.recovered = recovered
+    entry = {"event": "restore", "set": path.name, "result": "ok", "services": list(services),
+             "stores": report.states, "safety_backup": report.safety_backup, "signed_by": signer or None,
+             "duration_s": round(time.monotonic() - started, 1),
+             "writers_down_s": round(report.writers_down_seconds, 1), **extra}
+    for session in sessions.values():
+        session.audit(entry)
     if as_json:
         console.json({**report.record(), "result": "ok"})
     else:
         console.table(["store", "state", "detail"],
                       [[k, v, report.details.get(k, "")] for k, v in report.states.items()])
-        console.result(f"restored {', '.join(services)} from {path.name} on {alias} in {time.monotonic() - started:.1f}s"
+        console.result(f"restored {', '.join(services)} from {path.name} on {restore.data.alias} in "
+                       f"{time.monotonic() - started:.1f}s"
                        + (f"; safety backup {report.safety_backup} (drill {report.safety_verified})"
                           if report.safety_backup else ""))
-    # The application must be healthy again with the restored data.
-    return health(runtime, [])
+    return report
 
 
 def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:

@@ -598,72 +598,86 @@ def releases(runtime: Runtime, cli_hosts: list[str], as_json: bool = False) -> i
 
 # -- where the data is: backups, restores, drills -----------------------------------------------------------
 class SwarmPlacement:
-    """The data node's engine as backup/run.py sees a host: the stack's task containers by service, the live
-    release (from the manager), and the application's writers stopped and started through the manager."""
+    """The data node's engine as backup/run.py and the restore see a host: the stack's task containers by
+    service (read again at every use: a rescheduled task has another name), the live release (from the
+    manager), and the application's writers scaled to 0 and back through the manager (a stopped task's
+    container would only be replaced by Swarm)."""
 
     def __init__(self, runtime: Runtime, manager_host, data_host):
         self.runtime, self.manager, self.host = runtime, manager_host, data_host
-        s = runtime.settings
-        self.facts = node_facts(s, data_host, data_host.alias)
         self.session = manager_session(runtime, manager_host)
-        self.replicas: dict[str, int] = {}
+
+    def _running(self) -> dict[str, str]:
+        """service -> the name of its running task container on the data node."""
+        stack = self.runtime.settings.stack_name
+        names: dict[str, str] = {}
+        for c in sf.parse_task_containers(self.host.run(sf.task_containers(stack)).text):
+            if c.state == "running" and c.service.startswith(stack + "_"):
+                names.setdefault(c.service[len(stack) + 1:], c.name)
+        return names
+
+    def running_container(self, service: str) -> str | None:
+        return self._running().get(service)
+
+    def container(self, service: str) -> str:
+        return self.containers((service,))[service]
 
     def containers(self, services) -> dict[str, str]:
-        s = self.runtime.settings
-        names = {}
-        for service in services:
-            found = self.facts.container_of(f"{s.stack_name}_{service}")
-            if found is None:
-                raise HealthdeployError(f"{self.host.alias}: no running task of {service} on the data node",
-                                        "`fab status` shows where the stack's tasks run")
-            names[service] = found.name
-        return names
+        running = self._running()
+        missing = [x for x in services if x not in running]
+        if missing:
+            raise HealthdeployError(f"{self.host.alias}: no running task of {', '.join(missing)} on the data node",
+                                    "`fab status` shows where the stack's tasks run")
+        return {x: running[x] for x in services}
 
     def release(self) -> str:
         from deploy.facts.host import current_release
 
         return self.manager.run(current_release(self.session.t.deploy_path)).text.strip()
 
-    def stop_writers(self, writers: tuple[str, ...]) -> None:
+    def writer_replicas(self, writers: tuple[str, ...]) -> dict[str, int]:
+        """service -> replica count of each writer that has tasks: what it is scaled back to."""
+        s = self.runtime.settings
+        _, services, _, _ = sf.parse_tasks_poll(self.manager.run(sf.services_and_tasks(s.stack_name, writers)).text,
+                                                s.stack_name)
+        return {x.service: x.replicas for x in services if x.service in writers and x.replicas}
+
+    def scale_down(self, replicas: dict[str, int]) -> None:
         from deploy.commands import swarm as sc
 
         s = self.runtime.settings
-        m = sf.parse_manager(self.manager.run(sf.manager_observe(self.session.t.deploy_path, s.stack_name)).text,
-                             s.stack_name)
-        pairs = []
-        for service in writers:
-            live = m.service(service)
-            if live is not None and live.replicas:
-                self.replicas[service] = live.replicas
-                pairs.append((f"{s.stack_name}_{service}", 0))
-        if not pairs:
-            return
-        self.runtime.console.phase(self.host.alias, f"scaling the application's writers to 0 ({', '.join(self.replicas)})")
-        self.manager.run(sc.service_scale(tuple(pairs)))
-        self._wait(lambda tasks: not [t for t in tasks if t.state == "running"], tuple(self.replicas),
-                   "the writers stopped")
+        self.runtime.console.phase(self.host.alias, f"scaling the application's writers to 0 ({', '.join(replicas)})")
+        self.manager.run(sc.scale_writers(s.stack_name, {x: 0 for x in replicas}, "scale the writers to 0"))
+        self._wait(lambda counts: not any(counts.values()), replicas, "the writers stopped",
+                   lambda task: task.state == "running")
 
-    def start_writers(self) -> None:
+    def scale_back(self, replicas: dict[str, int]) -> None:
+        """Idempotent: the restore's undo and its end both run it."""
         from deploy.commands import swarm as sc
 
         s = self.runtime.settings
-        if not self.replicas:
-            return
-        self.manager.run(sc.service_scale(tuple((f"{s.stack_name}_{k}", v) for k, v in self.replicas.items())))
-        self._wait(lambda tasks: len([t for t in tasks if t.running]) >= sum(self.replicas.values()),
-                   tuple(self.replicas), "the writers running again")
+        self.manager.run(sc.scale_writers(s.stack_name, replicas, "scale the writers back"))
+        # A task with a health check is "running" only once healthy: this is the writers' health.
+        self._wait(lambda counts: all(counts.get(x, 0) >= n for x, n in replicas.items()), replicas,
+                   "the writers running again", lambda task: task.running)
         self.runtime.console.phase(self.host.alias, "application writers running again (the gateways follow them)")
-        self.replicas = {}
 
-    def _wait(self, done, services: tuple[str, ...], what: str) -> None:
+    def _wait(self, done, replicas: dict[str, int], what: str, counted) -> None:
+        """Until ``done`` holds for service -> number of its tasks that are ``counted``."""
         from deploy.execute.wait import wait_for
 
         s = self.runtime.settings
+        services = tuple(sorted(replicas))
 
         def check():
-            _, _, tasks, _ = sf.parse_tasks_poll(self.manager.run(sf.services_and_tasks(s.stack_name, services)).text,
-                                                 s.stack_name)
-            return True if done([t for t in tasks if t.desired == "running" or t.state == "running"]) else None
+            _, found, tasks, _ = sf.parse_tasks_poll(self.manager.run(sf.services_and_tasks(s.stack_name, services)).text,
+                                                     s.stack_name)
+            ids = {x.id: x.service for x in found}
+            counts = {x: 0 for x in services}
+            for t in tasks:
+                if counted(t) and t.service_id in ids:
+                    counts[ids[t.service_id]] = counts.get(ids[t.service_id], 0) + 1
+            return True if done(counts) else None
         wait_for(check, float(s.health_timeout) + 60, what, interval=1.0, hint="`fab status` shows the tasks")
 
 
@@ -696,57 +710,72 @@ def run_backup(runtime: Runtime, services, as_json: bool = False, kind: str = "b
 
 
 def run_restore(runtime: Runtime, set_name: str, services, yes: bool = False, safety_backup: bool = True,
-                break_lock: bool = False, other_host: bool = False) -> int:
+                break_lock: bool = False, other_host: bool = False, dry_run: bool = False, yes_really: bool = False,
+                as_json: bool = False) -> int:
+    """The Compose restore (backup/restore.py: beside the live data, all switched at once, undone on any
+    failure) on the data node's task containers; the writers scaled to 0 and back through the manager. The
+    manager's lock is held, as for a deploy, and the data node's (its guard's undo waits in it)."""
+    import contextlib
+
     from deploy.backup import run as bk
-    from deploy.cli.backup import BACKUP_ROOT
+    from deploy.backup.restore import SwarmRestore, recover_journals
+    from deploy.cli.backup import BACKUP_ROOT, _check_env, _confirm, plan_for, run_and_report
 
     s = runtime.settings
+    console = runtime.console
     path = bk.resolve_set(BACKUP_ROOT, s.env_name, set_name)
-    bk.check_origin(s, path, runtime.console)  # signature first, as for Compose
+    signer = bk.check_origin(s, path, console)  # signature first, as for Compose
     manifest = bk.check_set(path)
-    if manifest.get("env") != s.env_name:
-        raise UsageError(f"{path.name} is a backup of env '{manifest.get('env')}', not '{s.env_name}'",
-                         "restore a set of this environment")
+    _check_env(s, path, manifest, "restore")
     services = bk.restore_services(s, manifest, services)
-    if "influxdb" in services and s.influx_version == "1":
-        raise UsageError("TARGET=swarm cannot restore InfluxDB 1.x yet (its restore runs beside the live data, "
-                         "on Compose only); nothing was changed",
-                         "restore the other stores with --services, e.g. --services postgres,minio")
-    bk.prove_readable(s, path, manifest, services)  # every artifact decrypted to its end before the host is touched
-    node = data_node(runtime)
+    node, manager = data_node(runtime), s.hosts[0]
     origin = manifest.get("host")
     if origin and origin != node and not other_host:
         raise UsageError(f"{path.name} was taken on {origin}, not on the data node {node}",
                          "restore it onto its own host, or pass --other-host to restore it here on purpose")
+    if not safety_backup and s.env_kind == "production" and not yes_really and not dry_run:
+        _confirm(s, f"Restore {path.name} on {s.env_name} WITHOUT a safety backup of the live data?",
+                 f"--no-safety-backup on production '{s.env_name}' needs its own confirmation", "--yes-really")
+    plan = plan_for(runtime, path, manifest, services, node, safety_backup, signer, app_hosts=[manager])
+    read = bk.prove_readable(s, path, manifest, services)  # every artifact decrypted to its end before the host is touched
+    if dry_run:
+        if as_json:
+            console.json({"plan": plan.record(), "content_bytes_read": read, "target": "swarm"})
+        else:
+            for line in plan.lines():
+                console.result(line)
+            console.result(f"dry run: every artifact read ({read} bytes of content); nothing was changed")
+        return EXIT_OK
     if s.env_kind == "production" and not yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"restoring {path.name} over production data of '{s.env_name}' needs confirmation",
-                             "rerun with --yes")
-        answer = input(f"Restore {path.name} over the live data of {s.env_name} on {node}? Type the env name: ")
-        if answer.strip() != s.env_name:
-            raise UsageError("not confirmed", "nothing was changed")
+        _confirm(s, f"Restore {path.name} over the live data of {s.env_name} on {node}?",
+                 f"restoring {path.name} over production data of '{s.env_name}' needs confirmation", "--yes")
     started = time.monotonic()
-    safety = None
-    with runtime.connect(s.hosts[0]) as manager, runtime.connect(node) as host:
-        session = manager_session(runtime, manager)
-        with session.locked("restore", path.name, break_lock):
-            placement = SwarmPlacement(runtime, manager, host)
-            try:
-                if safety_backup:
-                    runtime.console.phase(node, "safety backup of the current data first")
-                    safety = bk.backup(s, host, runtime.console, BACKUP_ROOT,
-                                       tuple(x for x in (services or s.backup_services) if x in s.enabled_infra),
-                                       role="data", kind="safety", placement=placement)
-                restored = bk.restore_in_place(s, host, runtime.console, path, manifest, services, placement=placement)
-                session.audit({"event": "restore", "set": path.name, "services": restored, "result": "ok",
-                               "safety_backup": safety.name if safety else None, "target": "swarm",
-                               "duration_s": round(time.monotonic() - started, 1)})
-            except HealthdeployError as exc:
-                session.audit({"event": "restore", "set": path.name, "result": "failed", "reason": exc.message,
-                               "target": "swarm", "duration_s": round(time.monotonic() - started, 1)})
-                raise
-    runtime.console.result(f"restored {', '.join(restored)} from {path.name} on {node}"
-                           + (f"; safety backup {safety.name}" if safety else ""))
+    with contextlib.ExitStack() as stack:
+        manager_host = stack.enter_context(runtime.connect(manager))
+        session = manager_session(runtime, manager_host)
+        stack.enter_context(session.locked("restore", path.name, break_lock))
+        sessions = {manager: session}
+        if node == manager:
+            data = session  # one host, one guard: the stores' undo runs before the writers' scale-back
+        else:
+            host = stack.enter_context(runtime.connect(node))
+            data = Session(host, s, sw.swarm_target(s, node, host.address), console)
+            stack.enter_context(data.locked("restore", path.name, break_lock))
+            sessions[node] = data
+        host = data.host
+        placement = SwarmPlacement(runtime, manager_host, host)
+        bk.check_resources(s, host, manifest, services, drill=False)
+        recovered = recover_journals(s, data, console, plan.stamp, container_of=placement.running_container)
+        if data is not session:  # the manager's journal holds only the writers' scale-back (no object store)
+            recovered += recover_journals(s, session, console, plan.stamp, container_of=lambda service: None)
+        restore = SwarmRestore(
+            s, plan, path, manifest, data, session, placement, console, BACKUP_ROOT,
+            take_backup=lambda: bk.backup(s, host, console, BACKUP_ROOT, services, role="data", kind="safety",
+                                          placement=placement),
+            verify_set=lambda p: bk.verify(s, host, console, p, bk.check_set(p)))
+        run_and_report(runtime, restore, sessions, path, services, signer, started, recovered, as_json,
+                       extra={"target": "swarm"})
+    # The application must be healthy again with the restored data.
     return health(runtime, [])
 
 

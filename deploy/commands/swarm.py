@@ -134,9 +134,16 @@ def service_remove(services: tuple[str, ...]) -> Command:
                intent=("service-rm", *services))
 
 
-def service_scale(pairs: tuple[tuple[str, int], ...]) -> Command:
+def service_scale(pairs: tuple[tuple[str, int], ...], description: str = "scale services") -> Command:
     return cmd("docker", "service", "scale", "--detach", *[f"{s}={n}" for s, n in pairs],
-               description="scale services", intent=("service-scale", *pairs))
+               description=description, intent=("service-scale", *pairs))
+
+
+def scale_writers(stack: str, replicas: dict[str, int], description: str) -> Command:
+    """The stack's writers (service -> replica count) scaled in one call: to 0 for a restore, and back to the
+    counts they had (its undo, which the restore guard also runs on the manager if we vanish)."""
+    return service_scale(tuple((f"{stack}_{service}", int(n)) for service, n in sorted(replicas.items())),
+                         description)
 
 
 def service_logs(service: str, tail: int = 30, follow: bool = False, timestamps: bool = False) -> Command:

@@ -112,6 +112,18 @@ def node_observe(deploy_path: str, stack: str) -> Command:
                   intent=("node-observe", stack))
 
 
+# On a node: $1 stack. The containers of the stack's tasks on this node's engine (NODE_OBSERVE's section alone:
+# a restore looks its containers up again before each use, a rescheduled task has another name).
+TASK_CONTAINERS = r"""docker ps --no-trunc --filter "label=com.docker.stack.namespace=$1" \
+  --format '{{.ID}} {{.Names}} {{.Label "com.docker.swarm.service.name"}} {{.Label "com.docker.swarm.task.id"}} {{.State}}'
+"""
+
+
+def task_containers(stack: str) -> Command:
+    return script(TASK_CONTAINERS, stack, description="list the stack's task containers", readonly=True,
+                  intent=("task-containers", stack))
+
+
 # -- parsed facts ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SwarmInfo:
@@ -375,6 +387,15 @@ class NodeFacts:
         return next((c for c in self.containers if c.service == stack_service and c.state == "running"), None)
 
 
+def parse_task_containers(text: str) -> list[TaskContainer]:
+    containers = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 5:
+            containers.append(TaskContainer(parts[0], parts[1], parts[2], parts[3], parts[4]))
+    return containers
+
+
 def parse_node(node: str, text: str) -> NodeFacts:
     s = split_sections(text)
     upstreams: dict[str, list[str]] = {}
@@ -390,11 +411,7 @@ def parse_node(node: str, text: str) -> NodeFacts:
             if address.startswith("127.0.0.1:"):
                 continue
             (backups if "backup;" in words or "backup" in words else upstreams)[current].append(address)
-    containers = []
-    for line in s.get("containers", "").splitlines():
-        parts = line.split()
-        if len(parts) >= 5:
-            containers.append(TaskContainer(parts[0], parts[1], parts[2], parts[3], parts[4]))
+    containers = parse_task_containers(s.get("containers", ""))
     gwbridge = {}
     for line in s.get("gwbridge", "").splitlines():
         parts = line.split()

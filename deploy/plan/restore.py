@@ -30,6 +30,7 @@ class StorePlan:
 class WriterStop:
     host: str
     services: tuple[str, ...]
+    scaled: bool = False  # TARGET=swarm: scaled to 0 and back through this manager (a stopped task is replaced)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,12 @@ class RestorePlan:
         out += [f"    - {c}" for c in self.checks]
         out.append(f"  locks: {', '.join(self.lock_hosts)}")
         for w in self.writers:
-            out.append(f"  stop writers on {w.host}: {', '.join(w.services)} (started again at the end, whatever happens)")
+            if w.scaled:
+                out.append(f"  scale writers to 0 through {w.host}: {', '.join(w.services)} (back to their replica "
+                           "counts at the end, whatever happens)")
+            else:
+                out.append(f"  stop writers on {w.host}: {', '.join(w.services)} (started again at the end, whatever "
+                           "happens)")
         if self.safety_backup:
             out.append(f"  safety backup after the writers stop: {', '.join(self.safety_services)} "
                        "(kind=safety, checksummed, restore drill before going on)")
@@ -84,8 +90,12 @@ class RestorePlan:
         out.append("  2. switch every store (only when ALL loaded and checked):")
         for s in self.stores:
             out.append(f"     {s.service}: {s.switch}; undo: {s.undo}")
-        out.append("  3. writers started, gateway re-pointed at their addresses, health checked; then the previous "
-                   "copies and staging are dropped")
+        if any(w.scaled for w in self.writers):
+            out.append("  3. writers scaled back, their tasks healthy (the gateways follow them through Swarm's DNS); "
+                       "then the previous copies and staging are dropped")
+        else:
+            out.append("  3. writers started, gateway re-pointed at their addresses, health checked; then the previous "
+                       "copies and staging are dropped")
         if self.apply_globals:
             out.append("  roles (postgres-globals.sql) applied from the verified set before the load")
         elif any(s.service == "postgres" for s in self.stores):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from deploy.commands.backup import SECRETS_PRELUDE
 from deploy.core.settings import PROJECT_ROOT
 from deploy.sandbox import netns
 from load import Load
@@ -48,6 +49,27 @@ def running_nodes(env, service: str) -> list[str]:
 
 def checksum(env) -> str:
     return psql(env.manager, env.container_of(env.manager, "postgres"), CHECKSUM_SQL)
+
+
+# InfluxDB runs with HTTP auth: curl as the admin user from the task's secrets file (a Swarm secret; loaded as
+# healthdeploy's own commands load it), the credentials on curl's stdin.
+INFLUX_CURL = SECRETS_PRELUDE + ('printf \'user = "%s:%s"\\n\' "$INFLUXDB_ADMIN_USER" "$INFLUXDB_ADMIN_PASSWORD" '
+                                 '| curl -K - "$@"')
+
+
+def influx(env, query: str | None = None, write: str | None = None, post: bool = False) -> dict:
+    """A query (GET; ``post`` for a statement that changes something) or a write, in the task's container."""
+    container = env.container_of(env.manager, "influxdb")
+    if write:
+        proc = manager_docker(env, "exec", container, "sh", "-c", INFLUX_CURL, "sh", "-fsS", "-XPOST",
+                              "http://127.0.0.1:8086/write?db=health_data", "--data-binary", write)
+        assert proc.returncode == 0, proc.stderr
+        return {}
+    proc = manager_docker(env, "exec", container, "sh", "-c", INFLUX_CURL, "sh", "-fsS",
+                          "-XPOST" if post else "-G", "http://127.0.0.1:8086/query", "--data-urlencode",
+                          "db=health_data", "--data-urlencode", f"q={query}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def write_rows(env, count: int) -> None:
@@ -214,6 +236,10 @@ def test_postgres_data_survives_a_deploy_an_engine_restart_and_a_backup_restore(
     env = swarm_cluster
     write_rows(env, 25)
     first = checksum(env)
+    influx(env, write="bp,patient=1 sys=120,dia=80 1700000000000000000\nbp,patient=2 sys=130,dia=85 "
+                      "1700000001000000000\nhr,patient=1 bpm=70 1700000002000000000")
+    points = json.dumps(influx(env, "SELECT * FROM /.*/"), sort_keys=True)
+    assert '"hr"' in points and '"bp"' in points
     env.set_build("backend", "backend-pg-1")
     assert deploy(env).returncode == 0
     assert checksum(env) == first
@@ -237,12 +263,23 @@ def test_postgres_data_survives_a_deploy_an_engine_restart_and_a_backup_restore(
     # Empty: no requests table, or (the deploy migrated the new database) one without a row.
     if psql(env.manager, fresh, "SELECT count(*) FROM pg_tables WHERE tablename = 'requests'") == "1":
         assert psql(env.manager, fresh, "SELECT count(*) FROM requests") == "0"
-    # InfluxDB 1.x restores only beside the live data, on Compose (docs/swarm.md): the other stores here.
-    restore = env.inv("restore", "--from", set_name, "--yes", "--services", "postgres,minio")
+    # InfluxDB: a measurement dropped after the backup.
+    influx(env, "DROP MEASUREMENT hr", post=True)
+    assert '"hr"' not in json.dumps(influx(env, "SELECT * FROM /.*/"))
+    # The whole set, beside the live data (InfluxDB 1.x included), the writers scaled to 0 and back.
+    started = time.monotonic()
+    restore = env.inv("restore", "--from", set_name, "--yes", "--json")
     assert restore.returncode == 0, restore.stdout[-2000:] + restore.stderr
+    restore_s = round(time.monotonic() - started, 1)
+    result, _ = json.JSONDecoder().raw_decode(restore.stdout.lstrip())  # the result, then `fab health`'s table
+    assert result.get("stores") == {"postgres": "restored", "influxdb": "restored", "minio": "restored"}, result
+    assert result.get("safety_verified") == "ok"
+    assert "scaling the application's writers to 0" in restore.stderr
     assert checksum(env) == first
+    assert json.dumps(influx(env, "SELECT * FROM /.*/"), sort_keys=True) == points
     assert get_json(env.url(5000, "/api/build"))["last_request_id"] > 0  # the application reads it again
-    RESULTS["postgres survival"] = {"rows": first.split()[0], "checksum": first.split()[1]}
+    RESULTS["postgres survival"] = {"rows": first.split()[0], "checksum": first.split()[1], "restore_s": restore_s,
+                                    "writers_down_s": result.get("writers_down_s")}
 
 
 def test_backup_sets_cross_between_compose_and_swarm(swarm_cluster):
