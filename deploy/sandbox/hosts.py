@@ -13,6 +13,7 @@ set-up (tools, Compose, dockerd) is deploy/sandbox/setup.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -222,19 +223,24 @@ def write_client_files(state_dir: Path = STATE_DIR, extra: Iterable[SshTarget] =
     """ssh_config + known_hosts for every running sandbox host and testbed node (and ``extra``)."""
     from deploy.sandbox import netns  # netns uses this module for the client key
 
-    targets: dict[str, SshTarget] = {}
-    for host in [*running_hosts(state_dir), *netns.running_nodes(), *extra]:
-        targets[host.name] = host
-    ordered = sorted(targets.values(), key=lambda h: tuple(int(x) for x in h.address.split(".")))
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name, text in (("ssh_config", ssh_config(ordered, state_dir)),
-                       ("known_hosts", "".join(line + "\n" for line in known_hosts_lines(ordered, state_dir)))):
-        path = state_dir / name
-        if not path.exists() or path.read_text() != text:
-            # Atomic: a fab reading it while another worker brings hosts up sees the old file or the new one.
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+    # One writer at a time, each listing what runs once it holds the lock: without it, a worker that listed
+    # the sandbox hosts before another worker's testbed nodes were up could write last and drop their entries
+    # (every Swarm test then failed at once when that module started first).
+    with open(state_dir / ".client-files.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        targets: dict[str, SshTarget] = {}
+        for host in [*running_hosts(state_dir), *netns.running_nodes(), *extra]:
+            targets[host.name] = host
+        ordered = sorted(targets.values(), key=lambda h: tuple(int(x) for x in h.address.split(".")))
+        for name, text in (("ssh_config", ssh_config(ordered, state_dir)),
+                           ("known_hosts", "".join(line + "\n" for line in known_hosts_lines(ordered, state_dir)))):
+            path = state_dir / name
+            if not path.exists() or path.read_text() != text:
+                # Atomic: a fab reading it while another worker brings hosts up sees the old file or the new one.
+                tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)
     return ordered
 
 

@@ -1,0 +1,53 @@
+"""The checkout's ssh_config/known_hosts list every running sandbox host and testbed node, whichever worker
+wrote last (pytest-xdist workers bring up sandbox hosts and testbed nodes at the same time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from deploy.sandbox import hosts, netns
+
+
+@dataclass
+class FakeTarget:
+    name: str
+    address: str
+
+
+def test_a_writer_that_listed_before_another_came_up_does_not_drop_its_entries(tmp_path, monkeypatch):
+    sandbox_host, node = FakeTarget("sandbox5", "127.0.0.6"), FakeTarget("node4", "10.251.0.5")
+    running_nodes: list = []
+    listing = threading.Event()
+
+    seen_by_first: list = []
+
+    def running_hosts(state_dir):
+        if threading.current_thread().name == "sandbox-up":
+            seen_by_first[:] = list(running_nodes)  # what runs when it looks: no node yet
+            listing.set()
+            time.sleep(0.5)  # the testbed worker brings its node up and writes meanwhile
+        return [sandbox_host]
+
+    def nodes():
+        return list(seen_by_first if threading.current_thread().name == "sandbox-up" else running_nodes)
+
+    monkeypatch.setattr(hosts, "running_hosts", running_hosts)
+    monkeypatch.setattr(netns, "running_nodes", nodes)
+    monkeypatch.setattr(hosts, "ssh_config", lambda targets, state_dir: "".join(f"Host {t.name}\n" for t in targets))
+    monkeypatch.setattr(hosts, "known_hosts_lines", lambda targets, state_dir: [f"{t.address} key" for t in targets])
+
+    def testbed_up():
+        listing.wait(5)
+        running_nodes.append(node)
+        hosts.write_client_files(tmp_path)
+
+    first = threading.Thread(target=lambda: hosts.write_client_files(tmp_path), name="sandbox-up")
+    second = threading.Thread(target=testbed_up, name="testbed-up")
+    first.start()
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert (tmp_path / "ssh_config").read_text() == "Host node4\nHost sandbox5\n"
+    assert (tmp_path / "known_hosts").read_text() == "10.251.0.5 key\n127.0.0.6 key\n"
