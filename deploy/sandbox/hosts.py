@@ -154,9 +154,15 @@ def _listening(address: str, port: int) -> bool:
 
 def _ensure_client_key(state_dir: Path) -> None:
     key = state_dir / "id_ed25519"
-    if not key.exists():
-        run_local(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "healthdeploy-sandbox", "-f", str(key)])
-    (state_dir / "authorized_keys").write_text((state_dir / "id_ed25519.pub").read_text())
+    # Under a lock: on a fresh clone the test workers all start at once, and two that both saw no key made two,
+    # the second overwriting the key the first had just authorised on its testbed nodes.
+    with open(state_dir / ".client-key.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not key.exists():
+            run_local(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "healthdeploy-sandbox", "-f", str(key)])
+        public = (state_dir / "id_ed25519.pub").read_text()
+        if not (state_dir / "authorized_keys").exists() or (state_dir / "authorized_keys").read_text() != public:
+            (state_dir / "authorized_keys").write_text(public)
 
 
 def _foreign_sandbox_sshd(host: SandboxHost, state_dir: Path) -> list[int]:

@@ -51,3 +51,24 @@ def test_a_writer_that_listed_before_another_came_up_does_not_drop_its_entries(t
     second.join(10)
     assert (tmp_path / "ssh_config").read_text() == "Host node4\nHost sandbox5\n"
     assert (tmp_path / "known_hosts").read_text() == "10.251.0.5 key\n127.0.0.6 key\n"
+
+
+def test_workers_starting_at_once_share_one_client_key(tmp_path):
+    """On a fresh clone every worker asks for the client key at once: one key, authorised as it is."""
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def ask():
+        try:
+            seen.append(hosts.ensure_client_key(tmp_path).read_text())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and len(seen) == 6
+    assert len(set(seen)) == 1, "two workers made two keys"
+    assert (tmp_path / "authorized_keys").read_text() == seen[0] == (tmp_path / "id_ed25519.pub").read_text()
