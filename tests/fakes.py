@@ -216,6 +216,10 @@ class World:
             if others or not any(c.image == image_id for c in self.containers):
                 del self.images[ref]
 
+    def on_unship(self, command, count, *words):
+        """The release tags go as with ``on_rmi``; this fake keeps no pull references to forget."""
+        self.on_rmi(command, *words[:int(count)])
+
     def on_tag(self, command, *words):
         for source, target in zip(words[0::2], words[1::2]):
             self.images[target] = self.images[source]

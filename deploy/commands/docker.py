@@ -52,12 +52,24 @@ while [ $# -ge 2 ]; do
 done
 """
 
+# A pull's own reference (127.0.0.1:<any tunnel port>/<repository>@<digest>) outlives a ship cut between the pull
+# and its removal (the operator killed, the connection lost): the image then lingers untagged. Each ship, and the
+# undo of one, first removes such references of the repositories it ships (a tag a container uses keeps its image).
+FORGET_PULL_REFS_FUNCTION = r"""
+forget_pull_refs() {
+  docker images --digests --format '{{.Repository}}@{{.Digest}}' | while read -r ref; do
+    case "$ref" in "127.0.0.1:"*"/$1@sha256:"*) docker image rm "$ref" >/dev/null 2>&1 ;; esac
+  done
+}
+"""
+
 # $1 registry as the host sees it (127.0.0.1:<tunnel port>), then quadruples: image ID, repository, digest, tag.
 # An image the host has already (same ID) is only tagged; any other is pulled by digest (dockerd fetches only the
 # blobs it lacks), tagged, and the pull's own reference removed, so `docker image ls` shows the release tags only.
-SHIP_IMAGES = r"""reg="$1"; shift
+SHIP_IMAGES = FORGET_PULL_REFS_FUNCTION + r"""reg="$1"; shift
 while [ $# -ge 4 ]; do
   id="$1"; repo="$2"; digest="$3"; tag="$4"; shift 4
+  forget_pull_refs "$repo"
   if [ "$(docker image inspect --format '{{.Id}}' "$id" 2>/dev/null)" = "$id" ]; then
     docker tag "$id" "$tag" || exit 1
     echo "already here: $tag"
@@ -99,6 +111,20 @@ def ship_images(registry: str, entries: tuple[tuple[str, str, str, str], ...]) -
     words = [w for entry in entries for w in entry]
     return script(SHIP_IMAGES, registry, *words, description="pull images built off the host",
                   intent=("ship", registry, *words), timeout=BUILD_TIMEOUT)
+
+
+# $1 the number of tags, then the tags, then the repositories they were shipped from.
+UNSHIP_IMAGES = FORGET_PULL_REFS_FUNCTION + r"""n="$1"; shift
+while [ "$n" -gt 0 ]; do docker image rm "$1" >/dev/null 2>&1; shift; n=$((n - 1)); done
+for repo in "$@"; do forget_pull_refs "$repo"; done
+exit 0
+"""
+
+
+def unship_images(tags: tuple[str, ...], repositories: tuple[str, ...]) -> Command:
+    """Undo of a ship: the release tags it added and any reference a cut pull left (an image a container uses stays)."""
+    return script(UNSHIP_IMAGES, str(len(tags)), *tags, *repositories, description="remove the images shipped",
+                  intent=("unship", str(len(tags)), *tags, *repositories))
 
 
 def parse_shipped(text: str) -> list[str]:

@@ -270,10 +270,10 @@ class DeployApply:
         tags = {s: self.d.image_ref(s, self.release) for s in step.items}
         # Registered first: a pull cut half-way may have tagged some; removing a tag this release added is safe
         # (the release is new, so nothing else uses it; docker keeps an image a container still runs).
-        self.session.undo.push(f"remove the images shipped for {self.release}", dk.remove_images(tuple(tags.values())),
-                               FILES)
+        repositories = tuple(sorted({self.built.images[s].repository for s in step.items if s in self.built.images}))
+        self.session.undo.push(f"remove the images shipped for {self.release}",
+                               dk.unship_images(tuple(tags.values()), repositories), FILES)
         self.say(f"shipping {', '.join(step.items)} from {step.target} (only the layers this host lacks)")
-        faults.point("during:ship", self.session.host, delay=1.0)
         shipped = self.built.ship(self.session.host, step.items, tags, self.say)
         self.report.shipped_bytes += shipped.bytes
         self.report.shipped_seconds += shipped.seconds
@@ -284,6 +284,9 @@ class DeployApply:
     def do_tag(self, step: Step) -> None:
         prefix = image_prefix(self.s, self.t)
         pairs = tuple((f"{prefix}/{s}:{self.previous}", f"{prefix}/{s}:{self.release}") for s in step.items)
+        # Registered first, as for a ship: the new tags are this release's alone; the live image keeps its own.
+        self.session.undo.push(f"remove the tags added for {self.release}",
+                               dk.remove_images(tuple(new for _, new in pairs)), FILES)
         self.run_cmd(dk.tag_images(pairs))
         self._read_new_images(step.items)
 

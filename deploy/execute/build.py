@@ -38,6 +38,7 @@ from deploy.stack.render import build_override, build_prefix
 
 OVERRIDE = "compose.build.yaml"
 PROGRESS_EVERY = 5.0  # seconds between "shipped so far" lines
+FAULT_AFTER_BYTES = 1 << 20  # during:ship acts once this much crossed the tunnel
 
 
 class BuildFailed(HealthdeployError):
@@ -214,7 +215,8 @@ class OffHostBuild:
             ticker = threading.Thread(target=progress, daemon=True)
             ticker.start()
             try:
-                out = host.run(dk.ship_images(f"127.0.0.1:{tunnel.port}", entries), on_line=log.append).text
+                with faults.armed_while("during:ship", host, lambda: tunnel.to_host >= FAULT_AFTER_BYTES):
+                    out = host.run(dk.ship_images(f"127.0.0.1:{tunnel.port}", entries), on_line=log.append).text
             except RemoteCommandError as exc:
                 tail = [line.strip() for line in log if line.strip() and not line.startswith(dk.SHIPPED_MARKER)]
                 raise HealthdeployError(f"{host.alias}: shipping the images built on {_describe(self.where)} failed; "

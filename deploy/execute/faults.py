@@ -6,15 +6,18 @@
   the host sees the channel end and its lock holder undoes).
 ``<point>`` names: ``after:<step key>`` / ``before:<step key>`` (e.g. ``after:send-files``, ``before:switch``),
 ``roll:<service>:healthy`` (new containers healthy, before the switch), ``roll:<service>:drain`` (switched,
-draining), ``during:build`` (1 s into the image build, on the host or off it), ``during:ship`` (1 s into a host's
-pull of images built off it). Unset, every call is a no-op.
+draining), ``during:build`` (1 s into the image build, on the host or off it), ``during:ship`` (once 1 MB of a
+host's pull of images built off it has crossed the tunnel: a point in time, however fast the pull). Unset, every
+call is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from typing import Callable, Iterator
 
 ENV = "HEALTHDEPLOY_FAULT"
 
@@ -35,6 +38,29 @@ def point(name: str, host=None, delay: float = 0.0) -> None:
         timer.start()
         return
     _act(wanted[1], host)
+
+
+@contextlib.contextmanager
+def armed_while(name: str, host, reached: Callable[[], bool], every: float = 0.02) -> Iterator[None]:
+    """Within the block, act once ``reached()`` turns true (checked every ``every`` s); never after the block."""
+    wanted = _wanted()
+    if wanted is None or wanted[0] != name:
+        yield
+        return
+    over = threading.Event()
+
+    def watch() -> None:
+        while not over.wait(every):
+            if reached():
+                _act(wanted[1], host)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        over.set()
 
 
 def _act(action: str, host) -> None:

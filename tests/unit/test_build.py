@@ -10,6 +10,7 @@ import copy
 import hashlib
 import io
 import shutil
+import subprocess
 import tarfile
 import time
 
@@ -316,7 +317,7 @@ def test_a_build_failure_changes_nothing_on_any_host(app, tmp_path, monkeypatch)
     assert FakeRegistry.runs[runs:] == []  # nothing was pushed, no host pulled
 
 
-@pytest.mark.parametrize("at", ["ship", "after the ship"])
+@pytest.mark.parametrize("at", ["ship", "after the ship", "after the tag"])
 def test_a_ship_failure_on_host_b_leaves_b_as_it_was(app, tmp_path, monkeypatch, at):
     fleet = Fleet(app, tmp_path, monkeypatch)
     fleet.deploy()
@@ -324,9 +325,11 @@ def test_a_ship_failure_on_host_b_leaves_b_as_it_was(app, tmp_path, monkeypatch,
     (app / "backend" / "build_id").write_text("backend-v2\n")
     if at == "ship":
         fleet.fail["h2"] = lambda c: c.intent[:1] == ("ship",)
-    else:  # the images arrived and were tagged, then the host failed
+    elif at == "after the ship":  # the images arrived and were tagged, then the host failed
         fleet.fail["h2"] = lambda c: c.intent[:1] == ("image-ids",) and any(":2026" in w for w in c.intent[1:]) \
             and any(e[0] == "ship" for e in fleet.worlds["h2"].events)
+    else:  # the unchanged services' live images got the new release's tags too, then the host failed
+        fleet.fail["h2"] = lambda c: c.intent[:1] == ("image-ids",) and any(e[0] == "tag" for e in fleet.worlds["h2"].events)
     with pytest.raises(FleetStopped) as caught:
         fleet.deploy()
     outcomes = {o.host: o.result for o in caught.value.outcomes}
@@ -363,3 +366,27 @@ def test_local_host_runs_commands_as_argv_with_lines_errors_and_deadlines(tmp_pa
     out = host.stream_from_file(cmd("tar", "-x", "-f", "-", "-C", str(tmp_path), description="unpack"),
                                 io.BytesIO(pl.tar_of({"x/y.txt": b"hi"}, ("x/y.txt",))))
     assert (tmp_path / "x" / "y.txt").read_bytes() == b"hi" and out.sha256 == out.remote_sha256
+
+
+def test_undoing_a_ship_removes_its_tags_and_any_reference_a_cut_pull_left(tmp_path):
+    """A ship cut between `docker pull` and the removal of the pull's own reference leaves the image untagged under
+    127.0.0.1:<port>/<repo>@<digest>: the undo removes it (any port), and nothing of another repository or registry."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho \"$*\" >> " + str(calls) + "\n"
+                    "[ \"$1\" = images ] && printf '%s\\n' "
+                    "'127.0.0.1:43027/healthdeploy/prod/backend@sha256:aa' "
+                    "'127.0.0.1:5000/healthdeploy/prod/backend-extra@sha256:bb' "
+                    "'registry.example/healthdeploy/prod/backend@sha256:cc' "
+                    "'healthdeploy/hd-prod/backend@<none>'\nexit 0\n")
+    fake.chmod(0o755)
+    undo = dk.unship_images(("healthdeploy/hd-prod/backend:R2",), ("healthdeploy/prod/backend",))
+    assert undo.intent[0] == "unship" and not undo.readonly
+    proc = subprocess.run(list(undo.parts[0]), env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().splitlines() == [
+        "image rm healthdeploy/hd-prod/backend:R2",
+        "images --digests --format {{.Repository}}@{{.Digest}}",
+        "image rm 127.0.0.1:43027/healthdeploy/prod/backend@sha256:aa",
+    ]
+    assert "forget_pull_refs \"$repo\"" in dk.SHIP_IMAGES  # each ship starts by the same clean-up
