@@ -121,6 +121,8 @@ SCHEMA: tuple[Key, ...] = (
     # -- deploy behaviour -------------------------------------------------------------------------
     Key("MIN_FREE_DISK_MB", "int", 2048, "Preflight refuses a host with less free disk under DEPLOY_PATH."),
     Key("HEALTH_TIMEOUT", "int", 120, "Seconds new containers get to become healthy before rollback."),
+    Key("START_TIMEOUT", "int", 300, "Seconds a service that was not running (a database's first start initialises its "
+        "data; a restart may replay its log) or is recreated gets to become healthy before the deploy is undone."),
     Key("DRAIN_SECONDS", "float", 2.0, "Seconds old containers stay in the gateway as a fallback after the switch."),
     Key("DRAIN_LIMIT", "float", 30.0, "Seconds a roll waits for connections still open to the old containers (slow "
         "requests, WebSockets) before it stops them; those still open then are counted and closed."),
@@ -450,7 +452,7 @@ def build_settings(env_name: str, values: dict[str, str | None], source: str = "
             parse_recipients(typed["backup_age_recipients"])
         except UsageError as exc:
             problems.append(Problem("BACKUP_AGE_RECIPIENTS", exc.message, exc.hint or KEYS_BY_NAME["BACKUP_AGE_RECIPIENTS"].doc))
-    for name in ("BATCH_SIZE", "KEEP_RELEASES", "HEALTH_TIMEOUT"):
+    for name in ("BATCH_SIZE", "KEEP_RELEASES", "HEALTH_TIMEOUT", "START_TIMEOUT"):
         if isinstance(typed[name.lower()], int) and typed[name.lower()] < 1:
             problems.append(Problem(name, "must be at least 1", KEYS_BY_NAME[name].doc))
     if problems:

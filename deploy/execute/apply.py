@@ -342,7 +342,7 @@ class DeployApply:
             self.run_cmd(fs.mkdirs(f"{self.t.gateway_dir}/upstreams", f"{self.t.gateway_dir}/tls"))
             self.gateway.ensure_upstream_files(self.session.containers(), self.release)
         self.say(f"starting {', '.join(step.items)} ({step.reason})")
-        self.run_cmd(dk.compose_up(project, compose_file, env_file, step.items, self.s.health_timeout,
+        self.run_cmd(dk.compose_up(project, compose_file, env_file, step.items, self.s.start_timeout,
                                    self.environment()))
 
     def do_recreate(self, step: Step) -> None:
@@ -350,9 +350,9 @@ class DeployApply:
         if self.previous and self.previous != self.release:
             old = self.compose_files(self.previous)
             self.session.undo.push(f"recreate {step.target} as before",
-                                   dk.compose_recreate(*old, step.target, self.s.health_timeout), SERVICES)
+                                   dk.compose_recreate(*old, step.target, self.s.start_timeout), SERVICES)
         self.say(f"recreating {step.target} ({step.reason})")
-        self.run_cmd(dk.compose_recreate(project, compose_file, env_file, step.target, self.s.health_timeout,
+        self.run_cmd(dk.compose_recreate(project, compose_file, env_file, step.target, self.s.start_timeout,
                                          self.environment()))
         if step.target in APP_SERVICES or step.target == GATEWAY:
             self.gateway.refresh(self.release)
