@@ -75,7 +75,7 @@ def test(c, k=None, unit=False, workers=3):
     """Run the tests (unit + integration against the sandbox and the namespaced test bed)."""
     args = [sys.executable, "-m", "pytest", "-q", "--durations=15"]
     if int(workers) > 1:
-        args += ["-n", str(int(workers)), "--dist", "loadfile"]
+        args += ["-n", str(int(workers)), "--dist", "loadfile", "--no-loadscope-reorder"]
     if unit:
         args += ["-m", "not integration"]
     if k:

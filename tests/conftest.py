@@ -10,7 +10,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.chdir(ROOT)
 
 
+# The longest modules first (minutes of one worker each in a full run), so no worker starts one of them last
+# and runs alone at the end. `inv test` passes --no-loadscope-reorder: xdist would otherwise order modules by
+# their number of tests.
+LONGEST_FIRST = ("test_swarm", "test_zero_downtime", "test_restore_faults", "test_faults", "test_faults_drop",
+                 "test_topology", "test_multihost", "test_secrets_sweep", "test_payload_filter", "test_backup",
+                 "test_plan_changes", "test_git_source")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(Path(str(item.fspath)).stem, len(rank)),
+                                 "tests/integration" not in str(item.fspath)))
