@@ -129,9 +129,18 @@ def _observe_and_plan(job: HostJob, readonly: bool = False) -> None:
     job.plan = plan_deploy(job.desired, job.observed)
 
 
+def _observe_and_plan_all(jobs: list[HostJob], readonly: bool = False) -> None:
+    """``_observe_and_plan`` on every host at once (each its own connection: the facts of 4 hosts took 4x one
+    host's, serially); a failure is raised for the first failing host in ``HOSTS`` order, once all ended."""
+    errors: list = []
+    in_parallel(list(range(len(jobs))), lambda i: _observe_and_plan(jobs[i], readonly=readonly), errors)
+    if errors:
+        raise min(errors, key=lambda e: len(jobs) if e[0] is None else e[0])[1]
+
+
 def _dry_run(runtime: Runtime, jobs: list[HostJob], as_json: bool) -> int:
+    _observe_and_plan_all(jobs, readonly=True)
     for job in jobs:
-        _observe_and_plan(job, readonly=True)
         problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
         print_plan(runtime.console, job.plan, problems)
         o = job.outcome
@@ -154,25 +163,35 @@ def _dry_run(runtime: Runtime, jobs: list[HostJob], as_json: bool) -> int:
 
 
 def _lock_all(jobs: list[HostJob], release: str, break_lock: bool) -> None:
-    taken = []
-    try:
+    """Every host's lock, taken at once (each is a try-lock: none waits, so no order is needed against a
+    deadlock); if any is refused, the ones taken are released and the first refused host in order is named."""
+    errors: list = []
+
+    def take(index: int) -> None:
+        jobs[index].held = jobs[index].session.acquire("deploy", release, break_lock)
+
+    in_parallel(list(range(len(jobs))), take, errors)
+    if not errors:
+        return
+    with shielded():
         for job in jobs:
-            job.held = job.session.acquire("deploy", release, break_lock)
-            taken.append(job)
-    except BaseException as exc:
-        for job in taken:
-            job.session.release(job.held, "deploy", release)
-            job.held = None
-        failed = jobs[len(taken)]
-        failed.outcome.fail(exc)
-        raise
+            if job.held is not None:
+                job.session.release(job.held, "deploy", release)
+                job.held = None
+    index, exc = min(errors, key=lambda e: len(jobs) if e[0] is None else e[0])
+    if index is not None:
+        jobs[index].outcome.fail(exc)
+    raise exc
 
 
 def _unlock_all(jobs: list[HostJob]) -> None:
-    for job in jobs:
+    def release(index: int) -> None:
+        job = jobs[index]
         if job.held is not None:
             job.session.release(job.held, "deploy", job.plan.release if job.plan else "")
             job.held = None
+
+    in_parallel(list(range(len(jobs))), release, [])  # release never raises (shielded, errors swallowed)
 
 
 def _off_host(jobs: list[HostJob]) -> tuple[str, tuple[str, ...], HostJob | None]:
@@ -221,8 +240,8 @@ def _build_once(runtime: Runtime, jobs: list[HostJob], built: OffHostBuild | Non
 def _deploy(runtime: Runtime, jobs: list[HostJob], break_lock: bool, as_json: bool) -> int:
     release = jobs[0].desired.release
     # Preflight every host (read-only) before any is locked or changed.
+    _observe_and_plan_all(jobs, readonly=True)
     for job in jobs:
-        _observe_and_plan(job, readonly=True)
         problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
         if problems:
             job.outcome.result = HostResult.REFUSED.value
@@ -250,8 +269,8 @@ def _deploy_locked(runtime: Runtime, jobs: list[HostJob], release: str, break_lo
     built = sides[0] if sides else None
     _lock_all(jobs, release, break_lock)
     try:
-        for job in jobs:  # observed again under the lock: what the plan sees is what it changes
-            _observe_and_plan(job)
+        _observe_and_plan_all(jobs)  # observed again under the lock: what the plan sees is what it changes
+        for job in jobs:
             problems = preflight_problems(job.observed, job.desired.min_free_mb, job.session.t.deploy_path)
             if problems:
                 job.outcome.result = HostResult.REFUSED.value
@@ -260,8 +279,9 @@ def _deploy_locked(runtime: Runtime, jobs: list[HostJob], release: str, break_lo
                             f"{job.observed.host.free_mb} MB free, live release {job.observed.current or '(none)'}")
             job.outcome.previous = job.plan.previous
             job.session.say(f"plan: {job.plan.action} ({len(job.plan.steps)} step(s))")
-            if job.plan.action != "unchanged":
-                job.session.audit({"event": "lock", "operation": "deploy", "release": job.plan.release})
+        changing = [j for j in jobs if j.plan.action != "unchanged"]
+        in_parallel(changing, lambda j: j.session.audit({"event": "lock", "operation": "deploy",
+                                                         "release": j.plan.release}), [])
         # A build off the hosts runs once, here: it fails before any host changed.
         built = _build_once(runtime, jobs, built)
         if built is not None and built not in sides:

@@ -21,7 +21,7 @@ from deploy.cli.deploy import deploy
 from deploy.cli.render import plan_lines
 from deploy.commands import docker as dk
 from deploy.core.console import Console
-from deploy.core.errors import HealthdeployError, SettingsError
+from deploy.core.errors import HealthdeployError, RemoteCommandError, SettingsError
 from deploy.core.settings import PROJECT_ROOT, load_settings
 from deploy.execute import registry as reg
 from deploy.execute.executor import Result
@@ -390,3 +390,19 @@ def test_undoing_a_ship_removes_its_tags_and_any_reference_a_cut_pull_left(tmp_p
         "image rm 127.0.0.1:43027/healthdeploy/prod/backend@sha256:aa",
     ]
     assert "forget_pull_refs \"$repo\"" in dk.SHIP_IMAGES  # each ship starts by the same clean-up
+
+
+def test_a_lock_refused_on_one_host_releases_the_others_and_changes_nothing(app, tmp_path, monkeypatch):
+    """The hosts' locks are taken at once; h2's refused: h1's is released again, neither host changed."""
+    fleet = Fleet(app, tmp_path, monkeypatch)
+    fleet.deploy()
+    before = {a: fleet.state(a) for a in ("h1", "h2")}
+    (app / "backend" / "build_id").write_text("backend-v2\n")
+    fleet.fail["h2"] = lambda c: c.intent[:1] == ("lock-hold",)
+    with pytest.raises(RemoteCommandError, match="injected"):
+        fleet.deploy()
+    h1 = [c.intent for c in fleet.hosts["h1"].commands]
+    assert ("lock-hold",) in h1 and h1.index(("lock-release",)) > h1.index(("lock-hold",))
+    for alias in ("h1", "h2"):
+        assert fleet.state(alias) == before[alias]
+        assert mutations(fleet.hosts[alias], fleet.worlds[alias].deploy_path) == [], alias
