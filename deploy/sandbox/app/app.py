@@ -976,9 +976,10 @@ def _migrate(psql, env, secret):
     files = sorted(glob.glob(os.path.join(SERVICE_DIR, "migrations", "*.sql")))
     ddl = ("CREATE TABLE IF NOT EXISTS schema_migrations ("
            "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-    # Wait a little for the database (psql exit 2 = connection failure), but
-    # not on errors that retrying cannot fix.
-    deadline = time.monotonic() + float(os.environ.get("MIGRATE_WAIT_SECONDS", "15"))
+    # Wait for the database (psql exit 2 = connection failure), but not on errors that retrying cannot fix.
+    # 60 s: on a Swarm's first deploy the job's node may reach the data node's overlay address only some time
+    # after the database is healthy there (15 s was too little on the loaded 2-core test bed).
+    deadline = time.monotonic() + float(os.environ.get("MIGRATE_WAIT_SECONDS", "60"))
     while True:
         # Advisory lock: concurrent CREATE TABLE IF NOT EXISTS can still race.
         rc, _, err = run_psql(psql, env, secret, [
