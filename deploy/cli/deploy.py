@@ -129,13 +129,18 @@ def _observe_and_plan(job: HostJob, readonly: bool = False) -> None:
     job.plan = plan_deploy(job.desired, job.observed)
 
 
+def _first_failure(errors: list, count: int) -> tuple:
+    """(index, exception) of the first failing host in ``HOSTS`` order; an interrupt (index None) comes last."""
+    return min(errors, key=lambda e: count if e[0] is None else e[0])
+
+
 def _observe_and_plan_all(jobs: list[HostJob], readonly: bool = False) -> None:
     """``_observe_and_plan`` on every host at once (each its own connection: the facts of 4 hosts took 4x one
     host's, serially); a failure is raised for the first failing host in ``HOSTS`` order, once all ended."""
     errors: list = []
     in_parallel(list(range(len(jobs))), lambda i: _observe_and_plan(jobs[i], readonly=readonly), errors)
     if errors:
-        raise min(errors, key=lambda e: len(jobs) if e[0] is None else e[0])[1]
+        raise _first_failure(errors, len(jobs))[1]
 
 
 def _dry_run(runtime: Runtime, jobs: list[HostJob], as_json: bool) -> int:
@@ -178,7 +183,7 @@ def _lock_all(jobs: list[HostJob], release: str, break_lock: bool) -> None:
             if job.held is not None:
                 job.session.release(job.held, "deploy", release)
                 job.held = None
-    index, exc = min(errors, key=lambda e: len(jobs) if e[0] is None else e[0])
+    index, exc = _first_failure(errors, len(jobs))
     if index is not None:
         jobs[index].outcome.fail(exc)
     raise exc

@@ -56,9 +56,11 @@ done
 # and its removal (the operator killed, the connection lost): the image then lingers untagged. Each ship, and the
 # undo of one, first removes such references of the repositories it ships (a tag a container uses keeps its image).
 FORGET_PULL_REFS_FUNCTION = r"""
-forget_pull_refs() {
+forget_pull_refs() {  # the repositories; one listing for all of them
   docker images --digests --format '{{.Repository}}@{{.Digest}}' | while read -r ref; do
-    case "$ref" in "127.0.0.1:"*"/$1@sha256:"*) docker image rm "$ref" >/dev/null 2>&1 ;; esac
+    for repo in "$@"; do
+      case "$ref" in "127.0.0.1:"*"/$repo@sha256:"*) docker image rm "$ref" >/dev/null 2>&1; break ;; esac
+    done
   done
 }
 """
@@ -67,9 +69,11 @@ forget_pull_refs() {
 # An image the host has already (same ID) is only tagged; any other is pulled by digest (dockerd fetches only the
 # blobs it lacks), tagged, and the pull's own reference removed, so `docker image ls` shows the release tags only.
 SHIP_IMAGES = FORGET_PULL_REFS_FUNCTION + r"""reg="$1"; shift
+repos=""; i=0
+for w in "$@"; do [ $((i % 4)) -eq 1 ] && repos="$repos $w"; i=$((i + 1)); done
+forget_pull_refs $repos
 while [ $# -ge 4 ]; do
   id="$1"; repo="$2"; digest="$3"; tag="$4"; shift 4
-  forget_pull_refs "$repo"
   if [ "$(docker image inspect --format '{{.Id}}' "$id" 2>/dev/null)" = "$id" ]; then
     docker tag "$id" "$tag" || exit 1
     echo "already here: $tag"
@@ -116,7 +120,7 @@ def ship_images(registry: str, entries: tuple[tuple[str, str, str, str], ...]) -
 # $1 the number of tags, then the tags, then the repositories they were shipped from.
 UNSHIP_IMAGES = FORGET_PULL_REFS_FUNCTION + r"""n="$1"; shift
 while [ "$n" -gt 0 ]; do docker image rm "$1" >/dev/null 2>&1; shift; n=$((n - 1)); done
-for repo in "$@"; do forget_pull_refs "$repo"; done
+[ $# -gt 0 ] && forget_pull_refs "$@"
 exit 0
 """
 

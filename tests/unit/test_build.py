@@ -389,7 +389,7 @@ def test_undoing_a_ship_removes_its_tags_and_any_reference_a_cut_pull_left(tmp_p
         "images --digests --format {{.Repository}}@{{.Digest}}",
         "image rm 127.0.0.1:43027/healthdeploy/prod/backend@sha256:aa",
     ]
-    assert "forget_pull_refs \"$repo\"" in dk.SHIP_IMAGES  # each ship starts by the same clean-up
+    assert "forget_pull_refs $repos" in dk.SHIP_IMAGES  # each ship starts by the same clean-up
 
 
 def test_a_lock_refused_on_one_host_releases_the_others_and_changes_nothing(app, tmp_path, monkeypatch):
