@@ -77,8 +77,17 @@ def sshd_config(host: SandboxHost, state_dir: Path = STATE_DIR) -> str:
                             state_dir / "authorized_keys")
 
 
+# bash, started by sshd for every command, sources ~/.bashrc when SHLVL is unset (Debian builds it with
+# SSH_SOURCE_BASHRC). The sandbox hosts log in as this machine's root, whose ~/.bashrc may run an operator's
+# shell set-up: here `pyenv init`, about 100 processes and 0.1-0.7 s per command, most of a test run's forks.
+# SHLVL=1 makes that bash a nested shell, which skips it; the hosts then see sshd's plain PATH, as a server does.
+SESSION_ENV = {"SHLVL": "1"}
+
+
 def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_keys: Path,
-                     extra: Iterable[str] = ()) -> str:
+                     extra: Iterable[str] = (), env: dict[str, str] | None = None) -> str:
+    # sshd reads only the first SetEnv line: every variable goes on one.
+    variables = {**SESSION_ENV, **(env or {})}
     return "\n".join([
         f"ListenAddress {listen}",
         f"HostKey {host_key}",
@@ -99,6 +108,7 @@ def sshd_config_text(listen: str, host_key: Path, pid_file: Path, authorized_key
         "ClientAliveInterval 5",
         "ClientAliveCountMax 3",
         "Subsystem sftp internal-sftp",
+        "SetEnv " + " ".join(f"{k}={v}" for k, v in variables.items()),
         *extra,
         "",
     ])
@@ -190,9 +200,15 @@ def start_host(host: SandboxHost, state_dir: Path = STATE_DIR) -> None:
     host_key = d / "ssh_host_ed25519_key"
     if not host_key.exists():
         run_local(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{host.name}-hostkey", "-f", str(host_key)])
-    (d / "sshd_config").write_text(sshd_config(host, state_dir))
+    config = d / "sshd_config"
+    text = sshd_config(host, state_dir)
+    changed = not config.exists() or config.read_text() != text
+    config.write_text(text)
     pid = _pid_alive(d / "sshd.pid")
     if pid and _listening(host.address, host.port):
+        if changed:  # a config of an older checkout: sshd re-executes itself with the new one
+            run_local([setup.require("sshd"), "-t", "-f", str(config)])
+            os.kill(pid, signal.SIGHUP)
         return
     if pid:
         os.kill(pid, signal.SIGTERM)

@@ -190,7 +190,7 @@ def daemon_json(node: Node) -> str:
 
 def sshd_config(node: Node) -> str:
     return hosts.sshd_config_text(f"{node.address}:{node.port}", node.host_key, node.sshd_pid, AUTHORIZED_KEYS,
-                                  extra=[f"SetEnv DOCKER_HOST={node.docker_host}"])
+                                  env={"DOCKER_HOST": node.docker_host})
 
 
 def registry_config() -> str:

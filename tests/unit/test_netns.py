@@ -44,7 +44,10 @@ def test_dockerd_runs_in_the_namespace_with_its_own_everything():
 def test_sshd_points_sessions_at_the_nodes_engine():
     conf = netns.sshd_config(netns.node_for("node2")).splitlines()
     assert "ListenAddress 10.251.0.3:22" in conf
-    assert "SetEnv DOCKER_HOST=unix:///run/hd-netns/node2/docker.sock" in conf
+    # One SetEnv line (sshd reads only the first): the node's engine, and SHLVL=1 so the session's bash skips
+    # ~/.bashrc (this machine's root runs `pyenv init` there: about 100 processes per command).
+    setenv = [line.split()[1:] for line in conf if line.startswith("SetEnv ")]
+    assert setenv == [["SHLVL=1", "DOCKER_HOST=unix:///run/hd-netns/node2/docker.sock"]]
     assert "PidFile /run/hd-netns/node2/sshd.pid" in conf
     assert "PermitRootLogin prohibit-password" in conf and "PasswordAuthentication no" in conf
 
