@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.chdir(ROOT)
+# `fab` and `inv` in the tests' subprocesses are those of the Python that runs the tests: the same installation,
+# and no version-manager shim in between (pyenv's runs about 20 processes per call, thousands of calls a run).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 # The longest modules first (minutes of one worker each in a full run), so no worker starts one of them last
