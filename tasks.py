@@ -73,7 +73,7 @@ def demo(c):
             "workers": "parallel workers, one test module each (each its own sandbox hosts); 1 = serial"})
 def test(c, k=None, unit=False, workers=3):
     """Run the tests (unit + integration against the sandbox and the namespaced test bed)."""
-    args = [sys.executable, "-m", "pytest", "-q", "--durations=15"]
+    args = [sys.executable, "-m", "pytest", "-q", "--durations=40"]
     if int(workers) > 1:
         args += ["-n", str(int(workers)), "--dist", "loadfile", "--no-loadscope-reorder"]
     if unit:
