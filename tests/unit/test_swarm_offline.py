@@ -330,3 +330,81 @@ def test_the_migration_job_runs_without_the_image_health_check():
     assert words[:9] == ["docker", "service", "create", "--detach", "--name", "hd_migrate-1", "--mode",
                          "replicated-job", "--restart-condition"]
     assert "--no-healthcheck" in words and words.index("--no-healthcheck") < words.index("reg/backend@sha256:ab")
+
+
+class GatewaySync:
+    """gateway.sh's sync, one round at a time (HEALTHDEPLOY_SYNC_ONCE=1), against a fake getent whose answers
+    (Swarm DNS: the healthy tasks, in rotating order) the test sets per service; every process it starts is
+    counted, so the test sees what a round costs."""
+
+    def __init__(self, tmp_path):
+        import os
+
+        self.tmp = tmp_path
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.answers = tmp_path / "dns"
+        self.answers.mkdir()
+        self.spawned = tmp_path / "spawned"
+        for name in ("getent", "timeout"):
+            body = ('[ "$1" = ahostsv4 ] || exit 2\nf="' + str(self.answers) + '/$2"\n[ -s "$f" ] || exit 2\n'
+                    'for ip in $(cat "$f"); do printf "%s      STREAM %s\\n%s      DGRAM  \\n%s      RAW    \\n" '
+                    '"$ip" "$2" "$ip" "$ip"; done') if name == "getent" else 'shift; exec "$@"'
+            (self.bin / name).write_text(f"#!/bin/sh\necho {name} >> {self.spawned}\n{body}\n")
+            (self.bin / name).chmod(0o755)
+        (tmp_path / "gw").mkdir()
+        (tmp_path / "gw" / "nginx.conf").write_text("")
+        self.script = tmp_path / "gateway.sh"
+        self.script.write_bytes(sw.GATEWAY_SCRIPT.replace(b"state=/tmp/healthdeploy-gateway",
+                                                          b"state=" + str(tmp_path / "state").encode()))
+        self.env = {"PATH": f"{self.bin}:{os.environ['PATH']}", "HEALTHDEPLOY_SYNC_ONCE": "1",
+                    "HEALTHDEPLOY_GATEWAY_CONF": str(tmp_path / "gw" / "nginx.conf"), "HEALTHDEPLOY_DRAIN_TICKS": "2",
+                    "HEALTHDEPLOY_SERVICES": "backend=backend:5000 ai-service=ai_service:8001"}
+
+    def dns(self, service: str, *ips: str) -> None:
+        (self.answers / service).write_text(" ".join(ips))
+
+    def round(self) -> list[str]:
+        """One round; the log lines it wrote."""
+        self.spawned.unlink(missing_ok=True)
+        proc = subprocess.run(["sh", str(self.script)], env=self.env, capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stderr.splitlines() if line.startswith("gateway-sync:")]
+
+    def upstream(self, service: str) -> list[str]:
+        text = (self.tmp / "gw" / "upstreams" / f"{service}.conf").read_text()
+        return [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
+
+    def processes(self) -> int:
+        return len(self.spawned.read_text().split()) if self.spawned.exists() else 0
+
+
+def test_gateway_sync_follows_the_tasks_keeps_leaving_ones_as_backups_and_forks_only_to_look_up(tmp_path):
+    g = GatewaySync(tmp_path)
+    g.dns("backend", "10.0.0.5", "10.0.0.4")
+    g.dns("ai-service", "10.0.0.9")
+    assert len(g.round()) == 2  # both upstream files written
+    assert g.upstream("backend") == ["server 10.0.0.5:5000 max_fails=0;", "server 10.0.0.4:5000 max_fails=0;"]
+    assert g.upstream("ai-service") == ["server 10.0.0.9:8001 max_fails=0;"]
+    # The same tasks in DNS's rotated order: nothing rewritten (no reload); only the lookups ran.
+    g.dns("backend", "10.0.0.4", "10.0.0.5")
+    assert g.round() == []
+    assert g.processes() == 4  # timeout + getent per service, nothing else of ours forks
+    # A roll: a new task healthy, then the old one leaves DNS. It stays a backup for DRAIN_TICKS=2 rounds.
+    g.dns("backend", "10.0.0.4", "10.0.0.5", "10.0.0.6")
+    assert g.round() == ["gateway-sync: backend: tasks [10.0.0.5 10.0.0.4 10.0.0.6] leaving []"]
+    g.dns("backend", "10.0.0.6", "10.0.0.4")
+    assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.6] leaving [10.0.0.5]"]
+    assert g.upstream("backend") == ["server 10.0.0.4:5000 max_fails=0;", "server 10.0.0.6:5000 max_fails=0;",
+                                     "server 10.0.0.5:5000 backup;"]
+    assert g.round() == []  # one round left: still a backup
+    assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.6] leaving []"]
+    assert "backup" not in " ".join(g.upstream("backend"))
+    # A failed or empty lookup keeps the last known tasks; no healthy task at all was never seen here.
+    g.dns("backend")
+    assert g.round() == [] and len(g.upstream("backend")) == 2
+    # A leaving task that comes back is a task again, not a backup too.
+    g.dns("backend", "10.0.0.4")
+    g.round()
+    g.dns("backend", "10.0.0.4", "10.0.0.6")
+    assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.6] leaving []"]

@@ -20,8 +20,20 @@ ticks=${HEALTHDEPLOY_DRAIN_TICKS:-4}
 mkdir -p "$state" "$dir"
 log() { echo "gateway-sync: $*" >&2; }
 
+# Sets $ips: the IPv4 addresses of service $1's healthy tasks (Swarm DNS), those already known ($2) in their
+# known order, then new ones, so a set that did not change renders the same file. This runs for every service
+# every round: only the lookup itself forks (timeout, getent); the rest is shell builtins.
 lookup() {
-  timeout 2 getent ahostsv4 "$1" 2>/dev/null | awk '{print $1}' | sort -u -t. -k1,1n -k2,2n -k3,3n -k4,4n | tr '\n' ' '
+  answer=$(timeout 2 getent ahostsv4 "$1" 2>/dev/null) || answer=
+  found=
+  for word in $answer; do  # "IP STREAM name", "IP DGRAM", "IP RAW" per address
+    case "$word" in *[!0-9.]* | "") continue ;; esac
+    case " $found " in *" $word "*) ;; *) found="$found $word" ;; esac
+  done
+  ips=
+  for ip in $2; do case " $found " in *" $ip "*) ips="$ips $ip" ;; esac; done
+  for ip in $found; do case " $ips " in *" $ip "*) ;; *) ips="$ips $ip" ;; esac; done
+  ips=${ips# }
 }
 
 render() {  # service upstream port "ips" "backups"
@@ -44,32 +56,42 @@ render() {  # service upstream port "ips" "backups"
   echo "}"
 }
 
-# One round; prints "changed" when an upstream file was replaced.
+read_file() {  # $1 = variable, $2 = file: its first line, or empty (a builtin, no cat)
+  eval "$1="
+  [ -f "$2" ] && IFS= read -r "$1" < "$2"
+  return 0
+}
+
+# One round; prints "changed" when an upstream file was replaced. State lives in files (a round runs in a
+# subshell): the tasks seen last round, the leaving ones with their rounds left, the last rendered key.
 sync_round() {
   for entry in $HEALTHDEPLOY_SERVICES; do
     svc=${entry%%=*}; rest=${entry#*=}; name=${rest%%:*}; port=${rest#*:}
-    prev=$(cat "$state/$svc.ips" 2>/dev/null || true)
-    ips=$(lookup "$svc")
+    read_file prev "$state/$svc.ips"
+    lookup "$svc" "$prev"
     [ -n "$ips" ] || ips=$prev
-    : > "$state/$svc.leaving.new"
+    leaving=
     for ip in $prev; do
-      case " $ips " in *" $ip "*) ;; *) echo "$ip $ticks" >> "$state/$svc.leaving.new" ;; esac
+      case " $ips " in *" $ip "*) ;; *) leaving="$leaving $ip:$ticks" ;; esac
     done
-    if [ -f "$state/$svc.leaving" ]; then
-      while read -r ip left; do
-        case " $ips " in *" $ip "*) continue ;; esac
-        [ "$left" -gt 1 ] && echo "$ip $((left - 1))" >> "$state/$svc.leaving.new"
-      done < "$state/$svc.leaving"
-    fi
-    mv -f "$state/$svc.leaving.new" "$state/$svc.leaving"
-    backups=$(awk '{print $1}' "$state/$svc.leaving" | sort -u | tr '\n' ' ')
-    text=$(render "$svc" "$name" "$port" "$ips" "$backups")
-    if [ "$text" != "$(cat "$dir/$svc.conf" 2>/dev/null)" ]; then
-      printf '%s\n' "$text" > "$dir/.$svc.conf.tmp" && mv -f "$dir/.$svc.conf.tmp" "$dir/$svc.conf"
-      log "$svc: tasks [${ips% }] leaving [${backups% }]"
+    read_file before "$state/$svc.leaving"
+    for item in $before; do
+      ip=${item%%:*}; left=${item#*:}
+      case " $ips $leaving " in *" $ip "* | *" $ip:"*) continue ;; esac
+      [ "$left" -gt 1 ] && leaving="$leaving $ip:$((left - 1))"
+    done
+    [ "$leaving" = "$before" ] || printf '%s\n' "$leaving" > "$state/$svc.leaving"
+    backups=
+    for item in $leaving; do backups="$backups ${item%%:*}"; done
+    backups=${backups# }
+    read_file rendered "$state/$svc.rendered"
+    if [ "$ips|$backups" != "$rendered" ] || [ ! -f "$dir/$svc.conf" ]; then
+      render "$svc" "$name" "$port" "$ips" "$backups" > "$dir/.$svc.conf.tmp" && mv -f "$dir/.$svc.conf.tmp" "$dir/$svc.conf"
+      printf '%s\n' "$ips|$backups" > "$state/$svc.rendered"
+      log "$svc: tasks [$ips] leaving [$backups]"
       echo changed
     fi
-    printf '%s' "$ips" > "$state/$svc.ips"
+    [ "$ips" = "$prev" ] || printf '%s\n' "$ips" > "$state/$svc.ips"
   done
 }
 
@@ -82,16 +104,19 @@ reload() {
 }
 
 sync_round >/dev/null
+[ "${HEALTHDEPLOY_SYNC_ONCE:-}" = 1 ] && exit 0  # the offline tests: one round, no nginx
 nginx -c "$conf" -g 'daemon off;' &
 nginx_pid=$!
 stopping=
+round=0
 trap 'stopping=1; kill -QUIT "$nginx_pid" 2>/dev/null' TERM QUIT INT
 trap 'reload' HUP
 while kill -0 "$nginx_pid" 2>/dev/null; do
   if [ -z "$stopping" ] && [ -n "$(sync_round)" ]; then
     reload
   fi
-  touch "$state/beat"
+  round=$((round + 1))
+  printf '%s\n' "$round" > "$state/beat"  # the health check reads its time (a builtin write, no touch)
   sleep "$interval" &
   wait $! 2>/dev/null
 done
