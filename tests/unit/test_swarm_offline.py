@@ -408,3 +408,10 @@ def test_gateway_sync_follows_the_tasks_keeps_leaving_ones_as_backups_and_forks_
     g.round()
     g.dns("backend", "10.0.0.4", "10.0.0.6")
     assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.6] leaving []"]
+    # A write that failed (here: its temporary file's name taken by a directory) is tried again next round.
+    blocker = tmp_path / "gw" / "upstreams" / ".backend.conf.tmp"
+    blocker.mkdir()
+    g.dns("backend", "10.0.0.4", "10.0.0.7")
+    assert "could not write" in g.round()[-1]
+    blocker.rmdir()
+    assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.7] leaving [10.0.0.6]"]

@@ -86,10 +86,15 @@ sync_round() {
     backups=${backups# }
     read_file rendered "$state/$svc.rendered"
     if [ "$ips|$backups" != "$rendered" ] || [ ! -f "$dir/$svc.conf" ]; then
-      render "$svc" "$name" "$port" "$ips" "$backups" > "$dir/.$svc.conf.tmp" && mv -f "$dir/.$svc.conf.tmp" "$dir/$svc.conf"
-      printf '%s\n' "$ips|$backups" > "$state/$svc.rendered"
-      log "$svc: tasks [$ips] leaving [$backups]"
-      echo changed
+      # The key is kept only once the file is in place: a failed write (disk full) is tried again next round.
+      if render "$svc" "$name" "$port" "$ips" "$backups" > "$dir/.$svc.conf.tmp" \
+          && mv -f "$dir/.$svc.conf.tmp" "$dir/$svc.conf"; then
+        printf '%s\n' "$ips|$backups" > "$state/$svc.rendered"
+        log "$svc: tasks [$ips] leaving [$backups]"
+        echo changed
+      else
+        log "$svc: could not write $dir/$svc.conf: tried again next round"
+      fi
     fi
     [ "$ips" = "$prev" ] || printf '%s\n' "$ips" > "$state/$svc.ips"
   done
