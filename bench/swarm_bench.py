@@ -66,7 +66,9 @@ class SwarmBench:
         self.write(self.dir, {**base, "TARGET": "swarm", "SWARM_STACK": STACK, "SWARM_SUBNET": "10.249.0.0/24",
                               "SWARM_NODES": f"{n[0].name}=data,{n[1].name}=app+edge,{n[2].name}=app+edge",
                               "SWARM_REPLICAS": "2", "SWARM_MONITOR": "2", "REGISTRY": f"{netns.REGISTRY}/healthdeploy-bench"})
-        self.write(self.compose_dir, {**base, "COMPOSE_PROJECT": COMPOSE_PROJECT, "GATEWAY_BIND": "{address}",
+        # Its own deploy directory: with the Swarm target's, its first deploy took the stack's release for its own.
+        self.write(self.compose_dir, {**base, "DEPLOY_PATH": str(DEPLOY_ROOT) + "/{host}/{env}-compose",
+                                      "COMPOSE_PROJECT": COMPOSE_PROJECT, "GATEWAY_BIND": "{address}",
                                       "PUBLISH_INFRA": "none"})
 
     @staticmethod

@@ -215,6 +215,19 @@ def http_probe(container: str, url: str, timeout: int = 3) -> Command:
                    description=f"probe {url}", readonly=True, intent=("probe", url))
 
 
+# The same GET, tried again every 0.2 s until it answers or ``attempts`` ran out: right after `nginx -s reload`
+# (which only signals the master) a request can still reach a worker of the old configuration.
+HTTP_GET_WITHIN = ('timeout_s="$2"; attempts="$3"' + HTTP_GET_FUNCTION +
+                   'while :; do http_get "$1" && exit 0; attempts=$((attempts - 1)); '
+                   '[ "$attempts" -gt 0 ] || exit 1; sleep 0.2; done')
+
+
+def http_probe_within(container: str, url: str, seconds: float = 3, timeout: int = 3) -> Command:
+    """``http_probe`` that waits up to about ``seconds`` for an answer (a reload taking effect)."""
+    return exec_in(container, "sh", "-c", HTTP_GET_WITHIN, "sh", url, str(timeout), str(max(1, int(seconds / 0.2))),
+                   description=f"probe {url}", readonly=True, intent=("probe", url))
+
+
 # Several GETs in one round trip: "ok URL" or "fail URL" per line (warming new containers, checking each).
 HTTP_GETS = 'timeout_s="$1"; shift' + HTTP_GET_FUNCTION + 'for u in "$@"; do if http_get "$u"; then echo "ok $u"; else echo "fail $u"; fi; done'
 

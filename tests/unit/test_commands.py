@@ -71,3 +71,23 @@ def test_script_values_are_positional():
 
 def test_redact():
     assert redact("url postgresql://u:s3cr3tpw@h/db", [Secret("s3cr3tpw")]) == "url postgresql://u:***@h/db"
+
+
+def test_the_check_through_the_gateway_gives_a_reload_a_moment(tmp_path):
+    """`nginx -s reload` only signals the master: the first request after it can reach an old worker. The probe
+    after a switch is tried again (here curl fails twice, then answers); one that never answers still fails."""
+    import os
+    import shlex
+    import subprocess
+
+    words = shlex.split(dk.http_probe_within("gw", "http://127.0.0.1:5000/health", seconds=1).render())
+    assert words[:3] == ["docker", "exec", "gw"] and words[-3:] == ["http://127.0.0.1:5000/health", "3", "5"]
+    (tmp_path / "curl").write_text(f'#!/bin/sh\nn=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/n\n'
+                                   f'[ "$n" -ge "$FAIL_FIRST" ]\n')
+    (tmp_path / "curl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    assert subprocess.run(words[3:], env={**env, "FAIL_FIRST": "2"}).returncode == 0
+    assert (tmp_path / "n").read_text().strip() == "3"
+    (tmp_path / "n").unlink()
+    assert subprocess.run(words[3:], env={**env, "FAIL_FIRST": "99"}, capture_output=True).returncode != 0
+    assert (tmp_path / "n").read_text().strip() == "5"  # every attempt made, then the failure
