@@ -129,7 +129,7 @@ def by_hand(bench: SwarmBench, variant: str, image: str, n: int) -> tuple[object
                          f"case \"$s\" in completed|rollback_completed|paused) echo $s; break;; esac; sleep 0.5; done")
         if proc.returncode != 0:
             raise SystemExit(f"bench: by-hand deploy failed: {proc.stderr[-2000:]}")
-        return proc.stdout.strip()
+        return proc.stdout.strip().splitlines()[-1]  # the state the loop ended on (before it: stack deploy's lines)
     result, elapsed, state = under_load(bench.edge.address, deploy)
     path.unlink()
     return result, elapsed, state
