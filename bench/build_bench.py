@@ -29,8 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# fab and inv of this Python, no version-manager shim in between (as the tests run them).
+# fab and inv of this Python, no version-manager shim in between, importing this checkout (as the tests do).
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 from deploy.sandbox import images, netns, setup  # noqa: E402
 from deploy.sandbox.hosts import STATE_DIR  # noqa: E402

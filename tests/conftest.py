@@ -11,6 +11,9 @@ os.chdir(ROOT)
 # `fab` and `inv` in the tests' subprocesses are those of the Python that runs the tests: the same installation,
 # and no version-manager shim in between (pyenv's runs about 20 processes per call, thousands of calls a run).
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+# ... and they import this checkout's code, whichever checkout `pip install -e` pointed at last (a CI clone's,
+# once: a bench then ran the clone's old code).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 # The longest modules first (minutes of one worker each in a full run), so no worker starts one of them last
