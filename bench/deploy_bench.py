@@ -9,7 +9,7 @@
    1 data + 3 app hosts with BATCH_SIZE=1 and BATCH_SIZE=3 vs the same deploy to 1 host.
 
 `python3 bench/deploy_bench.py [--only nochange,multihost,...]`. Loopback sandbox hosts sandbox2-4 and
-testbed nodes node7-node10, so the demo, the tests and other work are not disturbed. Prints a Markdown
+testbed nodes node7-node10 and node15, so the demo, the tests and other work are not disturbed. Prints a Markdown
 report and writes it to bench/results/.
 """
 
@@ -44,6 +44,7 @@ from load import Load  # noqa: E402
 HOST = "sandbox2"
 ADDRESS = sandbox.host_for(HOST).address
 NODES = ("node7", "node8", "node9", "node10")
+ONE_NODE = "node15"  # the one-host baseline
 ENV_NAME = "bench"
 SSH = ["ssh", "-F", str(ROOT / ".sandbox/ssh_config"), "-o", "BatchMode=yes"]
 
@@ -78,7 +79,7 @@ class Bench:
 
     def cleanup(self) -> None:
         sandbox.remove_project(f"hd-b{ENV_NAME}-{HOST}")
-        for node in NODES:
+        for node in (*NODES, ONE_NODE):
             n = netns.node_for(node)
             if n in netns.running_nodes():
                 ids = _docker(n, "ps", "-aq", "--filter", f"label=com.docker.compose.project=hd-b{ENV_NAME}-{node}").split()
@@ -173,28 +174,31 @@ def section_rollback(bench: Bench, rows: list) -> None:
                  f"{rollback.total}", "-", "-"))
 
 
-def section_multihost(bench: Bench, rows: list) -> None:
-    """1 data + 3 app nodes vs 1 node, a changed backend on warm hosts (infrastructure up, a release live)."""
-    netns.up(list(NODES))
+def section_multihost(bench: Bench, rows: list, runs: int = 3) -> None:
+    """1 data + 3 app nodes vs 1 node (a fifth node: it shares no Compose project with the four), a changed
+    backend on warm hosts (infrastructure up, a release live); the three measures alternate, medians of ``runs``."""
+    netns.up(list(NODES) + [ONE_NODE])
     data, apps = NODES[0], NODES[1:]
     hosts = ",".join(NODES)
     roles = ",".join([f"{data}=data"] + [f"{a}=app" for a in apps])
-    bench.write_env(hosts=NODES[1], DEPLOY_PATH="/var/lib/healthdeploy-bench/{host}/{env}1")
-    bench.set_build("backend-warm-1")
-    bench.fab("deploy")
-    bench.set_build("backend-one")
-    _, one_s = bench.fab("deploy")
-    bench.write_env(hosts=hosts, ROLES=roles, BATCH_SIZE="3")
-    bench.set_build("backend-warm-4")
-    bench.fab("deploy")
-    results = {}
+    configs = {"one": dict(hosts=ONE_NODE), "1": dict(hosts=hosts, ROLES=roles, BATCH_SIZE="1"),
+               "3": dict(hosts=hosts, ROLES=roles, BATCH_SIZE="3")}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    for name in ("one", "3"):  # warm: first deploys, not measured
+        bench.write_env(**configs[name])
+        bench.set_build(f"backend-warm-{name}")
+        bench.fab("deploy")
+    for run in range(runs):
+        for name, config in configs.items():
+            bench.write_env(**config)
+            bench.set_build(f"backend-{name}-{run}")
+            seconds[name].append(bench.fab("deploy")[1])
+    one = statistics.median(seconds["one"])
     for size in ("1", "3"):
-        bench.write_env(hosts=hosts, ROLES=roles, BATCH_SIZE=size)
-        bench.set_build(f"backend-batch-{size}")
-        _, results[size] = bench.fab("deploy")
-    for size in ("1", "3"):
-        rows.append((f"changed backend, 1 data + 3 app hosts vs 1 host (BATCH_SIZE={size}), seconds",
-                     f"{results[size]:.1f}", f"{one_s:.1f}", f"{results[size] / one_s:.2f}"))
+        many = statistics.median(seconds[size])
+        rows.append((f"changed backend, 1 data + 3 app hosts vs 1 host (BATCH_SIZE={size}), seconds, median of {runs} "
+                     f"({', '.join(f'{x:.1f}' for x in seconds[size])} vs {', '.join(f'{x:.1f}' for x in seconds['one'])})",
+                     f"{many:.1f}", f"{one:.1f}", f"{many / one:.2f}"))
 
 
 SECTIONS = {"rolls": section_rolls, "nochange": section_nochange, "rollback": section_rollback,
@@ -220,7 +224,7 @@ def main() -> int:
     finally:
         bench.cleanup()
     report = ["# Deploy benchmark", "", f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; "
-              f"loopback sandbox host {HOST} (the machine's engine) and testbed nodes {', '.join(NODES)} (their own "
+              f"loopback sandbox host {HOST} (the machine's engine) and testbed nodes {', '.join((*NODES, ONE_NODE))} (their own "
               "engines). Load average at the start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + ".", "",
               "| measure | healthdeploy | baseline | ratio |", "|---|---|---|---|"]
     report += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
