@@ -155,8 +155,30 @@ def service_logs(service: str, tail: int = 30, follow: bool = False, timestamps:
     return cmd(*words, service, description=f"logs of {service}", readonly=True, intent=("service-logs", service))
 
 
+# The job's shell: its secrets file loaded, then a wait (at most $HEALTHDEPLOY_NAMES_WAIT s) until the data
+# services' names resolve on its node, then the command. Swarm's DNS on a node learns another node's tasks by
+# gossip, some time after they are healthy there: seen here, on a loaded test bed, a first deploy's migration
+# failed for 65 s with "could not translate host name "postgres"" on the app node while PostgreSQL was healthy
+# on the data node. A real migration tool fails at once on that; waiting for the names costs nothing otherwise.
+# Without getent in the image the wait is skipped.
+JOB_SHELL = r"""set -a && . "$HEALTHDEPLOY_ENV_FILE" && set +a
+if command -v getent >/dev/null 2>&1; then
+  started=$(date +%s); end=$((started + ${HEALTHDEPLOY_NAMES_WAIT:-120}))
+  for name in $HEALTHDEPLOY_NAMES; do
+    until getent hosts "$name" >/dev/null 2>&1; do
+      [ "$(date +%s)" -lt "$end" ] || { echo "healthdeploy: $name does not resolve on this node; running anyway" >&2; break 2; }
+      sleep 1
+    done
+  done
+  waited=$(($(date +%s) - started))
+  [ "$waited" -lt 2 ] || echo "healthdeploy: waited ${waited}s for this node to resolve $HEALTHDEPLOY_NAMES" >&2
+fi
+exec sh -c "$0"
+"""
+
+
 def job_create(name: str, stack: str, network: str, image: str, secret: str, uid: str, shell_command: str,
-               environment: tuple[str, ...], constraint: str) -> Command:
+               environment: tuple[str, ...], constraint: str, names: tuple[str, ...] = ()) -> Command:
     """A one-off task on the stack's overlay network (a replicated job: it runs once, is never restarted)
     with the service's secret mounted like the service's own; ``--detach`` so its end is polled. No health
     check: the image's probes a server the job never starts, and Swarm kills an unhealthy task (exit 137) —
@@ -166,10 +188,11 @@ def job_create(name: str, stack: str, network: str, image: str, secret: str, uid
              "--label", "healthdeploy.role=migrate", "--constraint", constraint,
              "--secret", f"source={secret},target=/run/healthdeploy/secrets.env,uid={uid},gid={uid},mode=0400",
              "--env", "HEALTHDEPLOY_ENV_FILE=/run/healthdeploy/secrets.env"]
+    if names:
+        words += ["--env", "HEALTHDEPLOY_NAMES=" + " ".join(names)]
     for assignment in environment:  # release settings only, never a secret
         words += ["--env", assignment]
-    words += ["--entrypoint", "/bin/sh", image, "-c",
-              'set -a && . "$HEALTHDEPLOY_ENV_FILE" && set +a && exec sh -c "$0"', shell_command]
+    words += ["--entrypoint", "/bin/sh", image, "-c", JOB_SHELL, shell_command]
     return cmd(*words, description=f"start one-off task {name}", intent=("job-create", name))
 
 

@@ -351,7 +351,8 @@ class SwarmApply:
         self.say(f"migrating: {self.s.migrate_command} (one-off task {name} on {self.stack}_default)")
         env = ()
         self.run_cmd(sc.job_create(name, self.stack, f"{self.stack}_default", image, secret, "1001",
-                                   self.s.migrate_command, env, "node.labels.healthdeploy.app == true"))
+                                   self.s.migrate_command, env, "node.labels.healthdeploy.app == true",
+                                   names=tuple(self.d.infra)))
         try:
             task = self._wait_job(name)
             logs = self.run_cmd(sc.service_logs(name, tail=40), check=False)

@@ -332,6 +332,43 @@ def test_the_migration_job_runs_without_the_image_health_check():
     assert "--no-healthcheck" in words and words.index("--no-healthcheck") < words.index("reg/backend@sha256:ab")
 
 
+def test_the_migration_job_waits_until_its_node_resolves_the_data_services(tmp_path):
+    """Swarm's DNS on the job's node learns the data node's tasks by gossip (seen: 65 s late under load): the job
+    waits for the names (bounded), says so, then runs the migration; a name that never resolves does not stop it."""
+    import shlex
+    import shutil
+
+    from deploy.commands.swarm import job_create
+
+    words = shlex.split(job_create("hd_migrate-1", "hd", "hd_default", "reg/backend@sha256:ab", "hd_backend-secrets",
+                                   "1001", "echo migrated", (), "node.labels.healthdeploy.app==true",
+                                   names=("postgres", "redis")).render())
+    assert "HEALTHDEPLOY_NAMES=postgres redis" in words
+    shell = words[words.index("reg/backend@sha256:ab") + 1:]
+    assert shell[0] == "-c" and shell[2] == "echo migrated"
+    (tmp_path / "secrets.env").write_text("")
+    (tmp_path / "getent").write_text(f'#!/bin/sh\nn=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/n\n'
+                                     '[ "$2" != postgres ] || [ "$n" -ge "$LATE" ]\n')
+    (tmp_path / "getent").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HEALTHDEPLOY_ENV_FILE": str(tmp_path / "secrets.env"),
+           "HEALTHDEPLOY_NAMES": "postgres redis"}
+    late = subprocess.run(["sh", *shell], env={**env, "LATE": "2"}, capture_output=True, text=True, timeout=30)
+    assert late.returncode == 0 and late.stdout.strip() == "migrated"
+    assert __import__("re").search(r"waited [23]s for this node to resolve postgres redis", late.stderr), late.stderr
+    (tmp_path / "n").unlink()
+    never = subprocess.run(["sh", *shell], env={**env, "LATE": "999", "HEALTHDEPLOY_NAMES_WAIT": "1"},
+                           capture_output=True, text=True, timeout=30)
+    assert never.stdout.strip() == "migrated" and "postgres does not resolve on this node" in never.stderr
+    (tmp_path / "getent").unlink()  # an image without getent: no wait at all
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tool in ("sh", "date", "sleep"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    plain = subprocess.run([str(bare / "sh"), *shell], env={**env, "PATH": str(bare)}, capture_output=True,
+                           text=True, timeout=30)
+    assert plain.stdout.strip() == "migrated" and plain.stderr == ""
+
+
 class GatewaySync:
     """gateway.sh's sync, one round at a time (HEALTHDEPLOY_SYNC_ONCE=1), against a fake getent whose answers
     (Swarm DNS: the healthy tasks, in rotating order) the test sets per service; every process it starts is
