@@ -206,25 +206,17 @@ def exec_in(container: str, *argv: str, description: str, readonly: bool = False
     return cmd("docker", "exec", container, *argv, description=description, readonly=readonly, intent=intent)
 
 
-HTTP_GET = 'timeout_s="$2"' + HTTP_GET_FUNCTION + 'http_get "$1"'
-
-
-def http_probe(container: str, url: str, timeout: int = 3) -> Command:
-    """GET ``url`` from inside ``container`` (curl or busybox wget, whichever the image has)."""
-    return exec_in(container, "sh", "-c", HTTP_GET, "sh", url, str(timeout),
-                   description=f"probe {url}", readonly=True, intent=("probe", url))
-
-
-# The same GET, tried again every 0.2 s until it answers or ``attempts`` ran out: right after `nginx -s reload`
+# GET ``$1`` (timeout ``$2``) up to ``$3`` times, 0.2 s apart, until it answers: right after `nginx -s reload`
 # (which only signals the master) a request can still reach a worker of the old configuration.
-HTTP_GET_WITHIN = ('timeout_s="$2"; attempts="$3"' + HTTP_GET_FUNCTION +
-                   'while :; do http_get "$1" && exit 0; attempts=$((attempts - 1)); '
-                   '[ "$attempts" -gt 0 ] || exit 1; sleep 0.2; done')
+HTTP_GET = ('timeout_s="$2"; attempts="$3"' + HTTP_GET_FUNCTION +
+            'while :; do http_get "$1" && exit 0; attempts=$((attempts - 1)); '
+            '[ "$attempts" -gt 0 ] || exit 1; sleep 0.2; done')
 
 
-def http_probe_within(container: str, url: str, seconds: float = 3, timeout: int = 3) -> Command:
-    """``http_probe`` that waits up to about ``seconds`` for an answer (a reload taking effect)."""
-    return exec_in(container, "sh", "-c", HTTP_GET_WITHIN, "sh", url, str(timeout), str(max(1, int(seconds / 0.2))),
+def http_probe(container: str, url: str, timeout: int = 3, within: float = 0) -> Command:
+    """GET ``url`` from inside ``container`` (curl or busybox wget, whichever the image has); with ``within``,
+    tried again for about that many seconds until it answers (a reload taking effect)."""
+    return exec_in(container, "sh", "-c", HTTP_GET, "sh", url, str(timeout), str(max(1, int(within / 0.2))),
                    description=f"probe {url}", readonly=True, intent=("probe", url))
 
 

@@ -37,7 +37,7 @@ class Gateway:
         """/health through the gateway, given a moment: a reload just signalled may not have taken effect yet (a
         first release's check once hit an old worker whose only upstream was the placeholder)."""
         url = f"http://127.0.0.1:{GATEWAY_PORT_OF[service]}/health"
-        return self.session.run(dk.http_probe_within(gateway.name, url), check=False).ok
+        return self.session.run(dk.http_probe(gateway.name, url, within=3), check=False).ok
 
     def probes(self, gateway: Container, urls: list[str]) -> dict[str, bool]:
         out = self.session.run(dk.http_probes(gateway.name, tuple(urls)), check=False).text

@@ -80,7 +80,7 @@ def test_the_check_through_the_gateway_gives_a_reload_a_moment(tmp_path):
     import shlex
     import subprocess
 
-    words = shlex.split(dk.http_probe_within("gw", "http://127.0.0.1:5000/health", seconds=1).render())
+    words = shlex.split(dk.http_probe("gw", "http://127.0.0.1:5000/health", within=1).render())
     assert words[:3] == ["docker", "exec", "gw"] and words[-3:] == ["http://127.0.0.1:5000/health", "3", "5"]
     (tmp_path / "curl").write_text(f'#!/bin/sh\nn=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/n\n'
                                    f'[ "$n" -ge "$FAIL_FIRST" ]\n')
@@ -91,3 +91,7 @@ def test_the_check_through_the_gateway_gives_a_reload_a_moment(tmp_path):
     (tmp_path / "n").unlink()
     assert subprocess.run(words[3:], env={**env, "FAIL_FIRST": "99"}, capture_output=True).returncode != 0
     assert (tmp_path / "n").read_text().strip() == "5"  # every attempt made, then the failure
+    (tmp_path / "n").unlink()
+    once = shlex.split(dk.http_probe("gw", "http://127.0.0.1:5000/health").render())
+    assert subprocess.run(once[3:], env={**env, "FAIL_FIRST": "99"}, capture_output=True).returncode != 0
+    assert (tmp_path / "n").read_text().strip() == "1"  # without ``within``: one attempt
