@@ -297,12 +297,18 @@ def _deploy_locked(runtime: Runtime, jobs: list[HostJob], release: str, break_lo
         apps = [j for j in jobs if j.session.t.role is not Role.DATA]
         size = runtime.settings.batch_size
         # Data hosts first. Their changes are committed at once: the application hosts depend on them, and a
-        # later application failure must not take them away from hosts that already switched.
-        for job in data:
-            _run_phase([job], lambda j: _steps(j, before_apps=True), commit=True, final=False)
-        for batch in batches(apps, size):
+        # later application failure must not take them away from hosts that already switched. The first batch's
+        # preparation (release files, images: nothing that reaches a data service) runs beside them; its
+        # migration and rolls wait for them, and a data host's failure undoes that preparation.
+        app_batches = batches(apps, size)
+        first_preparation = [(j, _split(j)[0], False, False) for j in (app_batches[0] if app_batches else [])]
+        data_parts = [(j, _steps(j, before_apps=True), True, False) for j in data]
+        if data_parts or first_preparation:
+            _run_parts(data_parts + first_preparation)
+        for number, batch in enumerate(app_batches):
             # Prepared in parallel, migrated once, then rolled: no host switches before the migration.
-            _run_phase(batch, lambda j: _split(j)[0], commit=False, final=False)
+            if number:
+                _run_phase(batch, lambda j: _split(j)[0], commit=False, final=False)
             _run_phase(batch, lambda j: _split(j)[1], commit=False, final=False)
             _run_phase(batch, lambda j: _split(j)[2], commit=True, final=True)
         for job in data:
@@ -354,10 +360,18 @@ def _split(job: HostJob):
 def _run_phase(batch: list[HostJob], steps_of, commit: bool, final: bool) -> None:
     """Run a phase on every host of a batch; on any failure every host of the batch that has not committed
     undoes its changes, and the first failure stops the deploy."""
+    _run_parts([(job, steps_of(job), commit, final) for job in batch])
+
+
+def _run_parts(parts: list[tuple[HostJob, list, bool, bool]]) -> None:
+    """``(host, steps, commit, final)`` for each host, all at once; on any failure every one of these hosts that
+    has not committed undoes its changes, and the first failure stops the deploy."""
     errors: list = []
+    todo = {id(job): (steps, commit, final) for job, steps, commit, final in parts}
+    batch = [job for job, _, _, _ in parts]
 
     def work(job: HostJob) -> None:
-        steps = steps_of(job)
+        steps, commit, final = todo[id(job)]
         if steps:
             job.apply.run(steps)
         if commit:
