@@ -336,3 +336,17 @@ def test_a_failure_at_any_command_leaves_the_old_release_serving(tmp_path, error
             assert password is None or f"/.versions/{trial.apply_.prev_secrets}/" in password, \
                 f"{where}: PostgreSQL keeps the new password ({password})"
     assert outcomes["undone"] > 25
+
+
+def test_a_deploy_path_that_holds_a_swarm_release_is_refused_before_any_change(host):
+    from deploy.plan.deploy import preflight_problems
+
+    w = host.world
+    w.files[f"{w.rel(w.current)}/stack.yaml"] = b"services: {}\n"  # what a TARGET=swarm deploy leaves in its release
+    w.files[f"{w.rel(w.current)}/release.env"] = f"RELEASE_ID={w.current}\nSTACK=healthdeploy-prod\n".encode()
+    observed = host.session.observe()
+    problems = preflight_problems(observed, 100, w.deploy_path)
+    assert problems == [f"{w.deploy_path} holds a TARGET=swarm release (stack healthdeploy-prod), not one of a Compose "
+                        "deploy: give this environment a DEPLOY_PATH of its own"]
+    del w.files[f"{w.rel(w.current)}/stack.yaml"], w.files[f"{w.rel(w.current)}/release.env"]
+    assert preflight_problems(host.session.observe(), 100, w.deploy_path) == []  # its own release: fine
