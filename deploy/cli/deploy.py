@@ -383,12 +383,16 @@ def _run_parts(parts: list[tuple[HostJob, list, bool, bool]]) -> None:
     if not errors:
         return
     first = next((exc for j, exc in errors if j is not None), errors[0][1])
+    first_job = next((j for j, _ in errors if j is not None), None)
     raised = None
     with shielded():
         for job in batch:
             failed_here = next((exc for j, exc in errors if j is job), None)
             if job.apply is not None and not job.apply.committed:
                 job.apply.abort()
+                if failed_here is None and first_job is not None and not isinstance(first, KeyboardInterrupt):
+                    _record_failure(job, first, undone_for=first_job.alias)  # it did nothing wrong itself
+                    continue
                 error = _record_failure(job, failed_here or first)
                 raised = raised or (error if failed_here is not None else None)
     raise raised or first
@@ -415,13 +419,16 @@ def _finish(job: HostJob) -> None:
                        "services": o.services, "migrated": o.migrated, "steps": [k for k, _ in apply.report.applied.done]})
 
 
-def _record_failure(job: HostJob, exc: BaseException) -> BaseException:
+def _record_failure(job: HostJob, exc: BaseException, undone_for: str = "") -> BaseException:
     """Fill the failed host's outcome and audit it; return the error to report (a failed roll becomes the
-    documented "rolled back" error with the new containers' last log lines)."""
+    documented "rolled back" error with the new containers' last log lines). ``undone_for``: the host that
+    failed, when this one's unfinished changes were undone only because of it."""
     o, plan = job.outcome, job.plan
     o.undo = [list(u) for u in (job.apply.report.undo if job.apply else [])]
     error: BaseException = exc
-    if isinstance(exc, KeyboardInterrupt):
+    if undone_for:
+        o.result, o.message = HostResult.SKIPPED.value, f"undone: {undone_for} failed"
+    elif isinstance(exc, KeyboardInterrupt):
         o.result, o.message = HostResult.INTERRUPTED.value, "interrupted: this host's changes were undone"
     elif isinstance(exc, RollFailure):
         o.result = HostResult.ROLLED_BACK.value

@@ -141,7 +141,7 @@ def swarm_preflight_problems(desired: SwarmDesired, observed: SwarmObserved) -> 
         problems.append(f"{desired.manager}: only {m.host.free_mb} MB free, MIN_FREE_DISK_MB is {desired.min_free_mb}")
     if "compose.yaml" in m.live_files and not any(name in m.live_files for name in STACK_FILES):
         # A Compose deploy's release under the same path: its project and volumes are not this stack's.
-        problems.append(f"{desired.manager}: the deploy path holds a TARGET=compose release, not one of this stack: "
+        problems.append(f"{desired.manager}: its DEPLOY_PATH holds a TARGET=compose release, not one of this stack: "
                         "give this environment a DEPLOY_PATH of its own")
     if m.swarm.manager:
         for name, roles in desired.node_roles.items():

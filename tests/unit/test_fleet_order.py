@@ -108,8 +108,11 @@ def test_a_data_host_that_fails_beside_the_preparation_leaves_the_application_ho
     fleet.extra["REDIS_IMAGE"] = "redis:7.2-alpine"  # ... while the data host recreates Redis, then fails
     fleet.fail["d1"] = lambda c: c.intent[:1] == ("switch",)
     fleet.log.clear()
-    with pytest.raises(HealthdeployError):
+    with pytest.raises(HealthdeployError) as caught:
         fleet.deploy()
+    outcomes = {o.host: (o.result, o.message) for o in caught.value.outcomes}
+    assert outcomes["d1"][0] == "failed"
+    assert outcomes["a1"] == outcomes["a2"] == ("skipped", "undone: d1 failed")  # not failed themselves
     assert fleet.index("d1", "recreate") >= 0
     assert not any(intent[0] in ("run", "switch") for alias, intent in fleet.log if alias != "d1")
     for alias in ("a1", "a2"):

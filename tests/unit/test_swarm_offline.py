@@ -462,7 +462,7 @@ def test_preflight_refuses_a_deploy_path_that_holds_a_compose_release(cluster, t
     compose = {"compose.yaml": "ab" * 32, "MANIFEST": "cd" * 32, "src/backend/app.py": "ef" * 32}
     observed = dataclasses.replace(observed, manager=dataclasses.replace(observed.manager, live_files=compose))
     problems = swarm_preflight_problems(desired, observed)
-    assert "node1: the deploy path holds a TARGET=compose release, not one of this stack: give this environment a " \
+    assert "node1: its DEPLOY_PATH holds a TARGET=compose release, not one of this stack: give this environment a " \
            "DEPLOY_PATH of its own" in problems
     observed = dataclasses.replace(observed, manager=dataclasses.replace(observed.manager,
                                                                          live_files={**compose, "stack.yaml": "01" * 32}))
