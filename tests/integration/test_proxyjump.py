@@ -44,10 +44,12 @@ class Sshd:
     def start(self):
         subprocess.run(["/usr/sbin/sshd", "-f", str(self.config), "-E", str(self.log)], check=True)
         deadline = time.monotonic() + 10
-        while not _listening(self.address, PORT):
+        pid_file = self.dir / "sshd.pid"
+        # sshd listens before it writes its pid file (a loaded machine read it empty once)
+        while not (_listening(self.address, PORT) and pid_file.exists() and pid_file.read_text().strip()):
             assert time.monotonic() < deadline, f"sshd {self.name} did not start"
             time.sleep(0.05)
-        self.pid = int((self.dir / "sshd.pid").read_text())
+        self.pid = int(pid_file.read_text())
 
     def stop(self):
         if self.pid:
@@ -61,11 +63,21 @@ class Sshd:
 @pytest.fixture(scope="module")
 def hops(sandbox_hosts, tmp_path_factory):
     state = tmp_path_factory.mktemp("hops")
+    # Our own leftovers first, by name: sshd of an earlier run that stopped before recording their pids.
+    subprocess.run(["pkill", "-f", r"^sshd: /usr/sbin/sshd -f /tmp/.*/hops[0-9]*/hd-(jump1|jump2|target)/sshd_config"])
+    deadline = time.monotonic() + 5
+    while any(_listening(a, PORT) for a in HOSTS.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for address in HOSTS.values():
         assert not _listening(address, PORT), f"{address}:{PORT} is taken"
     servers = {name: Sshd(state, name, address) for name, address in HOSTS.items()}
-    for server in servers.values():
-        server.start()
+    try:
+        for server in servers.values():
+            server.start()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
     known = state / "known_hosts"
     block = (f"  Port {PORT}\n  User root\n  IdentityFile {KEY}\n  IdentitiesOnly yes\n"
              f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n")
