@@ -255,6 +255,10 @@ def rollback(runtime: Runtime, cli_hosts: list[str], to: str | None, break_lock:
         if not text.strip():
             raise UsageError(f"release {target} has no stack file", "it was not deployed to Swarm")
         live_text = session.run(read_file(f"{session.t.release_dir(current)}/{sw.STACK_FILE}")).text if current else ""
+        if current and not live_text.strip():  # a Compose deploy's release is live under this path, not this stack's
+            raise SwarmPreflightError(f"{hosts[0]}: the live release {current} under {session.t.deploy_path} has no stack "
+                                 "file: it is a TARGET=compose release", "give this environment a DEPLOY_PATH of its "
+                                 "own; nothing was changed")
         new_text = text if with_secrets or not live_text else keep_live_secrets(text, live_text)
         outcome.previous, outcome.release = current, target
         runtime.console.info(f"rollback of stack {s.stack_name} from {current} to {target}"

@@ -131,7 +131,19 @@ def preflight_problems(observed: Observed, min_free_mb: int, deploy_path: str) -
         problems.append("bash is missing (needed for checksummed streams)")
     if facts.free_mb < min_free_mb:
         problems.append(f"only {facts.free_mb} MB free under {deploy_path}, MIN_FREE_DISK_MB is {min_free_mb}")
+    stack = swarm_release_of(observed.live_files, observed.release_env)
+    if stack is not None:
+        # Taken as this environment's live release, every later step would act on another environment's files.
+        problems.append(f"{deploy_path} holds a TARGET=swarm release (stack {stack or '?'}), not one of a Compose "
+                        "deploy: give this environment a DEPLOY_PATH of its own")
     return problems
+
+
+def swarm_release_of(live_files, release_env) -> str | None:
+    """The stack whose release is live under a deploy path ("" if unnamed), or None for a Compose release."""
+    if release_env.get("STACK") is not None:
+        return release_env["STACK"]
+    return "" if any(name in live_files for name in pl.SWARM_STACK_FILES) else None
 
 
 # -- the planner ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from deploy.core.errors import HealthdeployError, UsageError
 from deploy.core.services import GATEWAY, ROLL_ORDER
 from deploy.facts.observe import Observed
+from deploy.plan.deploy import PreflightError, swarm_release_of
 from deploy.plan.steps import Step, StepKind
 from deploy.stack.render import env_digest
 
@@ -79,10 +80,18 @@ def secrets_version_of(observed: Observed, release: str) -> str:
 def plan_rollback(observed: Observed, alias: str, app_services: tuple[str, ...], image_prefix: str,
                   to: str | None = None, with_secrets: bool = False) -> RollbackPlan:
     o = observed
+    live_stack = swarm_release_of(o.live_files, o.release_env) if o.current else None
+    if live_stack is not None:  # switching `current` away would take the path from another environment's stack
+        raise PreflightError(f"{alias}: the live release {o.current} is a TARGET=swarm release (stack {live_stack or '?'}), "
+                             "not one of a Compose deploy", "give this environment a DEPLOY_PATH of its own; "
+                             "nothing was changed")
     target = choose_target(o, to, alias)
     meta = o.releases_meta.get(target)
     if meta is None:
         raise HealthdeployError(f"{alias}: release {target} has no release.env", "deploy that source again instead")
+    if meta.values.get("STACK") is not None:
+        raise UsageError(f"{alias}: release {target} is a TARGET=swarm release (stack {meta.values['STACK']})",
+                         "name a release of this environment with --to (`fab releases`)")
     steps: list[Step] = []
     notes: list[str] = []
     live_version = o.state.get("secrets", "") if isinstance(o.state, dict) else ""

@@ -29,7 +29,7 @@ from deploy.stack import payload as pl
 MIN_DOCKER = (20, 10)  # replicated jobs (the migration) need API 1.41
 LABEL_PREFIX = "healthdeploy."
 ROLE_LABELS = {"data": "healthdeploy.data", "app": "healthdeploy.app", "edge": "healthdeploy.edge"}
-STACK_FILES = ("stack.yaml", "stack-data.yaml")  # written at apply time (image digests): not change detection
+STACK_FILES = pl.SWARM_STACK_FILES  # written at apply time (image digests): not change detection
 
 
 class SwarmPreflightError(HealthdeployError):
@@ -139,6 +139,10 @@ def swarm_preflight_problems(desired: SwarmDesired, observed: SwarmObserved) -> 
         problems.append(f"{desired.manager}: bash is missing (needed for checksummed streams)")
     if m.host.free_mb < desired.min_free_mb:
         problems.append(f"{desired.manager}: only {m.host.free_mb} MB free, MIN_FREE_DISK_MB is {desired.min_free_mb}")
+    if "compose.yaml" in m.live_files and not any(name in m.live_files for name in STACK_FILES):
+        # A Compose deploy's release under the same path: its project and volumes are not this stack's.
+        problems.append(f"{desired.manager}: its DEPLOY_PATH holds a TARGET=compose release, not one of this stack: "
+                        "give this environment a DEPLOY_PATH of its own")
     if m.swarm.manager:
         for name, roles in desired.node_roles.items():
             node = m.node(name)

@@ -22,6 +22,7 @@ from deploy.stack.sourcefilter import DEPLOYIGNORE, Refusal, SourceFilter, secre
 
 MANIFEST = "MANIFEST"
 RELEASE_ENV = "release.env"  # RELEASE_ID for compose interpolation; excluded from change detection
+SWARM_STACK_FILES = ("stack.yaml", "stack-data.yaml")  # only a TARGET=swarm release has them (written at apply)
 # Never shipped, never looked at: build output, caches, VCS data. (An env file is not in here: it is refused
 # unless .deployignore or DEPLOY_ALLOW says what to do with it, see sourcefilter.py.)
 EXCLUDED_NAMES = {".git", "node_modules", "__pycache__", ".venv", "venv", ".pytest_cache", ".mypy_cache",

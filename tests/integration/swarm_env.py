@@ -139,7 +139,9 @@ class SwarmEnv:
         """The same environment name as the Compose target on the data node (backups cross between them)."""
         base = {"TARGET": "compose", "SWARM_NODES": "", "SWARM_SUBNET": "", "REGISTRY": "", "REGISTRY_USER": "",
                 "REGISTRY_PASSWORD": "", "SWARM_STACK": "healthdeploy-{env}", "COMPOSE_PROJECT": "hd-tsw-compose",
-                "GATEWAY_BIND": "{address}", "PUBLISH_INFRA": "none"}
+                "GATEWAY_BIND": "{address}", "PUBLISH_INFRA": "none",
+                # a path of its own: a Compose deploy refuses a path whose live release is the stack's
+                "DEPLOY_PATH": str(DEPLOY_ROOT) + "/{host}/{env}-compose"}
         base.update(overrides)
         self.write(self.compose_dir, **base)
 

@@ -336,3 +336,32 @@ def test_a_failure_at_any_command_leaves_the_old_release_serving(tmp_path, error
             assert password is None or f"/.versions/{trial.apply_.prev_secrets}/" in password, \
                 f"{where}: PostgreSQL keeps the new password ({password})"
     assert outcomes["undone"] > 25
+
+
+def test_a_deploy_path_that_holds_a_swarm_release_is_refused_before_any_change(host):
+    from deploy.plan.deploy import preflight_problems
+
+    w = host.world
+    w.files[f"{w.rel(w.current)}/stack.yaml"] = b"services: {}\n"  # what a TARGET=swarm deploy leaves in its release
+    w.files[f"{w.rel(w.current)}/release.env"] = f"RELEASE_ID={w.current}\nSTACK=healthdeploy-prod\n".encode()
+    observed = host.session.observe()
+    problems = preflight_problems(observed, 100, w.deploy_path)
+    assert problems == [f"{w.deploy_path} holds a TARGET=swarm release (stack healthdeploy-prod), not one of a Compose "
+                        "deploy: give this environment a DEPLOY_PATH of its own"]
+    del w.files[f"{w.rel(w.current)}/stack.yaml"], w.files[f"{w.rel(w.current)}/release.env"]
+    assert preflight_problems(host.session.observe(), 100, w.deploy_path) == []  # its own release: fine
+
+
+def test_a_rollback_on_a_path_whose_live_release_is_a_swarm_one_is_refused(host):
+    from deploy.plan.deploy import PreflightError
+    from deploy.plan.rollback import plan_rollback
+
+    w = host.world
+    live = w.current
+    host.deploy(JWT_EXPIRES_IN="2d")  # an earlier release to roll back to
+    w.files[f"{w.rel(w.current)}/release.env"] += b"STACK=healthdeploy-prod\n"
+    with pytest.raises(PreflightError) as caught:
+        plan_rollback(host.session.observe(), "h1", ("backend",), "img")
+    assert caught.value.message == (f"h1: the live release {w.current} is a TARGET=swarm release (stack "
+                                    "healthdeploy-prod), not one of a Compose deploy")
+    assert live != w.current

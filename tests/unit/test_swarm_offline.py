@@ -452,3 +452,19 @@ def test_gateway_sync_follows_the_tasks_keeps_leaving_ones_as_backups_and_forks_
     assert "could not write" in g.round()[-1]
     blocker.rmdir()
     assert g.round() == ["gateway-sync: backend: tasks [10.0.0.4 10.0.0.7] leaving [10.0.0.6]"]
+
+
+def test_preflight_refuses_a_deploy_path_that_holds_a_compose_release(cluster, target):
+    import dataclasses
+
+    desired, _ = desired_of(cluster, target)
+    observed = observed_live(desired)
+    compose = {"compose.yaml": "ab" * 32, "MANIFEST": "cd" * 32, "src/backend/app.py": "ef" * 32}
+    observed = dataclasses.replace(observed, manager=dataclasses.replace(observed.manager, live_files=compose))
+    problems = swarm_preflight_problems(desired, observed)
+    assert "node1: its DEPLOY_PATH holds a TARGET=compose release, not one of this stack: give this environment a " \
+           "DEPLOY_PATH of its own" in problems
+    observed = dataclasses.replace(observed, manager=dataclasses.replace(observed.manager,
+                                                                         live_files={**compose, "stack.yaml": "01" * 32}))
+    assert not any("TARGET=compose" in p for p in swarm_preflight_problems(desired, observed))  # a Swarm release
+
