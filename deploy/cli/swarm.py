@@ -27,6 +27,10 @@ from deploy.plan.swarm import (SwarmObserved, SwarmPreflightError, plan_swarm, s
 from deploy.stack import payload as pl
 from deploy.stack import swarm as sw
 
+# A restore's closing health check waits this long for the gateways to list the writers' new tasks (each
+# gateway's sync resolves the tasks every 0.5 s; a deploy waits for the same in its verify step).
+RESTORE_SETTLE_SECONDS = 30.0
+SETTLE_INTERVAL = 1.0
 
 # -- who is who ---------------------------------------------------------------------------------------------
 def managers(runtime: Runtime, cli_hosts: list[str]) -> list[str]:
@@ -494,10 +498,18 @@ def stack_health(runtime: Runtime, cli_hosts: list[str], timeout: float = 60) ->
                        "checks": checks}]}
 
 
-def health(runtime: Runtime, cli_hosts: list[str], as_json: bool = False, timeout: float = 60) -> int:
+def health(runtime: Runtime, cli_hosts: list[str], as_json: bool = False, timeout: float = 60,
+           settle: float = 0) -> int:
+    """The stack's checks, once; with ``settle``, read again every second until healthy or ``settle`` seconds
+    have passed (after a restore's scale-back the tasks run before every gateway's sync has listed them)."""
     from deploy.execute.fleet import run_with_deadline
 
-    report = run_with_deadline(lambda: stack_health(runtime, cli_hosts, timeout), timeout * 2)
+    deadline = time.monotonic() + settle
+    while True:
+        report = run_with_deadline(lambda: stack_health(runtime, cli_hosts, timeout), timeout * 2)
+        if report["healthy"] or time.monotonic() >= deadline:
+            break
+        time.sleep(SETTLE_INTERVAL)
     if as_json:
         runtime.console.json(report)
     else:
@@ -779,8 +791,8 @@ def run_restore(runtime: Runtime, set_name: str, services, yes: bool = False, sa
             verify_set=lambda p: bk.verify(s, host, console, p, bk.check_set(p)))
         run_and_report(runtime, restore, sessions, path, services, signer, started, recovered, as_json,
                        extra={"target": "swarm"})
-    # The application must be healthy again with the restored data.
-    return health(runtime, [])
+    # The application must be healthy again with the restored data, once the gateways follow the new tasks.
+    return health(runtime, [], settle=RESTORE_SETTLE_SECONDS)
 
 
 def run_verify(runtime: Runtime, set_name: str, as_json: bool = False) -> int:

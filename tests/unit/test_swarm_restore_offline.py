@@ -288,7 +288,8 @@ def swarm_cli(tmp_path, monkeypatch):
     manifest = {**c.manifest, "env": "cluster", "host": c.node}
     (root / "cluster" / c.path.name / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(cli_backup, "BACKUP_ROOT", root)
-    monkeypatch.setattr(cli_swarm, "health", lambda runtime, hosts: 0)
+    monkeypatch.setattr(cli_swarm, "health", lambda runtime, hosts, **kw: c.health_calls.append(kw) or 0)
+    c.health_calls = []
     safety = root / "cluster" / "safety"
     shutil.copytree(root / "cluster" / c.path.name, safety)  # what the (patched) safety backup "took"
     monkeypatch.setattr(bk, "backup", lambda *a, **k: safety)
@@ -305,12 +306,15 @@ def swarm_cli(tmp_path, monkeypatch):
 
 def test_inv_restore_on_swarm_restores_influxdb_beside_the_live_data_under_the_managers_lock(tmp_path, monkeypatch):
     from deploy.cli import backup as cli_backup
+    from deploy.cli import swarm as cli_swarm
 
     c, runtime, hosts, out = swarm_cli(tmp_path, monkeypatch)
     assert cli_backup.run_restore(runtime, c.path.name, None, None, yes=True) == 0
     assert len(hosts) == 1  # the data node is the manager: one connection, one lock, one guard
     assert c.data.influx["health_data"] == SET_INFLUX and c.data.pg["health_mgmt"] == SET_ROWS
     assert c.manager.replicas == REPLICAS and not c.data.lock_held
+    # the closing health check gives the gateways time to list the writers' new tasks
+    assert c.health_calls == [{"settle": cli_swarm.RESTORE_SETTLE_SECONDS}]
     kinds = [i[0] for i in hosts[0].intents()]
     assert kinds.index("lock-hold") < kinds.index("service-scale") < kinds.index("lock-release")
     audit = [json.loads(line) for p, v in c.data.files.items() if p.endswith("/audit.log")
@@ -328,3 +332,48 @@ def test_inv_restore_dry_run_on_swarm_prints_the_plan_and_touches_nothing(tmp_pa
     text = out.getvalue()
     assert "health_data__hd_new_" in text and "scale writers to 0 through node1: backend, ai-service" in text
     assert "gateway re-pointed" not in text and "locks: node1" in text
+
+
+def _health_reports(monkeypatch, verdicts):
+    """stack_health answering these verdicts in turn (the last one again once they are used up)."""
+    from deploy.cli import swarm as cli_swarm
+
+    calls = []
+
+    def stack_health(runtime, hosts, timeout):
+        healthy = verdicts[min(len(calls), len(verdicts) - 1)]
+        calls.append(healthy)
+        check = {"host": "node1", "name": "backend.upstream.node1", "status": "pass" if healthy else "fail",
+                 "detail": "lists 10.0.1.5:5000" + ("" if healthy else "; running: 10.0.1.5:5000, 10.0.1.9:5000")}
+        return {"env": "cluster", "stack": "hd", "release": "r1", "healthy": healthy, "checks": [check]}
+    monkeypatch.setattr(cli_swarm, "stack_health", stack_health)
+    monkeypatch.setattr(cli_swarm, "SETTLE_INTERVAL", 0.01)
+    out = io.StringIO()
+    return calls, Runtime(load_settings("cluster"), Console(out=out, err=io.StringIO())), out
+
+
+def test_health_with_settle_reads_again_until_the_gateways_follow(monkeypatch):
+    from deploy.cli import swarm as cli_swarm
+
+    calls, runtime, out = _health_reports(monkeypatch, [False, False, True])
+    assert cli_swarm.health(runtime, [], settle=5) == 0
+    assert calls == [False, False, True]
+    assert "UNHEALTHY" not in out.getvalue() and "cluster: healthy" in out.getvalue()
+
+
+def test_health_with_settle_still_fails_when_the_stack_stays_unhealthy(monkeypatch):
+    from deploy.cli import swarm as cli_swarm
+    from deploy.core.errors import ExitCode
+
+    calls, runtime, out = _health_reports(monkeypatch, [False])
+    assert cli_swarm.health(runtime, [], settle=0.05) == ExitCode.UNHEALTHY
+    assert len(calls) >= 2 and "cluster: UNHEALTHY" in out.getvalue()
+    assert "running: 10.0.1.5:5000, 10.0.1.9:5000" in out.getvalue()  # the last reading is the one reported
+
+
+def test_health_without_settle_reads_once(monkeypatch):
+    from deploy.cli import swarm as cli_swarm
+    from deploy.core.errors import ExitCode
+
+    calls, runtime, _ = _health_reports(monkeypatch, [False, True])
+    assert cli_swarm.health(runtime, []) == ExitCode.UNHEALTHY and calls == [False]
