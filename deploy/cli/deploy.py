@@ -406,7 +406,9 @@ def _finish(job: HostJob) -> None:
     o.migrated = apply.report.migrated
     o.uploaded_bytes, o.uploaded_files = apply.report.uploaded_bytes, apply.report.uploaded_files
     o.shipped_bytes, o.shipped_seconds = apply.report.shipped_bytes, round(apply.report.shipped_seconds, 2)
-    o.steps = [{"step": key, "outcome": outcome} for key, outcome in apply.report.applied.done]
+    seconds = apply.report.step_seconds
+    o.steps = [{"step": key, "outcome": outcome, **({"seconds": seconds[key]} if key in seconds else {})}
+               for key, outcome in apply.report.applied.done]
     o.closed_at_drain_limit = sum(r.closed_at_limit for r in apply.report.rolls)
     o.result = {"deploy": HostResult.DEPLOYED, "converge": HostResult.CONVERGED,
                 "unchanged": HostResult.UNCHANGED}[plan.action].value

@@ -80,6 +80,7 @@ class ApplyReport:
     shipped_bytes: int = 0  # image layers pulled from the shipping registry (BUILD_ON other than host)
     shipped_seconds: float = 0.0
     undo: list[tuple[str, str]] = field(default_factory=list)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step that ran (where time goes)
 
 
 class DeployApply:
@@ -157,7 +158,9 @@ class DeployApply:
                     self.report.applied.skipped(step, why)
                     continue
             faults.point(f"before:{step.kind.value}", self.session.host)
+            began = time.monotonic()
             getattr(self, "do_" + step.kind.value.replace("-", "_"))(step)
+            self.report.step_seconds[step.key] = round(time.monotonic() - began, 2)
             self.report.applied.ran(step)
             faults.point(f"after:{step.kind.value}", self.session.host)
         return self.report
@@ -403,7 +406,9 @@ class DeployApply:
 
         def before_switch() -> None:
             for inner in pending:
+                began = time.monotonic()
                 getattr(self, "do_" + inner.kind.value.replace("-", "_"))(inner)
+                self.report.step_seconds[inner.key] = round(time.monotonic() - began, 2)
                 self.report.applied.ran(inner)
 
         def started(new_ids: list[str]) -> None:

@@ -116,6 +116,9 @@ def assert_plan_equals_apply(plan, report):
     assert [key for key, _ in done] == [s.key for s in plan.steps]
     for step, (_, outcome) in zip(plan.steps, done):
         assert outcome == "ran" or (step.condition and outcome.startswith("skipped: ")), (step, outcome)
+    # each step that ran has its wall time (the deploy's JSON shows where the time goes); a skipped one has none
+    assert sorted(report.step_seconds) == sorted(k for k, outcome in done if outcome == "ran")
+    assert all(seconds >= 0 for seconds in report.step_seconds.values())
 
 
 def kinds(plan):
