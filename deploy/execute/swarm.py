@@ -480,7 +480,8 @@ class SwarmApply:
                     last[service] = "not created yet"
                     continue
                 mine = [t for t in tasks if t.service_id == live.id]
-                verdict = _converged(service, live, mine, wanted[service], started, nodes, edge, self.s)
+                verdict = _converged(service, live, mine, wanted[service], started, nodes, edge, self.s,
+                                     rolling_back=rolling_back)
                 if verdict is True:
                     done[service] = time.monotonic() - begun
                     if quiet:
@@ -586,11 +587,17 @@ class SwarmApply:
 
 # -- pieces -----------------------------------------------------------------------------------------------
 def _converged(service, live: sf.Service, tasks: list[sf.Task], wanted: str, started, nodes, edge_nodes,
-               settings):
-    """True, "failed: why", or a string saying what it waits for."""
+               settings, rolling_back: bool = False):
+    """True, "failed: why", or a string saying what it waits for. Rolling back, Swarm's own rollback is the
+    way back, not a failure, and the service counts as back only once no update of it is in progress (with
+    start-first, an update under way runs a task more than the replicas)."""
     update = live.update
     update_started = sf.parse_time(update.started)
     recent = started is None or (update_started is not None and update_started >= started)
+    if rolling_back and update.state in ("updating", "rollback_started"):
+        return f"Swarm is still {'rolling back' if update.state == 'rollback_started' else 'updating'}"
+    if rolling_back:
+        recent = False
     if recent and update.state in ("rollback_started", "rollback_completed", "rollback_paused"):
         return "failed: " + (update.message or "Swarm rolled the update back")
     if recent and update.state == "paused":

@@ -468,3 +468,41 @@ def test_preflight_refuses_a_deploy_path_that_holds_a_compose_release(cluster, t
                                                                          live_files={**compose, "stack.yaml": "01" * 32}))
     assert not any("TARGET=compose" in p for p in swarm_preflight_problems(desired, observed))  # a Swarm release
 
+
+# -- when a service counts as back (after an undo) ---------------------------------------------------------
+def _backend_service(state: str, definition: str = "old", replicas: int = 2):
+    from deploy.facts import swarm as sf
+
+    return sf.Service(id="s1", name="hd_backend", service="backend", labels={"healthdeploy.definition": definition},
+                      image="img", args=(), mode="replicated", replicas=replicas,
+                      update=sf.UpdateStatus(state=state, started="2026-12-02T10:00:05Z"), has_previous=True)
+
+
+def _backend_task(n: int, definition: str, desired: str = "running", state: str = "running"):
+    from deploy.facts import swarm as sf
+
+    return sf.Task(id=f"t{n}", service_id="s1", slot=n, node_id=f"n{n}", desired=desired, state=state, error="",
+                   message="", timestamp="2026-12-02T10:00:06Z", addresses=(), container_id=f"c{n}",
+                   definition=definition, image="img")
+
+
+def test_a_service_rolling_back_counts_as_back_only_when_no_update_is_under_way():
+    from deploy.execute.swarm import _converged
+    from deploy.facts import swarm as sf
+
+    started = sf.parse_time("2026-12-02T10:00:00Z")
+    two_old = [_backend_task(1, "old"), _backend_task(2, "old")]
+    args = (started, (), (), None)
+    # Swarm's own rollback, under way: the old definition is in the spec, both tasks run it, still not back
+    verdict = _converged("backend", _backend_service("rollback_started"), two_old, "old", *args, rolling_back=True)
+    assert verdict == "Swarm is still rolling back"
+    # ... done: back (a deploy, not rolling back, reads the same state as the update having failed)
+    assert _converged("backend", _backend_service("rollback_completed"), two_old, "old", *args, rolling_back=True) is True
+    assert _converged("backend", _backend_service("rollback_completed"), two_old, "old", *args).startswith("failed:")
+    # the stack file put back started an update of its own: not back while it runs
+    assert _converged("backend", _backend_service("updating"), two_old, "old", *args, rolling_back=True) \
+        == "Swarm is still updating"
+    # completed, but a start-first task more than the replicas still wanted running: not back
+    three = two_old + [_backend_task(3, "old", state="starting")]
+    assert _converged("backend", _backend_service("completed"), three, "old", *args, rolling_back=True) != True  # noqa: E712
+    assert _converged("backend", _backend_service("completed"), two_old, "old", *args, rolling_back=True) is True
