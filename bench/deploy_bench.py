@@ -193,17 +193,43 @@ def section_multihost(bench: Bench, rows: list, runs: int = 3) -> None:
         bench.write_env(**configs[name])
         bench.set_build(f"backend-warm-{name}")
         bench.fab("deploy")
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in configs}  # per deploy: step -> slowest host's
     for run in range(runs):
         for name, config in configs.items():
             bench.write_env(**config)
             bench.set_build(f"backend-{name}-{run}")
-            seconds[name].append(bench.fab("deploy")[1])
+            proc, elapsed = bench.fab("deploy", "--json")
+            seconds[name].append(elapsed)
+            steps[name].append(step_seconds(proc.stdout))
     for many_name, one_name, label in (("1", "one", "BATCH_SIZE=1, BUILD_ON=host"), ("3", "one", "BATCH_SIZE=3, BUILD_ON=host"),
                                        ("3-operator", "one-operator", "BATCH_SIZE=3, BUILD_ON=operator")):
         many, one = statistics.median(seconds[many_name]), statistics.median(seconds[one_name])
         rows.append((f"changed backend, 1 data + 3 app hosts vs 1 host ({label}), seconds, median of {runs} "
                      f"({', '.join(f'{x:.1f}' for x in seconds[many_name])} vs "
                      f"{', '.join(f'{x:.1f}' for x in seconds[one_name])})", f"{many:.1f}", f"{one:.1f}", f"{many / one:.2f}"))
+        # Where the time goes: each step's median wall time (the slowest host's), here and on the one host.
+        for key in sorted({k for d in steps[many_name] + steps[one_name] for k in d}, key=_step_order):
+            a = [d[key] for d in steps[many_name] if key in d]
+            b = [d[key] for d in steps[one_name] if key in d]
+            rows.append((f"  step {key} ({label}), seconds, median, slowest host", f"{statistics.median(a):.2f}" if a else "-",
+                         f"{statistics.median(b):.2f}" if b else "-",
+                         f"{statistics.median(a) / statistics.median(b):.2f}" if a and b and statistics.median(b) else "-"))
+
+
+def step_seconds(stdout: str) -> dict[str, float]:
+    """step key -> the slowest host's wall time, from `fab deploy --json` (each step that ran has `seconds`)."""
+    out: dict[str, float] = {}
+    for host in json.loads(stdout[stdout.index("{"):])["hosts"]:
+        for st in host.get("steps", []):
+            if "seconds" in st:
+                out[st["step"]] = max(out.get(st["step"], 0.0), st["seconds"])
+    return out
+
+
+def _step_order(key: str) -> tuple:
+    kinds = ("upload", "build", "ship", "validate", "migrate", "roll", "switch", "verify")
+    kind = key.split(":", 1)[0]
+    return (next((i for i, k in enumerate(kinds) if kind.startswith(k)), len(kinds)), key)
 
 
 SECTIONS = {"rolls": section_rolls, "nochange": section_nochange, "rollback": section_rollback,
