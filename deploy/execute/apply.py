@@ -158,12 +158,16 @@ class DeployApply:
                     self.report.applied.skipped(step, why)
                     continue
             faults.point(f"before:{step.kind.value}", self.session.host)
-            began = time.monotonic()
-            getattr(self, "do_" + step.kind.value.replace("-", "_"))(step)
-            self.report.step_seconds[step.key] = round(time.monotonic() - began, 2)
-            self.report.applied.ran(step)
+            self._do(step)
             faults.point(f"after:{step.kind.value}", self.session.host)
         return self.report
+
+    def _do(self, step: Step) -> None:
+        """One step's action, its wall time kept (the deploy's JSON shows where the time goes), marked ran."""
+        began = time.monotonic()
+        getattr(self, "do_" + step.kind.value.replace("-", "_"))(step)
+        self.report.step_seconds[step.key] = round(time.monotonic() - began, 2)
+        self.report.applied.ran(step)
 
     def abort(self) -> list[tuple[str, str]]:
         """Undo what the applied steps registered (newest first, by phase)."""
@@ -406,10 +410,7 @@ class DeployApply:
 
         def before_switch() -> None:
             for inner in pending:
-                began = time.monotonic()
-                getattr(self, "do_" + inner.kind.value.replace("-", "_"))(inner)
-                self.report.step_seconds[inner.key] = round(time.monotonic() - began, 2)
-                self.report.applied.ran(inner)
+                self._do(inner)
 
         def started(new_ids: list[str]) -> None:
             # Journaled as soon as the new containers exist, before any switch: whatever happens from here on

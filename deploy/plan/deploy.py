@@ -146,6 +146,11 @@ def swarm_release_of(live_files, release_env) -> str | None:
     return "" if any(name in live_files for name in pl.SWARM_STACK_FILES) else None
 
 
+def compose_release_in(live_files) -> bool:
+    """True when the live release under a deploy path is a Compose deploy's (a compose file, no stack file)."""
+    return "compose.yaml" in live_files and not any(name in live_files for name in pl.SWARM_STACK_FILES)
+
+
 # -- the planner ----------------------------------------------------------------------------------
 def live_manifest(observed: Observed, desired: Desired) -> dict[str, str]:
     """The files of the live release as they are on disk (a file edited on the host is drift, replaced by

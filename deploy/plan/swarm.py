@@ -23,6 +23,7 @@ from deploy.core.errors import ExitCode, HealthdeployError
 from deploy.core.services import APP_SERVICES, GATEWAY
 from deploy.facts.host import version_tuple
 from deploy.facts.swarm import ManagerFacts, NodeFacts
+from deploy.plan.deploy import compose_release_in
 from deploy.plan.steps import Step, StepKind
 from deploy.stack import payload as pl
 
@@ -139,7 +140,7 @@ def swarm_preflight_problems(desired: SwarmDesired, observed: SwarmObserved) -> 
         problems.append(f"{desired.manager}: bash is missing (needed for checksummed streams)")
     if m.host.free_mb < desired.min_free_mb:
         problems.append(f"{desired.manager}: only {m.host.free_mb} MB free, MIN_FREE_DISK_MB is {desired.min_free_mb}")
-    if "compose.yaml" in m.live_files and not any(name in m.live_files for name in STACK_FILES):
+    if compose_release_in(m.live_files):
         # A Compose deploy's release under the same path: its project and volumes are not this stack's.
         problems.append(f"{desired.manager}: its DEPLOY_PATH holds a TARGET=compose release, not one of this stack: "
                         "give this environment a DEPLOY_PATH of its own")
