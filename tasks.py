@@ -80,6 +80,14 @@ def test(c, k=None, unit=False, workers=3):
         args += ["-m", "not integration"]
     if k:
         args += ["-k", k]
+    # The tests start `fab` and `inv` hundreds of times. Where PYTHONDONTWRITEBYTECODE is set (this kind of
+    # machine sets it) each one compiled the checkout again: about 0.15 s of CPU each, measured with `fab --list`.
+    import compileall
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    for name in ("deploy", "fabfile", "tests", "bench"):
+        compileall.compile_dir(os.path.join(root, name), quiet=1)
+    compileall.compile_file(os.path.join(root, "tasks.py"), quiet=1)
     os.execv(sys.executable, args)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import sys
 import urllib.request
 
@@ -11,7 +12,7 @@ from deploy.cli import Runtime, choose_hosts
 from deploy.commands.base import cmd, script
 from deploy.core.console import Console
 from deploy.core.errors import EXIT_OK, ExitCode, HealthdeployError, UsageError
-from deploy.core.services import ALL_SERVICES, GATEWAY_PORT_OF
+from deploy.core.services import ALL_SERVICES, APP_PORTS, GATEWAY_PORT_OF
 from deploy.core.settings import Settings
 from deploy.execute.session import Session
 from deploy.execute.ssh import add_known_host, fingerprint
@@ -160,16 +161,29 @@ def show_endpoints(runtime: Runtime, cli_hosts: list[str]) -> int:
             continue
         address = runtime.target(alias).gateway_bind
         for service, port in GATEWAY_PORT_OF.items():
-            url = f"http://{address}:{port}/health"
+            # A frontend's /health is nginx's plain "ok": its page is what a user gets, and names its build.
+            url = f"http://{address}:{port}{'/' if APP_PORTS[service] == 80 else '/health'}"
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
-                    body = json.loads(response.read() or b"{}")
-                    rows.append([alias, service, url, response.status, body.get("build", "")])
+                    rows.append([alias, service, url, response.status, build_of(response.read())])
             except Exception as exc:  # report every endpoint, then fail
                 failed = True
                 rows.append([alias, service, url, f"error: {exc}", ""])
     runtime.console.table(["host", "service", "url", "status", "build"], rows)
     return ExitCode.UNHEALTHY if failed else EXIT_OK
+
+
+_BUILD_META = re.compile(rb'<meta\s+name="healthdeploy-build"\s+content="([^"]*)"')
+
+
+def build_of(body: bytes) -> str:
+    """The build an endpoint names: ``build`` of a JSON answer, or a page's healthdeploy-build meta tag."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        found = _BUILD_META.search(body)
+        return found.group(1).decode(errors="replace") if found else ""
+    return str(data.get("build", "")) if isinstance(data, dict) else ""
 
 
 def _age(started: str) -> str:
