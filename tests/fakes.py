@@ -161,6 +161,9 @@ class World:
     def on_containers(self, command):
         return self.text(json.dumps([c.inspect(self.project) for c in self.containers]))
 
+    def on_inspect(self, command, *ids):
+        return self.text(json.dumps([c.inspect(self.project) for c in self.containers if c.id in ids]))
+
     def on_lock_status(self, command):
         return self.text(("held" if self.lock_held else "free") + "\n" + self.lock_info)
 

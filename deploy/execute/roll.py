@@ -142,7 +142,7 @@ class ServiceRoll:
     # -- phases ---------------------------------------------------------------------------------------
     def _wait_healthy(self, ids: set[str], gateway: Container) -> list[Container]:
         def check():
-            current = [c for c in self.session.containers() if c.id in ids]
+            current = self.session.inspect(tuple(sorted(ids)))
             bad = [c for c in current if c.health == "unhealthy" or c.state in ("exited", "dead")]
             if bad:
                 what = bad[0].state if bad[0].state in ("exited", "dead") else bad[0].health

@@ -19,7 +19,7 @@ from deploy.core.console import Console
 from deploy.core.errors import ExitCode, HealthdeployError
 from deploy.core.settings import Settings
 from deploy.execute.executor import Executor, HeldCommand, shielded
-from deploy.facts.containers import Container, parse_containers, project_containers, stack_only
+from deploy.facts.containers import Container, inspect_named, parse_containers, project_containers, stack_only
 from deploy.facts.lock import lock_status, parse_lock
 from deploy.facts.observe import Observed, observe, parse_observation
 from deploy.stack.render import Target, image_prefix
@@ -119,6 +119,10 @@ class Session:
 
     def containers(self) -> list[Container]:
         return stack_only(parse_containers(self.host.run(project_containers(self.t.project)).text, self.t.project))
+
+    def inspect(self, ids: tuple[str, ...]) -> list[Container]:
+        """Only these containers (those of them that still exist)."""
+        return stack_only(parse_containers(self.host.run(inspect_named(ids)).text or "[]", self.t.project))
 
     # -- audit ----------------------------------------------------------------------------------------
     def audit(self, entry: dict) -> None:

@@ -19,8 +19,10 @@ def project_containers(project: str) -> Command:
 
 
 def inspect_named(names: tuple[str, ...]) -> Command:
-    """JSON array of ``docker inspect`` for the named containers that exist (one CLI call, no listing)."""
-    return script('docker inspect "$@" 2>/dev/null || true', *names, description="inspect containers", readonly=True)
+    """JSON array of ``docker inspect`` for the named (or id'd) containers that exist (one CLI call, no listing:
+    a roll's wait for its new containers asks about them alone, not the whole project, twice a second)."""
+    return script('docker inspect "$@" 2>/dev/null || true', *names, description="inspect containers", readonly=True,
+                  intent=("inspect", *names))
 
 
 @dataclass(frozen=True)

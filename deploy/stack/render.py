@@ -181,9 +181,15 @@ def _render_compose(settings: Settings, target: Target, definitions: dict[str, s
         gateway_ports=GATEWAY_PORTS + ((80, 443) if settings.tls_cert_file else ()),
         limits={s: settings.limits(s) for s in (*APP_SERVICES, *infra, "gateway")},
         influx_version=settings.influx_version, release_path_var=".", secrets_mount=SECRETS_MOUNT,
-        # 2 s, not 1: each probe is an exec costing about 45 ms of CPU here (4.5 % of a core per container at 1 s,
-        # 1.1 % at 5 s, measured); Docker 20.10 has no start_interval to probe fast only while starting.
-        health_interval="2s" if sandbox else "10s", health_start_period="5s" if sandbox else "40s",
+        # Each probe is an exec: about 80 ms of CPU here, the engine's share included, and Docker 20.10 has no
+        # start_interval to probe fast only while starting. An idle sandbox stack cost 14.6 CPU-s a minute with 2 s
+        # for the applications and 5 s for the rest, 10.8 with 3 s and 10 s (measured on this machine; its rolls
+        # were not slower). A roll waits for its new containers' first probe, hence 3 s for them; only a first
+        # start or a restore waits on the data layer's and the gateway's, hence 10 s. A Swarm stack keeps 2 s and
+        # 5 s: its routing and its rolls wait on them.
+        health_interval=("3s" if swarm is None else "2s") if sandbox else "10s",
+        health_start_period="5s" if sandbox else "40s",
+        infra_health_interval="10s" if sandbox and swarm is None else None,
         log_max_size="10m", log_max_file="5",
         # On Swarm nothing of the data layer is published (backups reach it over the node's docker_gwbridge).
         ports=_ports_block(settings, target) if swarm is None else (lambda *args: ""),

@@ -75,7 +75,7 @@ def test_an_unhealthy_service_fails(env):
                           "--filter", "label=com.docker.compose.service=backend"], capture_output=True, text=True).stdout.split()[0]
     subprocess.run(["docker", "exec", cid, "sh", "-c", "echo fail > /app/service/health_mode"], check=True)
     try:
-        for _ in range(40):
+        for _ in range(120):  # three failed probes at the sandbox's 3 s, under a loaded run's delays
             state = subprocess.run(["docker", "inspect", "--format", "{{.State.Health.Status}}", cid],
                                    capture_output=True, text=True).stdout.strip()
             if state == "unhealthy":
