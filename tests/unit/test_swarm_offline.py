@@ -131,6 +131,15 @@ def test_definitions_change_exactly_with_what_must_roll(cluster, target):
     assert {k for k in base if base[k] != after[k]} == {"backend", "postgres"}
 
 
+def test_a_swarm_sandbox_keeps_its_probe_intervals(cluster, target):
+    """The Compose sandbox probes less often (idle CPU); a Swarm stack's routing and rolls wait on its probes."""
+    _, data = rendered(cluster, target)
+    intervals = {name: svc["healthcheck"]["interval"] for name, svc in data["services"].items() if "healthcheck" in svc}
+    assert {intervals[s] for s in ("backend", "ai-service", "frontend-web", "frontend-patient")} == {"2s"}
+    assert {intervals[s] for s in ("postgres", "redis", "influxdb", "minio")} == {"5s"}
+    assert intervals["emqx"] == "10s"
+
+
 def test_the_stack_file_is_valid_for_docker_stack_config(cluster, target, tmp_path):
     text, _ = rendered(cluster, target)
     (tmp_path / "stack.yaml").write_text(text)
