@@ -85,8 +85,23 @@ class GitHttpServer:
         self.httpd.server_close()
 
 
+def command_lines() -> str:
+    lines = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    line = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:  # ended meanwhile
+                continue
+            if line:  # kernel threads have none
+                lines.append(line)
+    return "\n".join(lines)
+
+
 class ProcessSampler:
-    """`ps -eo args` of the host every ``interval`` seconds while running (the sandbox host is this machine)."""
+    """Every process's command line on the host (what `ps -eo args` shows; the sandbox host is this machine) every
+    ``interval`` seconds while running. Read from /proc in this process: a `ps` each time cost about 4x the CPU."""
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
@@ -96,7 +111,7 @@ class ProcessSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+            self.samples.append(command_lines())
             self._stop.wait(self.interval)
 
     def __enter__(self):
