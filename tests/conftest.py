@@ -32,3 +32,21 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: (rank.get(Path(str(item.fspath)).stem, len(rank)),
                                  "tests/integration" not in str(item.fspath)))
+
+
+# HEALTHDEPLOY_TEST_TIMELINE=FILE: one JSON line per test (worker, test id, start, end; fixtures included), so a
+# run can be read module by module per worker (`.ci/timeline.py FILE`; .ci/run prints it). The suite is CPU-bound
+# and whole runs vary by about 12 % here, so a change's gain is read from its own modules, not from the total.
+_TIMELINE = os.environ.get("HEALTHDEPLOY_TEST_TIMELINE")
+if _TIMELINE:
+    import json
+    import time
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        started = time.time()
+        yield
+        line = json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "-"), "id": item.nodeid,
+                           "start": started, "end": time.time()})
+        with open(_TIMELINE, "a") as out:  # one short append per test: the workers' lines do not interleave
+            out.write(line + "\n")
