@@ -44,6 +44,7 @@ from deploy.core.errors import ExitCode, HealthdeployError, IntegrityError
 from deploy.core.services import WRITERS
 from deploy.core.settings import Settings
 from deploy.execute.executor import ConnectionLost, shielded
+from deploy.execute.health_now import HealthNow
 from deploy.plan.restore import RestorePlan
 
 RESTORED, UNCHANGED, FAILED = "restored", "unchanged", "failed"
@@ -323,8 +324,10 @@ class Restore:
 
         session.run(dk.start_containers(ids))
 
+        own_check = HealthNow(session.run)  # not only at Docker's next probe
+
         def healthy():
-            current = [c for c in session.containers() if c.id in ids]
+            current = own_check.all_of([c for c in session.containers() if c.id in ids])
             return True if current and all(c.healthy for c in current) else None
         wait_for(healthy, self.s.health_timeout, "the application's writers healthy again",
                  hint="`fab health` and `fab logs SERVICE` show why")

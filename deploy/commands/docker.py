@@ -206,6 +206,16 @@ def exec_in(container: str, *argv: str, description: str, readonly: bool = False
     return cmd("docker", "exec", container, *argv, description=description, readonly=readonly, intent=intent)
 
 
+def health_test(container: str, test: tuple[str, ...], timeout_s: float) -> Command | None:
+    """The container's own health check (``Config.Healthcheck.Test``), run now as Docker runs it: an exec with the
+    container's user and environment, ``CMD-SHELL`` through ``/bin/sh -c``. None when it has no test to run."""
+    if not test or test[0] not in ("CMD", "CMD-SHELL") or len(test) < 2:
+        return None
+    argv = ("/bin/sh", "-c", test[1]) if test[0] == "CMD-SHELL" else tuple(test[1:])
+    return cmd("docker", "exec", container, *argv, description="run the container's health check", readonly=True,
+               intent=("health-test", container), timeout=(timeout_s or 30) + 5)
+
+
 # GET ``$1`` (timeout ``$2``) up to ``$3`` times, 0.2 s apart, until it answers: right after `nginx -s reload`
 # (which only signals the master) a request can still reach a worker of the old configuration.
 HTTP_GET = ('timeout_s="$2"; attempts="$3"' + HTTP_GET_FUNCTION +

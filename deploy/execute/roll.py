@@ -4,8 +4,9 @@ Measured on this machine (``../shared/measurements/zero-downtime.md``): taking t
 gateway *before* they are signalled loses nothing, where DNS-based switching and naive recreates do. So:
 
 1. new containers start beside the old ones (``up --no-recreate --scale svc=2N``);
-2. they must be healthy in Docker's eyes AND answer /health from the gateway; then a few real requests
-   warm them;
+2. they must be healthy by their own health check (Docker's verdict, or the same test run by healthdeploy
+   while Docker still says "starting": ``health_now.py``) AND answer /health from the gateway; then a few
+   real requests warm them;
 3. the gateway's upstream lists the new containers, the old ones as ``backup`` (a request whose connect to
    a new container fails still reaches an old one), ``nginx -t`` and a graceful reload;
 4. after ``DRAIN_SECONDS`` the old ones leave the upstream (second reload), and the roll waits until no
@@ -28,6 +29,7 @@ from deploy.core.services import APP_PORTS
 from deploy.execute import faults
 from deploy.execute.executor import shielded
 from deploy.execute.gateway import Gateway, health_url
+from deploy.execute.health_now import HealthNow
 from deploy.execute.session import Session
 from deploy.execute.wait import WaitTimeout, wait_for
 from deploy.facts.connections import parse_established, tcp_tables
@@ -141,8 +143,10 @@ class ServiceRoll:
 
     # -- phases ---------------------------------------------------------------------------------------
     def _wait_healthy(self, ids: set[str], gateway: Container) -> list[Container]:
+        own_check = HealthNow(self.session.run)  # not only at Docker's next probe (health_now.py)
+
         def check():
-            current = self.session.inspect(tuple(sorted(ids)))
+            current = own_check.all_of(self.session.inspect(tuple(sorted(ids))))
             bad = [c for c in current if c.health == "unhealthy" or c.state in ("exited", "dead")]
             if bad:
                 what = bad[0].state if bad[0].state in ("exited", "dead") else bad[0].health

@@ -44,6 +44,12 @@ class Container:
     release: str = ""  # RELEASE_ID in its environment
     nano_cpus: int = 0
     memory: int = 0
+    # The image's own health check as Docker runs it (Config.Healthcheck, the image's merged with the service's):
+    # healthdeploy runs the same test itself while it waits on a container (deploy/execute/health_now.py).
+    health_test: tuple[str, ...] = ()
+    health_timeout_s: float = 0.0
+    health_start_period_s: float = 0.0
+    health_retries: int = 0
 
     @property
     def short_id(self) -> str:
@@ -70,6 +76,7 @@ def parse_containers(text: str, project: str) -> list[Container]:
         state = item.get("State") or {}
         env = dict(e.split("=", 1) for e in (config.get("Env") or []) if "=" in e)
         host_config = item.get("HostConfig") or {}
+        check = config.get("Healthcheck") or {}
         containers.append(Container(
             id=item["Id"],
             name=item.get("Name", "").lstrip("/"),
@@ -88,6 +95,10 @@ def parse_containers(text: str, project: str) -> list[Container]:
             release=env.get("RELEASE_ID", ""),
             nano_cpus=int(host_config.get("NanoCpus") or 0),
             memory=int(host_config.get("Memory") or 0),
+            health_test=tuple(check.get("Test") or ()),
+            health_timeout_s=int(check.get("Timeout") or 0) / 1e9,
+            health_start_period_s=int(check.get("StartPeriod") or 0) / 1e9,
+            health_retries=int(check.get("Retries") or 0),
         ))
     return sorted(containers, key=lambda c: (c.service, c.created))
 

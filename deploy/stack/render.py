@@ -184,9 +184,10 @@ def _render_compose(settings: Settings, target: Target, definitions: dict[str, s
         # Each probe is an exec: about 80 ms of CPU here, the engine's share included, and Docker 20.10 has no
         # start_interval to probe fast only while starting. An idle sandbox stack cost 14.6 CPU-s a minute with 2 s
         # for the applications and 5 s for the rest, 10.8 with 3 s and 10 s (measured on this machine; its rolls
-        # were not slower). A roll waits for its new containers' first probe, hence 3 s for them; only a first
-        # start or a restore waits on the data layer's and the gateway's, hence 10 s. A Swarm stack keeps 2 s and
-        # 5 s: its routing and its rolls wait on them.
+        # were not slower). A roll no longer waits for its new containers' first probe (it runs the same check
+        # itself: execute/health_now.py), but the sandbox's tests read Docker's status soon after a roll, hence 3 s
+        # for the applications; only a first start or a restore waits on the data layer's and the gateway's, hence
+        # 10 s. A Swarm stack keeps 2 s and 5 s: its routing and its rolls wait on them.
         health_interval=("3s" if swarm is None else "2s") if sandbox else "10s",
         health_start_period="5s" if sandbox else "40s",
         infra_health_interval="10s" if sandbox and swarm is None else None,
