@@ -18,6 +18,8 @@ from dataclasses import replace
 from typing import Callable
 
 from deploy.commands import docker as dk
+from deploy.core.errors import HealthdeployError
+from deploy.execute.executor import ConnectionLost
 from deploy.facts.containers import Container
 
 EVERY_S = 1.0  # at most one own probe a second per container
@@ -45,7 +47,13 @@ class HealthNow:
         self.first_seen.setdefault(container.id, now)
         if now - self.last_probe.get(container.id, float("-inf")) >= self.every_s:
             self.last_probe[container.id] = now
-            if self.run(command, check=False).ok:
+            try:
+                ok = self.run(command, check=False).ok
+            except ConnectionLost:
+                raise
+            except HealthdeployError:  # past its deadline (and killed): a failed probe, as in Docker
+                ok = False
+            if ok:
                 self.passed.add(container.id)
                 return replace(container, health="healthy")
             # Failures in the start period do not count (Docker's rule); it is measured from when this wait first

@@ -91,3 +91,30 @@ def test_docker_s_own_verdict_wins_and_stopped_containers_are_not_probed():
     assert own.of(container(Health={"Status": "healthy"})).health == "healthy"
     assert own.of(container(Status="exited")).state == "exited"
     assert host.commands == []
+
+
+def test_a_probe_past_its_deadline_is_a_failure_and_a_lost_connection_is_not_hidden():
+    from deploy.core.errors import HealthdeployError
+    from deploy.execute.executor import ConnectionLost
+
+    clock = Clock()
+
+    def timed_out(command, check=True):
+        raise HealthdeployError("run the container's health check on h timed out after 8s")
+
+    own = HealthNow(timed_out, clock=clock)
+    verdicts = []
+    for _ in range(6):
+        verdicts.append(own.of(container()).health)
+        clock.now += 1
+    assert verdicts == ["starting"] * 4 + ["unhealthy", "unhealthy"]
+
+    def lost(command, check=True):
+        raise ConnectionLost("connection to h was lost")
+
+    try:
+        HealthNow(lost, clock=Clock()).of(container())
+    except ConnectionLost:
+        pass
+    else:
+        raise AssertionError("a lost connection must reach the roll")
