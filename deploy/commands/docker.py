@@ -202,8 +202,10 @@ def remove_images(refs: tuple[str, ...]) -> Command:
                   intent=("rmi", *refs))
 
 
-def exec_in(container: str, *argv: str, description: str, readonly: bool = False, intent: tuple = ()) -> Command:
-    return cmd("docker", "exec", container, *argv, description=description, readonly=readonly, intent=intent)
+def exec_in(container: str, *argv: str, description: str, readonly: bool = False, intent: tuple = (),
+            timeout: float | None = None) -> Command:
+    return cmd("docker", "exec", container, *argv, description=description, readonly=readonly, intent=intent,
+               timeout=timeout)
 
 
 def health_test(container: str, test: tuple[str, ...], timeout_s: float) -> Command | None:
@@ -212,8 +214,8 @@ def health_test(container: str, test: tuple[str, ...], timeout_s: float) -> Comm
     if not test or test[0] not in ("CMD", "CMD-SHELL") or len(test) < 2:
         return None
     argv = ("/bin/sh", "-c", test[1]) if test[0] == "CMD-SHELL" else tuple(test[1:])
-    return cmd("docker", "exec", container, *argv, description="run the container's health check", readonly=True,
-               intent=("health-test", container), timeout=(timeout_s or 30) + 5)
+    return exec_in(container, *argv, description="run the container's health check", readonly=True,
+                   intent=("health-test", container), timeout=(timeout_s or 30) + 5)
 
 
 # GET ``$1`` (timeout ``$2``) up to ``$3`` times, 0.2 s apart, until it answers: right after `nginx -s reload`
