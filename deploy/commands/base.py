@@ -53,6 +53,8 @@ class Command:
     timeout: float | None = None  # the command's own deadline (the executor's default applies otherwise)
     # Run on the host when the command is killed at its deadline (e.g. remove a one-off container).
     on_timeout: "Command | None" = field(default=None, repr=False)
+    # For a held command: send one byte on its stdin this often while it is held (commands.presence).
+    heartbeat_s: float | None = None
 
     def render(self) -> str:
         out = []

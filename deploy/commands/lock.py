@@ -13,29 +13,35 @@ from deploy.facts.lock import LOCK_STATE
 from .base import Command, cmd, script
 from .files import write_file
 from .journal import RUN_JOURNAL_FUNCTION
+from .presence import LEASE_S, OPERATOR_WAIT_FUNCTION, with_heartbeat
 
-# The holder lives as long as our channel. When the channel closes, either we released the lock (its
-# directory is gone) or we vanished mid-operation (killed, crashed, connection dropped): then the holder runs
+# The holder lives as long as we are there: our channel open and our heartbeat arriving (commands.presence;
+# $2 is the lease). When it ends, either we released the lock (its directory is gone) or we vanished
+# mid-operation (killed, crashed, connection dropped, cut off or frozen for the lease): then the holder runs
 # the operation's undo journal itself (commands killed by their watchdogs end first), records what it did in
 # the audit log, and releases the lock; if an undo step fails, the lock stays (stale) for an operator to see.
-LOCK_ACQUIRE = RUN_JOURNAL_FUNCTION + r"""
+LOCK_ACQUIRE = RUN_JOURNAL_FUNCTION + OPERATOR_WAIT_FUNCTION + r"""
 mkdir "$1" 2>/dev/null || { echo "held"; cat "$1/info.json" 2>/dev/null; exit 0; }
-lock="$1"
+lock="$1"; lease="$2"
 s=$(cat "/proc/$$/stat"); s=${s##*) }; set -- "$1" $s
 echo "$$ $(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${21}" > "$lock/holder.pid"
 echo acquired
-cat > /dev/null
+operator_wait "$lease"; silent=$?
 [ -d "$lock" ] || exit 0
+reason="the operator vanished mid-operation"
+[ "$silent" = 1 ] && reason="the operator was silent for the lease (${lease}s: cut off or frozen); its connection was ended"
+audit="$(dirname "$lock")/shared/audit.log"
+[ -d "$(dirname "$audit")" ] || audit=/dev/null
 if [ -d "$lock/undo" ] && [ -n "$(ls -A "$lock/undo" 2>/dev/null)" ]; then
   sleep 3
   out=$(run_journal "$lock")
   printf '%s\n' "$out" > "$lock/undone-by-host.log"
-  audit="$(dirname "$lock")/shared/audit.log"
-  if [ -d "$(dirname "$audit")" ]; then
-    printf '{"event": "undo-by-host", "ts": "%s", "reason": "the operator vanished mid-operation", "steps": %s}\n' \
-      "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(printf '%s\n' "$out" | wc -l)" >> "$audit"
-  fi
+  printf '{"event": "undo-by-host", "ts": "%s", "reason": "%s", "steps": %s}\n' \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$reason" "$(printf '%s\n' "$out" | wc -l)" >> "$audit"
   case "$out" in *"failed "*) exit 1 ;; esac
+elif [ "$silent" = 1 ]; then
+  printf '{"event": "lock-expired", "ts": "%s", "reason": "%s"}\n' \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$reason" >> "$audit"
 fi
 rm -rf -- "$lock"
 """
@@ -46,8 +52,9 @@ if [ "$(lock_state "$1")" = stale ]; then rm -rf -- "$1"; echo broken; else lock
 """
 
 
-def lock_hold(lock_dir: str) -> Command:
-    return script(LOCK_ACQUIRE, lock_dir, description="take the host lock", intent=("lock-hold",))
+def lock_hold(lock_dir: str, lease_s: int = LEASE_S) -> Command:
+    return with_heartbeat(script(LOCK_ACQUIRE, lock_dir, str(lease_s), description="take the host lock",
+                                 intent=("lock-hold",)))
 
 
 def lock_info_write(lock_dir: str, info: bytes) -> Command:

@@ -22,6 +22,7 @@ import re
 
 from .backup import INFLUX1_HTTP, _in
 from .base import Command, script
+from .presence import LEASE_S, OPERATOR_WAIT_FUNCTION, with_heartbeat
 
 # -- PostgreSQL --------------------------------------------------------------------------------------
 # The names go in as psql variables (:'name' / :"name" are quoted by psql), never pasted into SQL text.
@@ -254,14 +255,15 @@ def influx_results(text: str) -> list:
 
 
 # -- the guard ---------------------------------------------------------------------------------------
-# Held like the lock: "acquired", then it waits for its stdin to close. When it closes while the restore is
-# armed ($1/armed exists: our process died or the connection dropped), the undo script runs on the host,
+# Held like the lock: "acquired", then it waits while we are there (commands.presence; $2 is the lease). When
+# we are gone while the restore is armed ($1/armed exists: our process died, the connection dropped, or we
+# were cut off or frozen for the lease), the undo script runs on the host,
 # detached from the SSH session, its output in $1/recovery.log. A restore that ends (done or undone) disarms
 # it first, so a normal close does nothing.
-GUARD = r"""j=$1
+GUARD = OPERATOR_WAIT_FUNCTION + r"""j=$1
 mkdir -p "$j"
 echo acquired
-cat >/dev/null 2>&1
+operator_wait "$2"
 if [ -f "$j/armed" ]; then
   trap '' HUP INT TERM PIPE
   sleep 3  # a statement still in flight when the connection dropped ends first
@@ -274,8 +276,9 @@ fi
 """
 
 
-def guard_hold(journal_dir: str) -> Command:
-    return script(GUARD, journal_dir, description="arm the restore guard", intent=("guard-hold", journal_dir))
+def guard_hold(journal_dir: str, lease_s: int = LEASE_S) -> Command:
+    return with_heartbeat(script(GUARD, journal_dir, str(lease_s), description="arm the restore guard",
+                                 intent=("guard-hold", journal_dir)))
 
 
 def undo_script(entries: list[Command], journal_dir: str) -> tuple[bytes, dict[str, bytes]]:

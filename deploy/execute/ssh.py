@@ -144,6 +144,16 @@ def _tuned_transport(sock, **kwargs) -> paramiko.Transport:
     return transport
 
 
+def _heartbeat(channel: paramiko.Channel, stop: threading.Event, every_s: float) -> None:
+    """One byte on a held command's stdin every ``every_s``: the host's lease (commands.presence) sees us."""
+    while not stop.wait(every_s):
+        try:
+            if channel.closed or channel.send(b".") == 0:
+                return
+        except (OSError, EOFError, paramiko.SSHException):
+            return  # the connection is gone; the command that uses it next reports that
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH-style SHA256 fingerprint (what `ssh-keygen -lf` prints)."""
     return key.fingerprint  # paramiko >= 3.2: "SHA256:<base64 without padding>"
@@ -707,7 +717,16 @@ class RemoteHost:
             channel.close()
             return HeldCommand(None, first.decode().strip(), rest.decode("utf-8", "replace"))
         channel.settimeout(None)
-        return HeldCommand(channel.close, "acquired", "")
+        if not command.heartbeat_s:
+            return HeldCommand(channel.close, "acquired", "")
+        stop = threading.Event()
+        threading.Thread(target=_heartbeat, args=(channel, stop, command.heartbeat_s), daemon=True,
+                         name=f"heartbeat to {self.alias}").start()
+
+        def close() -> None:
+            stop.set()
+            channel.close()
+        return HeldCommand(close, "acquired", "")
 
     def _emit(self, data: bytes, on_line: Callable[[str], None]) -> bytes:
         *lines, rest = data.split(b"\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -14,6 +15,9 @@ import pytest
 
 from sandbox_env import MAIN, MAIN_ADDRESS
 from deploy.commands import cmd
+from deploy.commands import lock as lk
+from deploy.execute.executor import ConnectionLost
+from deploy.facts.lock import lock_status, parse_lock
 from deploy.core.errors import HealthdeployError, IntegrityError, RemoteCommandError
 from deploy.core.settings import PROJECT_ROOT
 from deploy.execute.ssh import RemoteHost
@@ -165,3 +169,30 @@ def test_a_command_whose_connection_drops_is_killed_on_the_host(sandbox_hosts):
     while _processes("sleep 317") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes("sleep 317")
+
+
+def test_a_held_lock_lives_on_its_heartbeat_and_a_silent_one_ends_its_connection(sandbox_hosts, tmp_path):
+    """Over real sshd (Debian's defaults, no ClientAliveInterval): the heartbeat renews the lease for as long as
+    we hold the lock; a holder that hears nothing for its lease frees the lock and ends our connection, so our
+    next command fails as a lost connection instead of running without the lock."""
+    lock_dir = str(tmp_path / ".lock")  # the sandbox host shares this machine's file system
+    host = RemoteHost.connect(MAIN, SSH_CONFIG, KNOWN_HOSTS)
+    try:
+        held = host.hold(lk.lock_hold(lock_dir, lease_s=4))
+        assert held.first_line == "acquired"
+        time.sleep(9)  # two leases and more: only the heartbeat (every 3 s) keeps it
+        assert parse_lock(host.run(lock_status(lock_dir)).text).state == "held"
+        host.run(lk.lock_release(lock_dir))
+        held.close()
+        silent = dataclasses.replace(lk.lock_hold(lock_dir, lease_s=2), heartbeat_s=None)  # a frozen operator
+        assert host.hold(silent).first_line == "acquired"
+        deadline = time.monotonic() + 15
+        while os.path.exists(lock_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not os.path.exists(lock_dir)
+        with pytest.raises(ConnectionLost):
+            for _ in range(20):  # the fence may take a moment to close the transport
+                host.run(cmd("true", description="a command after the lease"))
+                time.sleep(0.25)
+    finally:
+        host.close()

@@ -223,7 +223,7 @@ def test_influx_copies_are_bounded_per_policy_measurement_and_day():
 
 
 def test_the_guard_runs_the_undo_only_when_armed_and_detached():
-    assert rs.GUARD.index("cat >/dev/null") < rs.GUARD.index('if [ -f "$j/armed" ]') < rs.GUARD.index('sh "$j/undo.sh"')
+    assert rs.GUARD.index('operator_wait "$2"') < rs.GUARD.index('if [ -f "$j/armed" ]') < rs.GUARD.index('sh "$j/undo.sh"')
     assert "trap '' HUP INT TERM PIPE" in rs.GUARD and "recovery.log" in rs.GUARD
     from deploy.commands import docker as dk
 

@@ -2,7 +2,10 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
 
 from deploy.commands import lock as lk
 from deploy.facts.lock import lock_status, parse_lock
@@ -39,3 +42,82 @@ def test_acquire_prints_held_with_the_owner(tmp_path):
     (lock / "info.json").write_text(json.dumps({"who": "bob"}))
     out = sh(lk.lock_hold(str(lock)))
     assert out.stdout.splitlines()[0] == "held" and '"who": "bob"' in out.stdout
+
+
+# -- the lease (commands.presence): a holder whose operator is silent gives up, a heartbeat keeps it ----------
+def _holder(lock, lease_s, **popen):
+    return subprocess.Popen(["sh", "-c", lk.lock_hold(str(lock), lease_s=lease_s).render()], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_gone(path, seconds):
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
+
+
+def test_a_silent_operator_loses_the_lock_after_the_lease_and_the_host_undoes(tmp_path):
+    lock, marker = tmp_path / ".lock", tmp_path / "undone"
+    (tmp_path / "shared").mkdir()
+    holder = _holder(lock, 1)
+    assert holder.stdout.readline().strip() == "acquired"
+    (lock / "undo").mkdir()
+    (lock / "undo" / "1000.sh").write_text(f"# put the old release back\ntouch {marker}\n")
+    started = time.monotonic()
+    # stdin stays open (a cut network or a frozen operator never closes it): only the lease can end this.
+    assert _wait_gone(lock, 15), "the holder kept a lock whose operator went silent"
+    assert marker.exists() and time.monotonic() - started >= 1  # the undo ran, not before the lease
+    record = json.loads((tmp_path / "shared" / "audit.log").read_text())
+    assert record["event"] == "undo-by-host" and record["steps"] == 1 and "silent for the lease (1s" in record["reason"]
+    holder.stdin.close()
+    assert holder.wait(5) == 0
+
+
+def test_a_heartbeat_keeps_the_lock_and_a_clean_release_undoes_nothing(tmp_path):
+    lock, marker = tmp_path / ".lock", tmp_path / "undone"
+    holder = _holder(lock, 1)
+    assert holder.stdout.readline().strip() == "acquired"
+    (lock / "undo").mkdir()
+    (lock / "undo" / "1000.sh").write_text(f"# put the old release back\ntouch {marker}\n")
+    for _ in range(12):  # 3 s of heartbeats, three leases long
+        holder.stdin.write(".")
+        holder.stdin.flush()
+        time.sleep(0.25)
+    assert lock.exists() and parse_lock(sh(lock_status(str(lock))).stdout).state == "held"
+    subprocess.run(["rm", "-rf", str(lock)], check=True)  # the operator's release, then its channel closes
+    holder.stdin.close()
+    assert holder.wait(5) == 0 and not marker.exists()
+
+
+def test_a_lease_run_out_ends_the_ssh_connection_it_belongs_to(tmp_path):
+    """The nearest ancestor named sshd (the per-connection process) is ended, so a late operator is fenced."""
+    fake_sshd = tmp_path / "sshd"
+    (tmp_path / "shared").mkdir()
+    shutil.copy("/bin/sh", fake_sshd)  # its comm is "sshd"
+    lock = tmp_path / ".lock"
+    holder_line = lk.lock_hold(str(lock), lease_s=1).render()
+    connection = subprocess.Popen([str(fake_sshd), "-c", f"{holder_line}; sleep 60"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        assert connection.stdout.readline().strip() == "acquired"
+        assert connection.wait(15) == -signal.SIGTERM  # the lease ran out: the connection was ended
+        assert _wait_gone(lock, 10)  # and the holder, detached from it, still released the lock
+        assert json.loads((tmp_path / "shared" / "audit.log").read_text())["event"] == "lock-expired"
+    finally:
+        connection.kill()
+
+
+def test_the_restore_guard_undoes_when_its_operator_is_silent_for_the_lease(tmp_path):
+    from deploy.commands import restore as rs
+    journal, marker = tmp_path / "restore", tmp_path / "writers-back"
+    journal.mkdir()
+    (journal / "armed").write_text("armed\n")
+    (journal / "undo.sh").write_text(f"touch {marker}\n")
+    guard = subprocess.Popen(["sh", "-c", rs.guard_hold(str(journal), lease_s=1).render()], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert guard.stdout.readline().strip() == "acquired"
+    assert guard.wait(15) == 0  # stdin still open: the lease ended it
+    assert marker.exists() and "HEALTHDEPLOY-RECOVERED" in (journal / "recovery.log").read_text()
+    assert not (journal / "armed").exists()
+    guard.stdin.close()
