@@ -65,6 +65,9 @@ class World:
     containers: list[FakeContainer] = field(default_factory=list)
     lock_held: bool = False
     lock_info: str = ""
+    lock_last: str = ""  # the last holder's identity, as "$lock.last" (commands.lock)
+    lock_previous: str = ""  # the holder's before it, as "$lock/previous"
+    lock_takes: int = 0
     unhealthy_new: set[str] = field(default_factory=set)
     passwords: dict[str, str] = field(default_factory=dict)  # service -> env file its password was last set from
     journal: list[tuple[int, int, str, Command]] = field(default_factory=list)  # the undo journal in the lock  # services whose new containers come up unhealthy
@@ -107,7 +110,7 @@ class World:
     def observation(self) -> str:
         out = ["=== host", "docker=20.10.24", "compose=2.40.3", "free_mb=50000", f"current={self.current}",
                f"releases={' '.join(self.releases())}", "bash=/bin/bash", "user=root", "boot_id=b1", "mem_free_mb=8000"]
-        out += ["=== lock", "held" if self.lock_held else "free", self.lock_info]
+        out += ["=== lock", "held" if self.lock_held else "free", self.lock_info, "=== lock-last", self.lock_last]
         out.append("=== live-files")
         if self.current:
             out += [f"{sha(d)}  {p}" for p, d in sorted(self.under(self.rel(self.current)).items())]
@@ -387,7 +390,13 @@ class World:
         if self.lock_held:
             return "held", self.lock_info
         self.lock_held = True
+        self.lock_takes += 1
+        self.lock_previous, self.lock_last = self.lock_last, f"{1000 + self.lock_takes} boot-1 {self.lock_takes}"
         return "acquired", ""
+
+    def on_lock_info(self, command):
+        self.lock_info = (command.stdin or b"").decode()
+        return self.text(self.lock_previous + "\n")
 
     def drop_holder(self, command: Command) -> None:
         self.events.append(("lock-dropped",))

@@ -233,23 +233,31 @@ def http_probe(container: str, url: str, timeout: int = 3, within: float = 0) ->
 
 
 # Several GETs in one round trip: "ok URL" or "fail URL" per line (warming new containers, checking each).
-HTTP_GETS = 'timeout_s="$1"; shift' + HTTP_GET_FUNCTION + 'for u in "$@"; do if http_get "$u"; then echo "ok $u"; else echo "fail $u"; fi; done'
+# URLs after a "--" word are warm-up requests: sent only when every probe before it passed, answers not printed.
+HTTP_GETS = ('timeout_s="$1"; shift' + HTTP_GET_FUNCTION +
+             'failed=0; warm=""; for u in "$@"; do '
+             'if [ -z "$warm" ] && [ "$u" = -- ]; then [ "$failed" = 0 ] || exit 0; warm=1; continue; fi; '
+             'if http_get "$u"; then [ -n "$warm" ] || echo "ok $u"; '
+             'else failed=1; [ -n "$warm" ] || echo "fail $u"; fi; done')
 
 
-def http_probes(container: str, urls: tuple[str, ...], timeout: int = 3) -> Command:
-    return exec_in(container, "sh", "-c", HTTP_GETS, "sh", str(timeout), *urls,
+def http_probes(container: str, urls: tuple[str, ...], timeout: int = 3, then_warm: tuple[str, ...] = ()) -> Command:
+    """GET each URL from inside ``container`` ("ok URL" / "fail URL" lines); then, in the same exec and only if all
+    passed, the ``then_warm`` requests (a roll's first requests to new containers: one exec less per roll)."""
+    warm = ("--", *then_warm) if then_warm else ()
+    return exec_in(container, "sh", "-c", HTTP_GETS, "sh", str(timeout), *urls, *warm,
                    description="probe new containers", readonly=True, intent=("probes", *urls))
 
 
-def nginx_test(container: str, conf: str) -> Command:
-    return exec_in(container, "nginx", "-t", "-q", "-c", conf, description="check gateway config", readonly=True,
-                   intent=("nginx-test",))
+# One exec, not two: each ``docker exec`` costs the engine a runc exec, and a roll reloads twice per service.
+NGINX_TEST_AND_RELOAD = 'nginx -t -q -c "$1" || exit 1; exec nginx -s reload -c "$1"'
 
 
-def nginx_reload(container: str, conf: str) -> Command:
-    # A graceful reload: old workers finish their requests; never a restart.
-    return exec_in(container, "nginx", "-s", "reload", "-c", conf, description="reload gateway",
-                   intent=("nginx-reload",))
+def nginx_test_and_reload(container: str, conf: str) -> Command:
+    """``nginx -t``, then (only if it passed) a graceful reload: old workers finish their requests; never a
+    restart."""
+    return exec_in(container, "sh", "-c", NGINX_TEST_AND_RELOAD, "sh", conf,
+                   description="check gateway config and reload gateway", intent=("nginx-reload",))
 
 
 def nginx_check_files(image: str, gateway_dir_host: str, upstreams_host: str, mount_at: str, conf: str,

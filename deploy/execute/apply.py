@@ -248,6 +248,7 @@ class DeployApply:
             self.gateway.ensure_upstream_files(list(self.o.containers), self.release)  # placeholders on a first deploy
             staged = fs.stage_dir(self.t.env_dir, self.d.secrets_version)
             self.run_cmd(fs.mkdirs(f"{staged}/tls", mode="0700"))
+        if GATEWAY in self.d.services and "nginx" in step.items:
             self.run_cmd(dk.nginx_check_files(self.s.gateway_image, f"{self.rdir}/gateway",
                                               f"{self.t.gateway_dir}/upstreams", GATEWAY_DIR, f"{GATEWAY_DIR}/nginx.conf",
                                               tls_host=f"{staged}/tls"))
@@ -405,7 +406,8 @@ class DeployApply:
 
     def do_roll(self, step: Step) -> None:
         service = step.target
-        old = [c for c in self.session.containers() if c.service == service and c.running]
+        listed = self.session.containers()
+        old = [c for c in listed if c.service == service and c.running]
         pending = self.in_roll.pop(service, [])
 
         def before_switch() -> None:
@@ -420,7 +422,8 @@ class DeployApply:
                                        SERVICES)
 
         roll = ServiceRoll(self.session, self.gateway, service, self.release, self.compose_files(self.release),
-                           self.environment(), old, before_switch=before_switch if pending else None, started=started)
+                           self.environment(), old, before_switch=before_switch if pending else None, started=started,
+                           listed=listed)
         report = roll.run()
         self.report.rolls.append(report)
         self.retired += report.retired
@@ -523,7 +526,8 @@ def apply_rollback(session: Session, plan: RollbackPlan, observed: Observed) -> 
                 gateway.reload(gw)
         elif step.kind is StepKind.ROLL:
             service = step.target
-            old = [c for c in session.containers() if c.service == service and c.running]
+            listed = session.containers()
+            old = [c for c in listed if c.service == service and c.running]
 
             def started(new_ids, service=service, old=old):
                 if old:
@@ -532,7 +536,8 @@ def apply_rollback(session: Session, plan: RollbackPlan, observed: Observed) -> 
                         APP_PORTS[service], conf, session.s.health_timeout, plan.previous, tuple(c.id for c in old),
                         tuple(new_ids)), SERVICES)
 
-            report = ServiceRoll(session, gateway, service, plan.target, files, environment, old, started=started).run()
+            report = ServiceRoll(session, gateway, service, plan.target, files, environment, old, started=started,
+                                 listed=listed).run()
             reports.append(report)
             retired += report.retired
         elif step.kind is StepKind.SWITCH:

@@ -66,6 +66,8 @@ class HeldCommand:
         self._closer = closer
         self.first_line = first_line
         self.rest = rest
+        # The host lock: who held it before us (commands.lock), read once we hold it; "" when unknown.
+        self.previous_holder = ""
 
     @property
     def holding(self) -> bool:

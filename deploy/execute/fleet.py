@@ -109,6 +109,8 @@ def in_parallel(items: list, work: Callable, errors: list) -> None:
             if hasattr(item, "outcome"):
                 item.outcome.seconds = round(item.outcome.seconds + time.monotonic() - started, 1)
 
+    if not items:
+        return
     if len(items) == 1:
         guarded(items[0])
         return

@@ -26,9 +26,7 @@ class Gateway:
                          .tagged("upstream", service, tuple(addresses), tuple(backups)))
 
     def reload(self, gateway: Container) -> None:
-        conf = f"{GATEWAY_DIR}/nginx.conf"
-        self.session.run(dk.nginx_test(gateway.name, conf))
-        self.session.run(dk.nginx_reload(gateway.name, conf))
+        self.session.run(dk.nginx_test_and_reload(gateway.name, f"{GATEWAY_DIR}/nginx.conf"))
 
     def probe(self, gateway: Container, url: str) -> bool:
         return self.session.run(dk.http_probe(gateway.name, url), check=False).ok
@@ -39,8 +37,8 @@ class Gateway:
         url = f"http://127.0.0.1:{GATEWAY_PORT_OF[service]}/health"
         return self.session.run(dk.http_probe(gateway.name, url, within=3), check=False).ok
 
-    def probes(self, gateway: Container, urls: list[str]) -> dict[str, bool]:
-        out = self.session.run(dk.http_probes(gateway.name, tuple(urls)), check=False).text
+    def probes(self, gateway: Container, urls: list[str], then_warm: list[str] = ()) -> dict[str, bool]:
+        out = self.session.run(dk.http_probes(gateway.name, tuple(urls), then_warm=tuple(then_warm)), check=False).text
         answers = {line.split(" ", 1)[1]: line.startswith("ok ") for line in out.splitlines() if " " in line}
         return {u: answers.get(u, False) for u in urls}
 

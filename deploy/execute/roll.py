@@ -59,7 +59,8 @@ class RollReport:
 
 class ServiceRoll:
     def __init__(self, session: Session, gateway: Gateway, service: str, release: str, compose_files: tuple[str, str, str],
-                 environment: dict[str, str], old: list[Container], before_switch=None, started=None):
+                 environment: dict[str, str], old: list[Container], before_switch=None, started=None,
+                 listed: list[Container] | None = None):
         self.session = session
         self.gateway = gateway
         self.service = service
@@ -71,6 +72,7 @@ class ServiceRoll:
         self.report = RollReport(service)
         self.before_switch = before_switch  # e.g. a password changed on the server just before the switch
         self.started = started  # called with the new containers' ids as soon as they exist (to journal the undo)
+        self.listed = listed  # the host's containers as just listed by the caller (``old`` came from it)
 
     def say(self, message: str) -> None:
         self.session.say(f"{self.service}: {message}")
@@ -82,7 +84,7 @@ class ServiceRoll:
         return redact((result.text + result.err).strip()[-3000:], self.s.secrets)
 
     def run(self) -> RollReport:
-        gateway = self.gateway.container()
+        gateway = self.gateway.container(self.listed)
         if gateway is None:
             raise RollFailure(self.service, "the gateway is not running")
         old_ids = {c.id for c in self.old}
@@ -98,7 +100,6 @@ class ServiceRoll:
             new = self._wait_healthy(new_ids, gateway)
             self.report.new = [c.name for c in new]
             self.say(f"new container(s) healthy: {', '.join(c.name for c in new)}")
-            self._warm(gateway, new)
             faults.point(f"roll:{self.service}:healthy", self.session.host)
             if self.before_switch:
                 self.before_switch()
@@ -164,19 +165,18 @@ class ServiceRoll:
             raise RollFailure(self.service, f"new containers not healthy after {self.s.health_timeout}s "
                               f"({', '.join(f'{c.name}={c.health or c.state}' for c in last)})",
                               self.logs(last[0]) if last else "") from None
-        answers = self.gateway.probes(gateway, [health_url(c) for c in current])
+        # Then, in the same exec, a few real requests to each before it takes all traffic (first-request costs:
+        # lazy imports, connection pools, caches).
+        answers = self.gateway.probes(gateway, [health_url(c) for c in current], then_warm=self._warm_urls(current))
         for c in current:  # Docker's view is not enough: it must answer through the network too
             if not answers.get(health_url(c)):
                 raise RollFailure(self.service, f"new container {c.name} does not answer /health from the gateway",
                                   self.logs(c))
         return current
 
-    def _warm(self, gateway: Container, new: list[Container]) -> None:
-        """A few real requests to each new container before it takes all traffic (first-request costs:
-        lazy imports, connection pools, caches)."""
+    def _warm_urls(self, new: list[Container]) -> list[str]:
         path = "/" if APP_PORTS[self.service] == 80 else "/health"
-        urls = [f"http://{c.ip}:{APP_PORTS[self.service]}{path}" for c in new for _ in range(WARM_REQUESTS)]
-        self.gateway.probes(gateway, urls)
+        return [f"http://{c.ip}:{APP_PORTS[self.service]}{path}" for c in new for _ in range(WARM_REQUESTS)]
 
     def _drain(self) -> None:
         """Wait until no connection is open to the old containers (nginx's old workers done with them, WebSockets

@@ -169,7 +169,7 @@ class Session:
         info = {"who": operator(), "key": self.identity, "since": utc_now(), "release": release, "pid": os.getpid(),
                 "machine": socket.gethostname(), "env": self.s.env_name, "operation": operation}
         try:
-            self.host.run(lk.lock_info_write(lock_dir, json.dumps(info).encode()))
+            held.previous_holder = self.host.run(lk.lock_info_write(lock_dir, json.dumps(info).encode())).text.strip()
         except BaseException:
             self.release(held, operation, release, audit=False)
             raise

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from deploy.commands.base import Command, script
 
+# One CLI call for every ref (a docker CLI start costs about 50 ms of CPU; a deploy asks for 4 refs twice per host):
+# the reference filters of one `docker images` are OR-ed, then each ref is looked up in its output.
 IMAGE_IDS = (
-    'for ref in "$@"; do id=$(docker image inspect --format "{{.Id}}" "$ref" 2>/dev/null) || id=-; '
-    'echo "$ref $id"; done'
+    'set -f; refs="$*"; n=$#; for ref in "$@"; do set -- "$@" --filter "reference=$ref"; done; shift "$n"; '
+    'have=$(docker images --no-trunc --format "{{.Repository}}:{{.Tag}} {{.ID}}" "$@" 2>/dev/null); '
+    'for ref in $refs; do id=$(printf "%s\\n" "$have" | awk -v r="$ref" \'$1 == r { print $2; exit }\'); '
+    'echo "$ref ${id:--}"; done'
 )
 
 # Every tag under a prefix with its full ID, in one CLI call (the observation of a deploy).

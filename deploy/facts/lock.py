@@ -58,6 +58,13 @@ class LockState:
         return f"{self.state}: {who}"
 
 
+def unheld_since(observed, previous_holder: str) -> bool:
+    """True when no operation held the host lock between an observation (``Observed``: the lock free, its last
+    holder ``lock_last``) and our acquisition, whose previous holder was ``previous_holder``: every change to a
+    host is made under its lock, so the observation still holds. Unknown (empty) proves nothing."""
+    return observed.lock.state == "free" and bool(previous_holder) and previous_holder == observed.lock_last
+
+
 def parse_lock(text: str) -> LockState:
     first, _, rest = text.strip().partition("\n")
     try:

@@ -30,6 +30,7 @@ OBSERVE = ("host_facts() {\n" + HOST_FACTS + "\n}\n"
 base="$1"; project="$2"; prefix="$3"
 echo "=== host"; host_facts "$base"
 echo "=== lock"; lock_state "$base/.lock"; cat "$base/.lock/info.json" 2>/dev/null; echo
+echo "=== lock-last"; cat "$base/.lock.last" 2>/dev/null
 current=$(readlink "$base/current" 2>/dev/null)
 echo "=== live-files"; [ -n "$current" ] && ( file_hashes "$base/$current" )
 echo "=== release-env"; [ -n "$current" ] && cat "$base/$current/release.env" 2>/dev/null
@@ -59,6 +60,7 @@ class Observed:
 
     host: HostFacts = field(default_factory=HostFacts)
     lock: LockState = field(default_factory=lambda: LockState("free", {}))
+    lock_last: str = ""  # the identity of the lock's last holder (commands.lock): "" when never taken or unknown
     live_files: Mapping[str, str] = field(default_factory=dict)  # files of the live release, as they are
     release_env: Mapping[str, str] = field(default_factory=dict)  # RELEASE_ID, ENV_DIGEST_*, ... of the live one
     secrets: Mapping[str, str] = field(default_factory=dict)  # installed env/<svc>.env and tls/<file> -> sha256
@@ -155,6 +157,7 @@ def parse_observation(text: str, project: str) -> Observed:
     return Observed(
         host=HostFacts.parse(s.get("host", "")),
         lock=parse_lock(s.get("lock", "")),
+        lock_last=s.get("lock-last", "").strip(),
         live_files=parse_hashes(s.get("live-files", "")),
         release_env=_env_lines(s.get("release-env", "")),
         secrets={**parse_hashes(s.get("secrets-env", "")), **parse_hashes(s.get("secrets-tls", ""))},

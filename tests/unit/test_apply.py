@@ -160,6 +160,23 @@ def test_source_change_builds_that_service_and_migrates(host):
     assert [o for k, o in report.applied.done if k == "roll:backend"] == ["ran"]
 
 
+def test_nginx_t_runs_only_when_the_gateway_would_run_something_new(host, tmp_path):
+    """The throwaway nginx -t container is the dearest command of a validate: it runs for new gateway files,
+    certificates or image, and not when only an app changed (the live gateway config already passed it)."""
+    def nginx_checks():
+        return [i for i in host.host.intents() if i[0] == "nginx-check"]
+
+    (host.app / "backend" / "build_id").write_text("backend-v2\n")
+    plan, report = host.deploy()
+    assert plan.step(StepKind.VALIDATE).items == ("compose",) and "no nginx -t" in plan.step(StepKind.VALIDATE).reason
+    assert not nginx_checks() and [i for i in host.host.intents() if i[0] == "compose-config"]
+    plan, report = host.deploy(SERVER_NAMES="clinic.example.com")  # a new gateway/nginx.conf
+    assert plan.step(StepKind.VALIDATE).items == ("compose", "nginx") and len(nginx_checks()) == 1
+    cert, key = make_cert(tmp_path, "a")
+    plan, report = host.deploy(SERVER_NAMES="clinic.example.com", TLS_CERT_FILE=cert, TLS_KEY_FILE=key)
+    assert plan.step(StepKind.VALIDATE).items == ("compose", "nginx") and len(nginx_checks()) == 1
+
+
 def test_source_change_that_leaves_the_image_alone_skips_the_roll(host):
     (host.app / "backend" / "migrations" / "README").write_text("notes\n")  # not part of the fake's image
     plan, report = host.deploy()

@@ -261,7 +261,7 @@ class Fleet:
 
 def mutations(host: RecordingHost, deploy_path: str) -> list[tuple]:
     """What a host was asked to change, apart from taking and releasing its lock and writing its audit log."""
-    lock = {("mkdir", deploy_path), ("lock-hold",), ("lock-release",)}
+    lock = {("mkdir", deploy_path), ("lock-hold",), ("lock-info",), ("lock-release",)}
     return [c.intent for c in host.commands if not c.readonly and c.intent not in lock and c.intent[:1] != ("append",)
             and not (c.intent[:1] == ("write",) and c.intent[1].endswith("/.lock/info.json"))]
 

@@ -1,5 +1,7 @@
 """Command builders: argv in, one quoted command line out; secrets refused; scripts take values as $1..."""
 
+import shlex
+
 import pytest
 
 from deploy.commands import and_then, cmd, pipe
@@ -49,10 +51,41 @@ def test_migration_command_is_one_word_for_sh():
     assert c.render().endswith("run --rm --no-deps -T backend sh -c 'pnpm prisma migrate deploy'")
 
 
+def test_gateway_reload_is_one_exec_that_reloads_only_a_config_that_passed_nginx_t():
+    c = dk.nginx_test_and_reload("gw", "/etc/hd/nginx.conf")
+    assert c.render() == ("docker exec gw sh -c 'nginx -t -q -c \"$1\" || exit 1; exec nginx -s reload -c \"$1\"' "
+                          "sh /etc/hd/nginx.conf")
+
+
+def test_probes_then_warm_requests_in_one_exec_only_after_every_probe_passed(tmp_path):
+    """The script under a real sh, with a stand-in curl that logs the URLs it is asked for."""
+    import os
+    import subprocess
+
+    curl = tmp_path / "curl"
+    curl.write_text(f'#!/bin/sh\nfor a; do u=$a; done; echo "$u" >> {tmp_path}/asked\n'
+                    'case "$u" in *bad*) exit 1;; esac\n')
+    curl.chmod(0o755)
+
+    def run(*urls, warm=()):
+        (tmp_path / "asked").write_text("")
+        c = dk.http_probes("gw", urls, then_warm=warm)
+        assert c.intent == ("probes", *urls)  # the warm-up URLs are not probes
+        argv = shlex.split(c.render())[3:]  # after "docker exec gw"
+        out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
+        return out.stdout.splitlines(), (tmp_path / "asked").read_text().split()
+
+    assert run("http://a/ok", "http://b/ok", warm=("http://a/w", "http://a/w")) == (
+        ["ok http://a/ok", "ok http://b/ok"], ["http://a/ok", "http://b/ok", "http://a/w", "http://a/w"])
+    assert run("http://a/bad", "http://b/ok", warm=("http://a/w",)) == (
+        ["fail http://a/bad", "ok http://b/ok"], ["http://a/bad", "http://b/ok"])
+    assert run("http://a/ok") == (["ok http://a/ok"], ["http://a/ok"])
+
+
 def test_facts_are_readonly_and_actions_are_not():
     assert host_facts("/srv/x").readonly and project_containers("p").readonly
     assert dk.http_probe("gw", "http://10.0.0.2:5000/health").readonly
-    assert not dk.nginx_reload("gw", "/etc/nginx.conf").readonly
+    assert not dk.nginx_test_and_reload("gw", "/etc/nginx.conf").readonly
     assert not fs.switch_symlink("/srv/current", "releases/1").readonly
 
 
@@ -95,3 +128,25 @@ def test_the_check_through_the_gateway_gives_a_reload_a_moment(tmp_path):
     once = shlex.split(dk.http_probe("gw", "http://127.0.0.1:5000/health").render())
     assert subprocess.run(once[3:], env={**env, "FAIL_FIRST": "99"}, capture_output=True).returncode != 0
     assert (tmp_path / "n").read_text().strip() == "1"  # without ``within``: one attempt
+
+
+def test_image_ids_is_one_docker_call_for_every_ref(tmp_path):
+    """Command, sample output, parsed value: a stand-in ``docker`` records its argv and prints a listing."""
+    import os
+    import subprocess
+
+    from deploy.facts.images import image_ids, parse_image_ids
+
+    docker = tmp_path / "docker"
+    docker.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
+                      "printf 'hd/p/backend:r2 sha256:bbb\\nhd/p/backend:r1 sha256:aaa\\n"
+                      "127.0.0.1:5000/hd/p/web:r2 sha256:ccc\\n'\n")
+    docker.chmod(0o755)
+    refs = ("hd/p/backend:r2", "127.0.0.1:5000/hd/p/web:r2", "hd/p/ai-service:r2")
+    argv = shlex.split(image_ids(refs).render())
+    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert parse_image_ids(out.stdout) == {"hd/p/backend:r2": "sha256:bbb", "127.0.0.1:5000/hd/p/web:r2": "sha256:ccc",
+                                           "hd/p/ai-service:r2": None}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["images --no-trunc --format {{.Repository}}:{{.Tag}} {{.ID}} --filter reference=hd/p/backend:r2 "
+                     "--filter reference=127.0.0.1:5000/hd/p/web:r2 --filter reference=hd/p/ai-service:r2"]

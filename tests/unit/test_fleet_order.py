@@ -120,3 +120,38 @@ def test_a_data_host_that_fails_beside_the_preparation_leaves_the_application_ho
         current, files, images, containers = fleet.state(alias)  # ... and undid it (a built image stays, as cache)
         assert (current, files, containers) == (before[alias][0], before[alias][1], before[alias][3]), alias
         assert images.items() >= before[alias][2].items(), alias
+
+
+def test_a_host_is_observed_again_under_the_lock_only_if_another_operation_held_it_since(tmp_path):
+    fleet = Shared(tmp_path)
+    assert fleet.deploy() == 0  # the hosts' first lock: no previous holder to compare, observed again
+
+    def observes():
+        return {a: sum(1 for alias, intent in fleet.log if alias == a and intent[0] == "observe") for a in HOSTS}
+
+    assert observes() == {a: 2 for a in HOSTS}
+    fleet.log.clear()
+    change_backend(fleet.app, "v2")
+    assert fleet.deploy() == 0
+    assert observes() == {a: 1 for a in HOSTS}  # nobody held a lock since the read-only look: it still holds
+
+    # On a2, another operation takes and releases the lock between our read-only look and our lock, and stops
+    # the backend meanwhile: a2 is observed again, and its plan starts the backend it stopped.
+    world = fleet.worlds["a2"]
+    hold = world.hold
+
+    def intruder_first(command):
+        world.hold = hold
+        assert hold(command)[0] == "acquired"
+        for c in world.containers:
+            if c.service == "backend":
+                c.state = "exited"
+        world.on_lock_release(command)
+        return hold(command)
+
+    world.hold = intruder_first
+    fleet.log.clear()
+    change_backend(fleet.app, "v3")
+    assert fleet.deploy() == 0
+    assert observes() == {"d1": 1, "a1": 1, "a2": 2}
+    assert [c.state for c in world.containers if c.service == "backend"] == ["running"]

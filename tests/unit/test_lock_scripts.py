@@ -121,3 +121,40 @@ def test_the_restore_guard_undoes_when_its_operator_is_silent_for_the_lease(tmp_
     assert marker.exists() and "HEALTHDEPLOY-RECOVERED" in (journal / "recovery.log").read_text()
     assert not (journal / "armed").exists()
     guard.stdin.close()
+
+
+def test_each_acquisition_names_the_one_before_so_an_observation_can_be_proved_current(tmp_path):
+    """Under a real sh: a holder leaves its identity in .lock.last; the next one reads it back as its previous
+    holder (printed by the details write). Equal to what an observation saw: nobody held the lock in between."""
+    from types import SimpleNamespace
+
+    from deploy.facts.lock import LockState, unheld_since
+
+    lock = tmp_path / ".lock"
+
+    def take():
+        holder = _holder(lock, 30)
+        assert holder.stdout.readline().strip() == "acquired"
+        write = lk.lock_info_write(str(lock), b'{"who": "me"}')
+        out = subprocess.run(["sh", "-c", write.render()], input=write.stdin, capture_output=True)
+        assert out.returncode == 0 and json.loads((lock / "info.json").read_text()) == {"who": "me"}
+        return holder, out.stdout.decode().strip()
+
+    def release(holder):
+        shutil.rmtree(lock)
+        holder.stdin.close()
+        assert holder.wait(5) == 0
+
+    first, previous = take()
+    assert previous == ""  # never taken before: unknown, proves nothing
+    seen = SimpleNamespace(lock=LockState("free", {}), lock_last="")
+    release(first)
+    seen.lock_last = (tmp_path / ".lock.last").read_text().strip()  # what an observation reads now
+    assert len(seen.lock_last.split()) == 3 and not unheld_since(seen, previous)  # pid, boot id, start time
+    second, previous = take()
+    assert previous == seen.lock_last and unheld_since(seen, previous)
+    release(second)
+    third, previous = take()  # someone else (the second) held it since `seen`
+    assert previous != seen.lock_last and not unheld_since(seen, previous)
+    release(third)
+    assert not unheld_since(SimpleNamespace(lock=LockState("stale", {}), lock_last=previous), previous)
