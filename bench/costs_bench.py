@@ -6,13 +6,15 @@ and the CPU charged to a command is what it made the host's sshd, shell, docker 
 (plus the operator's own share and background noise: run it on an idle machine). Several hosts on this
 machine share its 2 cores, so CPU per deploy is what limits a multi-host deploy here.
 
-`python3 bench/command_costs.py [--runs N]` (after `inv testbed.up`-able set-up): prints a table per command
-kind: count, wall s, CPU s, summed over the deploy, median of N deploys.
+`inv bench --which costs` or `python3 bench/costs_bench.py [--runs N]`: prints a table per command kind (count,
+wall s, CPU s, summed over the deploy, median of N deploys) and writes it to bench/results/costs-*.md. Its
+baseline is the whole deploy: the first row.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import statistics
@@ -101,11 +103,17 @@ def main() -> int:
     finally:
         bench.cleanup()
     kinds = sorted({k for r in runs for k in r}, key=lambda k: -statistics.median(r.get(k, [0, 0, 0])[2] for r in runs))
-    print("| command | count | wall s | CPU s |\n|---|---|---|---|")
+    lines = ["# Where a changed-backend deploy's CPU goes, per remote command", "",
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; testbed node {db.ONE_NODE}; "
+             f"median of {options.runs} deploys. CPU: the whole machine's busy time while the command ran.", "",
+             "| command | count | wall s | CPU s |", "|---|---|---|---|"]
     for k in kinds:
         rows = [r.get(k, [0, 0.0, 0.0]) for r in runs]
-        print(f"| {k} | {statistics.median(x[0] for x in rows):.0f} | {statistics.median(x[1] for x in rows):.2f} | "
-              f"{statistics.median(x[2] for x in rows):.2f} |")
+        lines.append(f"| {k} | {statistics.median(x[0] for x in rows):.0f} | {statistics.median(x[1] for x in rows):.2f} | "
+                     f"{statistics.median(x[2] for x in rows):.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (ROOT / "bench" / "results" / f"costs-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M}.md").write_text(text)
     return 0
 
 
