@@ -165,7 +165,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
         env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in clean_stale_partials(env_dir, stamp):
             console.phase(host.alias, f"removed {stale.name}, left by a backup that was killed")
-        partial = env_dir / f".partial-{stamp}"
+        partial = env_dir / f".partial-{stamp}-{os.getpid()}"  # two backups of one second: their own each
         partial.mkdir(mode=0o700)
         _write_owner(partial)
         try:
@@ -208,9 +208,7 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
                 signer = signing.sign_set(partial, signing_key(settings))
                 console.phase(host.alias, f"manifest signed by {signer}")
             (partial / OWNER_FILE).unlink(missing_ok=True)
-            final = env_dir / stamp
-            os.rename(partial, final)  # complete and checked: only now does it look like a backup set
-            return final
+            return publish_set(partial, env_dir, stamp)  # complete and checked: only now does it look like a set
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):  # end the streams still running: leaving the pool waits for them
                 getattr(host, "abort_streams", lambda: None)()
@@ -219,6 +217,25 @@ def backup(settings: Settings, host, console: Console, root: Path, services: tup
 
 
 OWNER_FILE = ".owner"
+
+
+def publish_set(partial: Path, env_dir: Path, stamp: str) -> Path:
+    """Rename a finished set to its name: ``stamp``, or ``stamp-2``, ``-3``, ... when a set of the same second
+    exists (cells: every host's set in one `inv backup`; names sort in the order they were taken)."""
+    import errno
+
+    for n in range(1, 1000):
+        final = env_dir / (stamp if n == 1 else f"{stamp}-{n}")
+        if final.exists():
+            continue
+        try:
+            os.rename(partial, final)
+            return final
+        except OSError as exc:  # taken between the check and the rename
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise HealthdeployError(f"cannot name the backup set {stamp}: {env_dir} holds too many of that second",
+                            f"remove what is not a backup set from {env_dir}")
 
 
 def _process_start(pid: int) -> str:

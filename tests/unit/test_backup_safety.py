@@ -322,3 +322,18 @@ def test_a_set_encrypted_to_another_key_is_refused_before_the_host_is_touched(tm
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match="signature is not valid"):
         cli_backup.run_restore(runtime, path.name, None, None, yes=True)
+
+
+def test_sets_of_the_same_second_get_their_own_names(tmp_path):
+    """Cells: `inv backup` takes every host one after the other; two sets finishing within one second once
+    collided on the name (a traceback: Directory not empty) and the second host had no set."""
+    from deploy.backup.run import publish_set
+
+    names = []
+    for host in ("node2", "node3", "node4"):
+        partial = tmp_path / f".partial-20261204T192342Z-{host}"
+        partial.mkdir()
+        (partial / "manifest.json").write_text(host)
+        names.append(publish_set(partial, tmp_path, "20261204T192342Z"))
+    assert [p.name for p in names] == ["20261204T192342Z", "20261204T192342Z-2", "20261204T192342Z-3"]
+    assert [(p / "manifest.json").read_text() for p in sorted(tmp_path.iterdir())] == ["node2", "node3", "node4"]
