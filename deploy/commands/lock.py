@@ -26,12 +26,14 @@ LOCK_ACQUIRE = RUN_JOURNAL_FUNCTION + OPERATOR_WAIT_FUNCTION + r"""
 mkdir "$1" 2>/dev/null || { echo "held"; cat "$1/info.json" 2>/dev/null; exit 0; }
 lock="$1"; lease="$2"
 s=$(cat "/proc/$$/stat"); s=${s##*) }; set -- "$1" $s
-echo "$$ $(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${21}" > "$lock/holder.pid"
+me="$$ $(cat /proc/sys/kernel/random/boot_id 2>/dev/null) ${21}"
+echo "$me" > "$lock/holder.pid"
 cp "$lock.last" "$lock/previous" 2>/dev/null || : > "$lock/previous"
 cp "$lock/holder.pid" "$lock.last"
 echo acquired
 operator_wait "$lease"; silent=$?
-[ -d "$lock" ] || exit 0
+# Only our own lock: released by us, it may be someone else's by the time we look (a new one taken at once).
+[ "$(cat "$lock/holder.pid" 2>/dev/null)" = "$me" ] || exit 0
 reason="the operator vanished mid-operation"
 [ "$silent" = 1 ] && reason="the operator was silent for the lease (${lease}s: cut off or frozen); its connection was ended"
 audit="$(dirname "$lock")/shared/audit.log"

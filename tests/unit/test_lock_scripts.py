@@ -158,3 +158,19 @@ def test_each_acquisition_names_the_one_before_so_an_observation_can_be_proved_c
     assert previous != seen.lock_last and not unheld_since(seen, previous)
     release(third)
     assert not unheld_since(SimpleNamespace(lock=LockState("stale", {}), lock_last=previous), previous)
+
+
+def test_a_released_holder_never_touches_the_lock_taken_after_it(tmp_path):
+    """CI once saw it: our release removes the lock directory, then closes the holder's stdin; a lock taken in
+    between by someone else (here a stale one a test planted) was removed by our late holder as if it were its own."""
+    lock = tmp_path / ".lock"
+    holder = _holder(lock, 30)
+    assert holder.stdout.readline().strip() == "acquired"
+    shutil.rmtree(lock)  # our release
+    lock.mkdir()  # the next lock, taken before our holder noticed
+    (lock / "holder.pid").write_text("999999999 other-boot 1\n")
+    (lock / "undo").mkdir()
+    (lock / "undo" / "1000.sh").write_text(f"touch {tmp_path}/undone\n")
+    holder.stdin.close()
+    assert holder.wait(10) == 0
+    assert (lock / "holder.pid").read_text() == "999999999 other-boot 1\n" and not (tmp_path / "undone").exists()
