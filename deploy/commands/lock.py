@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from deploy.facts.lock import LOCK_STATE
 
-from .base import Command, cmd, script
+from .base import Command, and_then, cmd, script
+from .files import write_file
 from .journal import RUN_JOURNAL_FUNCTION
 from .presence import LEASE_S, OPERATOR_WAIT_FUNCTION, with_heartbeat
 
 # Every acquisition leaves its holder's identity (pid, boot id, start time: unique) in "$1.last", the one before in
 # "$1/previous": equal to the "$1.last" a read-only observation saw, they prove that no operation held the lock in
-# between, so what it observed still holds under the lock (facts.lock.LAST_HOLDER).
+# between, so what it observed still holds under the lock (facts.lock.unheld_since).
 # The holder lives as long as we are there: our channel open and our heartbeat arriving (commands.presence;
-# $2 is the lease). When it ends, either we released the lock (its directory is gone) or we vanished
-# mid-operation (killed, crashed, connection dropped, cut off or frozen for the lease): then the holder runs
+# $2 is the lease). When it ends, either we released the lock (its directory is gone, or already another's)
+# or we vanished mid-operation (killed, crashed, connection dropped, cut off or frozen for the lease): then the holder runs
 # the operation's undo journal itself (commands killed by their watchdogs end first), records what it did in
 # the audit log, and releases the lock; if an undo step fails, the lock stays (stale) for an operator to see.
 LOCK_ACQUIRE = RUN_JOURNAL_FUNCTION + OPERATOR_WAIT_FUNCTION + r"""
@@ -63,15 +64,12 @@ def lock_hold(lock_dir: str, lease_s: int = LEASE_S) -> Command:
                                  intent=("lock-hold",)))
 
 
-# Writes the holder's details (stdin) atomically, then prints the lock's previous holder (LOCK_ACQUIRE).
-LOCK_INFO_WRITE = r"""set -e; umask 022; tmp=$(mktemp "$1/info.json.XXXXXX"); cat > "$tmp"; chmod 0644 "$tmp"
-mv -f "$tmp" "$1/info.json"; cat "$1/previous" 2>/dev/null || true"""
-
-
 def lock_info_write(lock_dir: str, info: bytes) -> Command:
-    """Prints the previous holder's identity (empty when unknown)."""
-    return script(LOCK_INFO_WRITE, lock_dir, description="record the lock holder's details",
-                  intent=("lock-info",)).with_stdin(info)
+    """Writes the holder's details (atomically), then prints the lock's previous holder (LOCK_ACQUIRE): empty
+    when unknown. One round trip."""
+    previous = script('cat "$1/previous" 2>/dev/null; exit 0', lock_dir, description="read the previous holder")
+    return and_then(write_file(f"{lock_dir}/info.json", info, "0644"), previous,
+                    description="record the lock holder's details").tagged("lock-info")
 
 
 def lock_break(lock_dir: str) -> Command:
